@@ -1,0 +1,126 @@
+"""`python -m inference`: predict lesion masks for every case in a folder.
+
+Flags are named like nnUNetv2_predict's where they mean the same (-i, -o, -f, -chk, -step_size, -device).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import io
+from .errors import CaseError, ModelError
+from .model import load_model
+from .pipeline import PredictionSettings, predict_image
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
+log = logging.getLogger("inference")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m inference", description=__doc__.splitlines()[0])
+    parser.add_argument("-i", "--input", required=True, help="folder of <case>_0000.nii.gz images")
+    parser.add_argument("-o", "--output", required=True, help="folder for <case>.nii.gz masks")
+    parser.add_argument("-m", "--model", default=str(DEFAULT_MODEL), help="nnU-Net v2 model folder")
+    parser.add_argument("-f", "--folds", nargs="+", default=None,
+                        help="folds to ensemble (default: 'all' if present, else every fold_N)")
+    parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    parser.add_argument("-c", "--configuration", default=None,
+                        help="plans configuration (default: from the folder name, else 3d_fullres)")
+    parser.add_argument("-device", "--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnx", "tensorrt"])
+    parser.add_argument("-step_size", "--step-size", type=float, default=0.5,
+                        help="window step as a fraction of the patch (0.5 = half overlap)")
+    parser.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                        help="inference patch (default: training patch x --patch-scale)")
+    parser.add_argument("--patch-scale", type=float, default=1.2)
+    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    parser.add_argument("--no-crop", action="store_true", help="skip the body crop")
+    parser.add_argument("--crop-threshold", type=float, default=-500.0, help="body threshold (HU)")
+    parser.add_argument("--crop-margin", type=float, default=10.0, help="margin around the body (mm)")
+    parser.add_argument("--lesion-labels", type=int, nargs="+", default=None,
+                        help="model labels mapped to 1 (default: every non-background label)")
+    parser.add_argument("--resample-back", choices=["logits", "labels"], default="logits")
+    parser.add_argument("--timings", default=None, help="write per-case stage timings to this JSON")
+    parser.add_argument("--skip-existing", action="store_true", help="keep masks already written")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> PredictionSettings:
+    return PredictionSettings(
+        step_size=args.step_size, patch_size=tuple(args.patch_size) if args.patch_size else None,
+        patch_scale=args.patch_scale, tta=args.tta, crop=not args.no_crop,
+        crop_threshold_hu=args.crop_threshold, crop_margin_mm=args.crop_margin,
+        lesion_labels=tuple(args.lesion_labels) if args.lesion_labels else None,
+        resample_back=args.resample_back)
+
+
+def predict_case(path: Path, output_path: Path, model, settings: PredictionSettings) -> dict:
+    timings: dict = {}
+    start = time.perf_counter()
+    read_start = time.perf_counter()
+    image = io.read_image(path)
+    timings["read"] = time.perf_counter() - read_start
+    mask = predict_image(image, model, settings, timings)
+    write_start = time.perf_counter()
+    io.write_image_atomically(mask, output_path)
+    timings["write"] = time.perf_counter() - write_start
+    timings["total"] = time.perf_counter() - start
+    return timings
+
+
+def format_timings(timings: dict) -> str:
+    stages = ("read", "crop", "resample", "network", "export", "write")
+    return ", ".join(f"{s} {timings[s]:.2f}" for s in stages if s in timings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    output_dir = Path(args.output)
+    try:
+        cases = io.find_cases(args.input)
+        load_start = time.perf_counter()
+        model = load_model(args.model, args.folds, args.checkpoint, args.device,
+                           args.configuration, args.backend)
+        load_seconds = time.perf_counter() - load_start
+    except (CaseError, ModelError, ValueError) as err:
+        log.error("error: %s", err)
+        return 2
+    output_dir.mkdir(parents=True, exist_ok=True)
+    settings = settings_from_args(args)
+    settings.progress = not args.quiet
+    log.info("model %s (folds %s, %s on %s) loaded in %.2f s; %d case(s)", args.model,
+             ",".join(model.folds), model.backend, model.device, load_seconds, len(cases))
+    report = {"model": str(args.model), "device": str(model.device), "backend": model.backend,
+              "folds": list(model.folds), "model_load_s": load_seconds, "cases": {}}
+    failures = 0
+    for path in tqdm(cases, desc="cases", unit="case", disable=args.quiet or len(cases) < 2):
+        output_path = output_dir / f"{io.case_id(path)}.nii.gz"
+        if args.skip_existing and output_path.exists():
+            continue
+        try:
+            timings = predict_case(path, output_path, model, settings)
+        except (CaseError, ModelError, ValueError) as err:
+            failures += 1
+            log.error("error: %s", err)
+            report["cases"][path.name] = {"error": str(err)}
+            continue
+        except Exception as err:  # one broken case must not stop the others
+            failures += 1
+            log.error("error: %s: %s: %s", path, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            report["cases"][path.name] = {"error": f"{type(err).__name__}: {err}"}
+            continue
+        report["cases"][path.name] = timings
+        log.info("%s: %.2f s (%s)", io.case_id(path), timings["total"], format_timings(timings))
+    if args.timings:
+        Path(args.timings).write_text(json.dumps(report, indent=2))
+    if failures:
+        log.error("%d of %d case(s) failed", failures, len(cases))
+    return 1 if failures else 0

@@ -1,0 +1,74 @@
+"""Reading cases and writing masks. The only module that talks to the file system."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from .errors import CaseError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
+CHANNEL_SUFFIX = "_0000"
+
+
+def split_suffix(name: str) -> tuple[str, str]:
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return name, ""
+
+
+def case_id(path: Path) -> str:
+    """`<case>_0000.nii.gz` -> `<case>`: outputs drop the channel suffix, as FLARE expects."""
+    stem, _ = split_suffix(path.name)
+    return stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) else stem
+
+
+def find_cases(input_dir: str | Path) -> list[Path]:
+    """Image files of the first channel, sorted; other channels (_0001, ...) are not cases."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise CaseError(f"{input_dir}: input folder not found")
+    cases = []
+    for path in sorted(input_dir.iterdir()):
+        stem, suffix = split_suffix(path.name)
+        if not suffix or not path.is_file() or path.name.startswith("."):
+            continue
+        if stem[-5:-4] == "_" and stem[-4:].isdigit() and not stem.endswith(CHANNEL_SUFFIX):
+            continue
+        cases.append(path)
+    return cases
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    path = Path(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines()
+                       if "ERROR" in line or "exception" in line.lower()), "unreadable image")
+        raise CaseError(f"{path}: cannot read image ({detail[:200]})") from None
+    if image.GetDimension() != 3:
+        raise CaseError(f"{path}: expected a 3D image, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise CaseError(f"{path}: expected a scalar image, got "
+                        f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
+    if min(image.GetSize()) < 1 or min(image.GetSpacing()) <= 0:
+        raise CaseError(f"{path}: empty image or non-positive spacing {image.GetSpacing()}")
+    return image
+
+
+def write_image_atomically(image: sitk.Image, path: str | Path) -> None:
+    """Write to a temporary file beside the target, then rename: no partial output ever exists."""
+    path = Path(path)
+    _, suffix = split_suffix(path.name)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp_", suffix=suffix or ".nii.gz", dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp_name, useCompression=True)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,38 @@
+"""Load nnU-Net checkpoints without letting them run code.
+
+nnU-Net itself calls `torch.load(weights_only=False)`, which unpickles arbitrary objects: a checkpoint
+could execute anything. We load with `weights_only=True` and allow-list only the few non-tensor globals
+real nnU-Net checkpoints contain (NumPy scalars in the training log, torch.device in init_args).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ModelError
+
+
+def _allowed_globals() -> list:
+    allowed = [np.dtype, np.ndarray, torch.device]
+    core = getattr(np, "_core", None) or np.core  # NumPy 2 renamed numpy.core
+    allowed += [core.multiarray.scalar, core.multiarray._reconstruct]
+    allowed += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return allowed
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Return the checkpoint dict; refuse anything that would need arbitrary code to unpickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint not found")
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, ... depending on the file
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{path}: refused or unreadable checkpoint ({first_line})") from None
+    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+        raise ModelError(f"{path}: not an nnU-Net checkpoint (no 'network_weights')")
+    return checkpoint

@@ -1,0 +1,91 @@
+"""Load a trained nnU-Net v2 model folder into something the pipeline can run."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..backends import TorchNetwork
+from ..errors import ModelError
+from .checkpoint import load_checkpoint
+from .network import build_network
+from .plans import ModelConfig, read_model_config
+
+PatchPredictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    networks: list[PatchPredictor]  # one per fold; their logits are summed
+    device: torch.device
+    folds: tuple[str, ...]
+    backend: str = "torch"
+    mirror_axes: tuple[int, ...] = (0, 1, 2)  # spatial axes TTA may flip, from the checkpoint
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda: no CUDA device is available")
+    return device
+
+
+def available_folds(model_dir: Path) -> list[str]:
+    """Folds present as fold_N / fold_all, 'all' first, then numeric order."""
+    found = [p.name[len("fold_"):] for p in model_dir.glob("fold_*") if p.is_dir()]
+    return sorted(found, key=lambda f: (f != "all", int(f) if f.isdigit() else 0, f))
+
+
+def select_folds(model_dir: Path, folds: Sequence[str | int] | None) -> list[str]:
+    present = available_folds(model_dir)
+    if folds is None or len(folds) == 0:
+        if not present:
+            raise ModelError(f"{model_dir}: no fold_* folders")
+        return ["all"] if "all" in present else present
+    chosen = [str(f) for f in folds]
+    missing = [f for f in chosen if f not in present]
+    if missing:
+        raise ModelError(f"{model_dir}: fold(s) {', '.join(missing)} not found "
+                         f"(have: {', '.join(present) or 'none'})")
+    return chosen
+
+
+def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
+               checkpoint_name: str = "checkpoint_final.pth", device: str | torch.device = "auto",
+               configuration: str | None = None, backend: str = "torch") -> LoadedModel:
+    """Read plans, build the network and load each selected fold's weights onto `device`."""
+    model_dir = Path(model_dir)
+    config = read_model_config(model_dir, configuration)
+    device = resolve_device(device)
+    fold_names = select_folds(model_dir, folds)
+    if backend != "torch":
+        from .onnx_loader import load_onnx_networks  # optional dependency, imported on demand
+        networks = load_onnx_networks(config, fold_names, device, backend)
+        return LoadedModel(config, networks, device, tuple(fold_names), backend)
+    networks, mirror_axes = [], (0, 1, 2)
+    for fold in fold_names:
+        checkpoint_path = model_dir / f"fold_{fold}" / checkpoint_name
+        checkpoint = load_checkpoint(checkpoint_path)
+        network = build_network(config)
+        try:
+            network.load_state_dict(checkpoint["network_weights"])
+        except RuntimeError as err:
+            first_line = str(err).splitlines()[0]
+            raise ModelError(f"{checkpoint_path}: weights do not fit the planned network "
+                             f"({first_line})") from None
+        mirror_axes = tuple(checkpoint.get("inference_allowed_mirroring_axes") or mirror_axes)
+        networks.append(TorchNetwork(network, device))
+    return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes)
+
+
+def fold_dir_name(fold: str | int) -> str:
+    fold = str(fold)
+    if not re.fullmatch(r"all|\d+", fold):
+        raise ValueError(f"invalid fold '{fold}'")
+    return f"fold_{fold}"

@@ -1,0 +1,115 @@
+"""One case through the engine, stage by stage: crop -> resample + normalise -> sliding window ->
+argmax + resample back -> paste. Reading and writing files is the caller's (see cli.py).
+
+On a GPU everything between the upload of the cropped image and the download of the final mask stays
+on the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .crop import body_bounding_box, no_crop
+from .errors import CaseError
+from .model import LoadedModel, load_model
+from .normalize import NORMALIZERS
+from .postprocess import lesion_label_ids, lesion_mask_at_shape
+from .resample import resample_channels, shape_at_spacing
+from .sliding_window import enlarged_patch_size, sliding_window_logits_with_fallback
+from .timing import StageTimer
+
+
+@dataclass
+class PredictionSettings:
+    step_size: float = 0.5
+    patch_size: tuple[int, int, int] | None = None  # None: training patch x patch_scale
+    patch_scale: float = 1.2
+    tta: bool = False
+    crop: bool = True
+    crop_threshold_hu: float = -500.0
+    crop_margin_mm: float = 10.0
+    crop_function: Callable | None = None  # replaces the body crop: (array, spacing) -> slices
+    lesion_labels: tuple[int, ...] | None = None  # None: every non-background label
+    resample_back: str = "logits"  # "logits" (trilinear, then argmax) or "labels" (argmax, nearest)
+    progress: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def crop_box(array: np.ndarray, spacing: tuple[float, ...], settings: PredictionSettings):
+    if settings.crop_function is not None:
+        return settings.crop_function(array, spacing)
+    if not settings.crop:
+        return no_crop(array, spacing)
+    return body_bounding_box(array, spacing, threshold_hu=settings.crop_threshold_hu,
+                             margin_mm=settings.crop_margin_mm)
+
+
+def to_model_space(cropped: np.ndarray, spacing: tuple[float, ...], model: LoadedModel) -> torch.Tensor:
+    """Upload, transpose, normalise, then resample to the model's spacing: [1, z, y, x] on the device.
+
+    Normalising before resampling, as nnU-Net does, keeps the clipping identical to training.
+    """
+    config = model.config
+    volume = torch.from_numpy(cropped).to(model.device).to(torch.float32)
+    volume = volume.permute(*config.transpose_forward)[None]
+    spacing = tuple(spacing[a] for a in config.transpose_forward)
+    normalize = NORMALIZERS.get(config.normalization_scheme)
+    if normalize is None:
+        raise CaseError(f"{config.model_dir}: unsupported normalisation '{config.normalization_scheme}'")
+    volume = normalize(volume, config.intensity_properties)
+    volume = resample_channels(volume, shape_at_spacing(volume.shape[1:], spacing, config.spacing))
+    return volume.half() if model.device.type == "cuda" else volume
+
+
+def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedModel,
+                  settings: PredictionSettings | None = None, timings: dict | None = None) -> np.ndarray:
+    """Lesion mask (uint8 0/1, same shape) for a (z, y, x) CT array with (z, y, x) spacing in mm."""
+    settings = settings or PredictionSettings()
+    timer = StageTimer(model.device, timings)
+    config = model.config
+    with timer("crop"):
+        box = crop_box(array, spacing, settings)
+        cropped = np.ascontiguousarray(array[box])
+    with timer("resample"):
+        volume = to_model_space(cropped, spacing, model)
+    with timer("network"):
+        patch = settings.patch_size or enlarged_patch_size(
+            config.patch_size, config.total_stride, volume.shape[1:], settings.patch_scale)
+        logits = sliding_window_logits_with_fallback(
+            volume, model.networks, patch, config.num_classes, step_size=settings.step_size,
+            mirror_axes=model.mirror_axes if settings.tta else (), progress=settings.progress)
+        del volume
+    with timer("export"):
+        lesion_ids = lesion_label_ids(config.labels, settings.lesion_labels)
+        cropped_shape = tuple(cropped.shape[a] for a in config.transpose_forward)
+        mask = lesion_mask_at_shape(logits, cropped_shape, lesion_ids, settings.resample_back)
+        del logits
+        mask = mask.permute(*config.transpose_backward).cpu().numpy()
+        full = np.zeros(array.shape, dtype=np.uint8)
+        full[box] = mask
+    if timings is not None:
+        timings["patch_size"] = list(patch)
+    return full
+
+
+def predict_image(image: sitk.Image, model: LoadedModel | str | Path,
+                  settings: PredictionSettings | None = None, timings: dict | None = None) -> sitk.Image:
+    """Lesion mask for a CT already in memory: SimpleITK image in, uint8 0/1 SimpleITK image out, with
+    exactly the input's size, spacing, origin and direction. `model` is a LoadedModel or a model folder.
+    """
+    if not isinstance(model, LoadedModel):
+        model = load_model(model)
+    if model.config.num_input_channels != 1:
+        raise CaseError(f"{model.config.model_dir}: model expects {model.config.num_input_channels} "
+                        "channels; only single-channel CT models are supported")
+    array = sitk.GetArrayViewFromImage(image)
+    spacing = tuple(image.GetSpacing())[::-1]
+    mask = predict_array(array, spacing, model, settings, timings)
+    output = sitk.GetImageFromArray(mask)
+    output.CopyInformation(image)
+    return output

@@ -1,0 +1,126 @@
+"""Sliding-window inference: window positions, Gaussian importance weighting, logits accumulation."""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+PatchPredictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def window_starts(size: int, patch: int, step_size: float) -> list[int]:
+    """Evenly spread window starts covering [0, size), at most `patch * step_size` apart (nnU-Net's rule)."""
+    if size <= patch:
+        return [0]
+    n_steps = math.ceil((size - patch) / (patch * step_size)) + 1
+    spacing = (size - patch) / (n_steps - 1)
+    return [int(round(spacing * i)) for i in range(n_steps)]
+
+
+def window_slices(shape: Sequence[int], patch: Sequence[int], step_size: float) -> list[tuple[slice, ...]]:
+    """Every window of the sliding window over a (padded) volume of `shape`, as tuples of slices."""
+    starts = [window_starts(s, p, step_size) for s, p in zip(shape, patch)]
+    return [tuple(slice(b, b + p) for b, p in zip(begin, patch)) for begin in itertools.product(*starts)]
+
+
+def gaussian_importance_map(patch: Sequence[int], sigma_scale: float = 1 / 8,
+                            device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:
+    """Separable Gaussian centred on the patch, sigma = patch * sigma_scale, max 1, no zeros.
+
+    Windows overlap; weighting by distance to the window centre down-weights the border predictions,
+    which see less context. Zeros are replaced by the smallest positive value so that every voxel has a
+    non-zero total weight.
+    """
+    profiles = []
+    for size in patch:
+        coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+        profiles.append(torch.exp(-0.5 * (coords / (size * sigma_scale)) ** 2))
+    weights = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
+    weights = (weights / weights.max()).to(dtype)
+    smallest_positive = weights[weights > 0].min()
+    weights[weights == 0] = smallest_positive
+    return weights.to(device)
+
+
+def pad_to_patch(volume: torch.Tensor, patch: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad (normalised space) axes shorter than the patch, centred; return the slices to undo it."""
+    pads, unpad = [], [slice(None)]
+    for size, p in zip(volume.shape[1:], patch):
+        missing = max(0, p - size)
+        before = missing // 2
+        pads.append((before, missing - before))
+        unpad.append(slice(before, before + size))
+    if not any(before or after for before, after in pads):
+        return volume, tuple(unpad)
+    flat = [amount for axis in reversed(pads) for amount in axis]  # F.pad wants last axis first
+    return F.pad(volume, flat), tuple(unpad)
+
+
+def predict_window(networks: Sequence[PatchPredictor], window: torch.Tensor,
+                   mirror_axes: Sequence[int] = ()) -> torch.Tensor:
+    """Sum of every network's logits on `window` [1, C, z, y, x], over all flips of `mirror_axes`."""
+    flips = [()] + [combo for r in range(1, len(mirror_axes) + 1)
+                    for combo in itertools.combinations(mirror_axes, r)]
+    total = None
+    for network in networks:
+        for flip in flips:
+            dims = [axis + 2 for axis in flip]
+            logits = network(torch.flip(window, dims) if dims else window)
+            logits = torch.flip(logits, dims) if dims else logits
+            total = logits if total is None else total + logits
+    return total
+
+
+def sliding_window_logits(volume: torch.Tensor, networks: Sequence[PatchPredictor],
+                          patch_size: Sequence[int], num_classes: int, step_size: float = 0.5,
+                          mirror_axes: Sequence[int] = (), accumulate_on: torch.device | None = None,
+                          progress: bool = False) -> torch.Tensor:
+    """Logits [K, z, y, x] for a normalised volume [C, z, y, x], Gaussian-weighted over windows.
+
+    Accumulates in fp16 on CUDA (half the memory of fp32; values are summed over few windows) and in
+    fp32 on the CPU. `accumulate_on` moves the accumulators elsewhere (the CPU after an out-of-memory).
+    """
+    padded, unpad = pad_to_patch(volume, patch_size)
+    accumulate_on = accumulate_on or volume.device
+    dtype = torch.float16 if accumulate_on.type == "cuda" else torch.float32
+    logits_sum = torch.zeros((num_classes, *padded.shape[1:]), dtype=dtype, device=accumulate_on)
+    weight_sum = torch.zeros(padded.shape[1:], dtype=dtype, device=accumulate_on)
+    gaussian = gaussian_importance_map(patch_size, device=accumulate_on, dtype=dtype)
+    windows = window_slices(padded.shape[1:], patch_size, step_size)
+    for window in tqdm(windows, desc="windows", leave=False, disable=not progress):
+        logits = predict_window(networks, padded[(slice(None), *window)][None], mirror_axes)[0]
+        logits_sum[(slice(None), *window)] += logits.to(accumulate_on, dtype) * gaussian
+        weight_sum[window] += gaussian
+    logits_sum /= weight_sum
+    return logits_sum[unpad]
+
+
+def sliding_window_logits_with_fallback(volume: torch.Tensor, networks: Sequence[PatchPredictor],
+                                        patch_size: Sequence[int], num_classes: int,
+                                        **kwargs) -> torch.Tensor:
+    """As `sliding_window_logits`; if the GPU runs out of memory, accumulate on the CPU instead."""
+    try:
+        return sliding_window_logits(volume, networks, patch_size, num_classes, **kwargs)
+    except torch.OutOfMemoryError:
+        if volume.device.type != "cuda":
+            raise
+        torch.cuda.empty_cache()
+        kwargs["accumulate_on"] = torch.device("cpu")
+        return sliding_window_logits(volume, networks, patch_size, num_classes, **kwargs)
+
+
+def enlarged_patch_size(training_patch: Sequence[int], total_stride: Sequence[int],
+                        volume_shape: Sequence[int], scale: float = 1.2) -> tuple[int, ...]:
+    """An inference patch `scale` times the training patch (a fully convolutional net accepts it;
+    fewer windows, less overlap: Bai et al. train at 160^3 and infer at 192^3), rounded to the network's
+    total stride, but never larger than needed to cover the volume in one window along an axis."""
+    patch = []
+    for train, stride, size in zip(training_patch, total_stride, volume_shape):
+        wanted = int(math.ceil(train * scale / stride) * stride)
+        cover = int(math.ceil(size / stride) * stride)
+        patch.append(max(train, min(wanted, cover)))
+    return tuple(patch)
