@@ -122,5 +122,5 @@ def main(argv: list[str] | None = None) -> int:
     if args.timings:
         Path(args.timings).write_text(json.dumps(report, indent=2))
     if failures:
-        log.error("%d of %d case(s) failed", failures, len(cases))
+        log.error("error: %d of %d case(s) failed", failures, len(cases))
     return 1 if failures else 0

@@ -12,7 +12,7 @@ import numpy as np
 
 def body_bounding_box(image: np.ndarray, spacing: tuple[float, ...], threshold_hu: float = -500.0,
                       margin_mm: float = 10.0, working_spacing_mm: float = 4.0,
-                      keep_fraction: float = 0.1) -> tuple[slice, ...]:
+                      keep_fraction: float = 0.02) -> tuple[slice, ...]:
     """Bounding box (as slices) of the body in a (z, y, x) CT, plus a safety margin.
 
     The default threshold (-500 HU) keeps skin, fat and muscle; the lungs lie inside that outline, so
@@ -33,8 +33,8 @@ def body_bounding_box(image: np.ndarray, spacing: tuple[float, ...], threshold_h
         other_axes = tuple(a for a in range(image.ndim) if a != axis)
         occupied = np.flatnonzero(body.any(axis=other_axes))
         margin = int(np.ceil(margin_mm / voxel_mm))
-        # a coarse voxel stands for `step` fine voxels: extend the upper bound by one step
-        start = max(0, occupied[0] * step - margin)
+        # coarse voxel k samples fine voxel k*step: the body may begin just after the last empty sample
+        start = max(0, (occupied[0] - 1) * step + 1 - margin)
         stop = min(size, (occupied[-1] + 1) * step + margin)
         box.append(slice(int(start), int(stop)))
     return tuple(box)

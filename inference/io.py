@@ -47,9 +47,7 @@ def read_image(path: str | Path) -> sitk.Image:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
-        detail = next((line.strip() for line in str(err).splitlines()
-                       if "ERROR" in line or "exception" in line.lower()), "unreadable image")
-        raise CaseError(f"{path}: cannot read image ({detail[:200]})") from None
+        raise CaseError(f"{path}: cannot read image ({_sitk_reason(str(err))})") from None
     if image.GetDimension() != 3:
         raise CaseError(f"{path}: expected a 3D image, got {image.GetDimension()}D")
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -58,6 +56,17 @@ def read_image(path: str | Path) -> sitk.Image:
     if min(image.GetSize()) < 1 or min(image.GetSpacing()) <= 0:
         raise CaseError(f"{path}: empty image or non-positive spacing {image.GetSpacing()}")
     return image
+
+
+def _sitk_reason(message: str) -> str:
+    """The informative part of a SimpleITK/ITK exception, which starts with source file locations."""
+    for line in message.splitlines():
+        if "ERROR:" in line:
+            reason = line.split("ERROR:", 1)[1].strip()
+            if "Unable to determine ImageIO reader" in reason:
+                return "not a readable image: unknown format, truncated or corrupt"
+            return reason[:200]
+    return "corrupt or unsupported file"
 
 
 def write_image_atomically(image: sitk.Image, path: str | Path) -> None:

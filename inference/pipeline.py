@@ -74,7 +74,7 @@ def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedMo
     config = model.config
     with timer("crop"):
         box = crop_box(array, spacing, settings)
-        cropped = np.ascontiguousarray(array[box])
+        cropped = array[box].copy()  # contiguous, writable: torch needs both
     with timer("resample"):
         volume = to_model_space(cropped, spacing, model)
     with timer("network"):

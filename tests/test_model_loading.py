@@ -1,0 +1,104 @@
+"""Model folders: both plans formats, inherits_from, folds, safe checkpoints, clear errors."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import make_toy_model, write_old_format_plans
+from inference.errors import ModelError
+from inference.model import load_model, read_model_config
+from inference.model.checkpoint import load_checkpoint
+
+
+def test_new_and_old_plans_build_the_same_network(tmp_path):
+    new_dir = make_toy_model(tmp_path / "new")
+    old_dir = make_toy_model(tmp_path / "old")
+    write_old_format_plans(old_dir)
+    assert "architecture" not in json.dumps(json.loads((old_dir / "plans.json").read_text()))
+    new_model, old_model = load_model(new_dir, device="cpu"), load_model(old_dir, device="cpu")
+    patch = torch.randn(1, 1, 32, 32, 32)
+    new_out, old_out = new_model.networks[0](patch), old_model.networks[0](patch)
+    assert new_out.shape == (1, 2, 32, 32, 32)
+    torch.testing.assert_close(new_out, old_out)
+    assert read_model_config(old_dir).total_stride == (4, 4, 4)
+
+
+def test_residual_encoder_unet_loads(tmp_path):
+    model = load_model(make_toy_model(tmp_path / "res", residual=True), device="cpu")
+    assert type(model.networks[0].module).__name__ == "ResidualEncoderUNet"
+
+
+def test_inherits_from_applies_parent_then_child(tmp_path):
+    model_dir = make_toy_model(tmp_path / "m")
+    plans = json.loads((model_dir / "plans.json").read_text())
+    plans["configurations"]["3d_bigpatch"] = {"inherits_from": "3d_fullres", "patch_size": [48, 48, 48]}
+    (model_dir / "plans.json").write_text(json.dumps(plans))
+    config = read_model_config(model_dir, "3d_bigpatch")
+    assert config.patch_size == (48, 48, 48)
+    assert config.spacing == (3.0, 3.0, 3.0)
+    assert config.network_class_name.endswith("PlainConvUNet")
+
+
+def test_folds_default_and_selection(tmp_path):
+    model_dir = make_toy_model(tmp_path / "m", folds=(0, 1, 2))
+    assert load_model(model_dir, device="cpu").folds == ("0", "1", "2")
+    assert load_model(model_dir, folds=[1], device="cpu").folds == ("1",)
+    with pytest.raises(ModelError, match="fold.*4.*not found"):
+        load_model(model_dir, folds=[4], device="cpu")
+
+
+def test_fold_all_preferred_when_present(tmp_path):
+    model_dir = make_toy_model(tmp_path / "m", folds=("all", 0))
+    assert load_model(model_dir, device="cpu").folds == ("all",)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path):
+    marker = str(tmp_path / "pwned")
+    path = tmp_path / "checkpoint_final.pth"
+    # a checkpoint that creates a folder when unpickled unsafely
+    torch.save({"network_weights": {}, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(ModelError, match="refused or unreadable checkpoint"):
+        load_checkpoint(path)
+    assert not os.path.exists(marker)
+    with pytest.raises(FileNotFoundError):  # the same payload does run under an unsafe load
+        os.rmdir(marker)
+    torch.load(path, weights_only=False)
+    assert os.path.isdir(marker)
+
+
+def test_checkpoint_with_numpy_scalars_in_logging_loads(tmp_path):
+    import numpy as np
+    path = tmp_path / "c.pth"
+    torch.save({"network_weights": {"w": torch.ones(2)}, "logging": {"ema": [np.float64(0.5)]},
+                "init_args": {"device": torch.device("cpu")}}, path)
+    assert load_checkpoint(path)["logging"]["ema"][0] == 0.5
+
+
+def test_plans_cannot_import_arbitrary_code(tmp_path):
+    model_dir = make_toy_model(tmp_path / "m")
+    plans = json.loads((model_dir / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "os.system"
+    (model_dir / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(ModelError, match="refusing to import 'os.system'"):
+        load_model(model_dir, device="cpu")
+
+
+def test_mismatched_weights_and_missing_files_are_one_line_errors(tmp_path):
+    with pytest.raises(ModelError, match="model folder not found"):
+        load_model(tmp_path / "nothing", device="cpu")
+    model_dir = make_toy_model(tmp_path / "m")
+    plans = json.loads((model_dir / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32]
+    (model_dir / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(ModelError, match="weights do not fit") as info:
+        load_model(model_dir, device="cpu")
+    assert "\n" not in str(info.value)

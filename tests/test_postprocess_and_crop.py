@@ -1,0 +1,79 @@
+"""Argmax / lesion-label mapping, resampling back, and the body crop."""
+import numpy as np
+import pytest
+import torch
+
+from inference.crop import body_bounding_box
+from inference.postprocess import argmax_lesion_mask, lesion_label_ids, lesion_mask_at_shape
+from inference.resample import shape_at_spacing
+
+
+def test_lesion_label_mapping():
+    labels = {"background": 0, "organ": 1, "lesion": 2}
+    assert lesion_label_ids(labels, None) == (1, 2)
+    assert lesion_label_ids(labels, (2,)) == (2,)
+    with pytest.raises(ValueError, match="not in the model's labels"):
+        lesion_label_ids(labels, (5,))
+    logits = torch.zeros(3, 1, 1, 4)
+    logits[0, ..., 0] = 1  # background wins
+    logits[1, ..., 1] = 1  # organ wins
+    logits[2, ..., 2] = 1  # lesion wins
+    logits[:, ..., 3] = 1  # tie: argmax picks background
+    assert argmax_lesion_mask(logits, (2,)).flatten().tolist() == [False, False, True, False]
+    assert argmax_lesion_mask(logits, (1, 2)).flatten().tolist() == [False, True, True, False]
+
+
+def test_two_class_margin_interpolation_equals_full_interpolation():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, 11, 13)
+    fast = lesion_mask_at_shape(logits, (20, 25, 31), (1,), "logits")
+    full = torch.nn.functional.interpolate(logits[None], size=(20, 25, 31), mode="trilinear",
+                                           align_corners=False)[0]
+    assert fast.dtype == torch.uint8
+    assert torch.equal(fast.bool(), full[1] > full[0])
+
+
+def test_labels_method_upsamples_nearest():
+    logits = torch.zeros(2, 2, 2, 2)
+    logits[1, 0, 0, 0] = 5
+    mask = lesion_mask_at_shape(logits, (4, 4, 4), (1,), "labels")
+    assert mask.sum() == 8 and mask[:2, :2, :2].all()
+
+
+def test_shape_at_spacing_rounds_like_nnunet():
+    assert shape_at_spacing((100, 512, 512), (2.5, 0.8, 0.8), (3.0, 3.0, 3.0)) == (83, 137, 137)
+
+
+def make_body(shape=(60, 120, 120)):
+    """Trunk with low-HU lungs inside, an arm separated by air, and a thin table below."""
+    ct = np.full(shape, -1000, np.int16)
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    trunk = ((y - 55) / 35.0) ** 2 + ((x - 55) / 40.0) ** 2 < 1
+    ct[:, trunk[0]] = 40
+    lungs = ((y - 50) / 20.0) ** 2 + ((x - 55) / 25.0) ** 2 < 1
+    ct[10:50, lungs[0]] = -850
+    ct[5:55, 40:70, 104:114] = 40  # an arm, separated from the trunk by air
+    ct[:, 100:102, 10:100] = 0  # the scanner table
+    return ct
+
+
+def test_body_crop_keeps_trunk_lungs_and_arm_with_margin():
+    ct = make_body()
+    spacing = (2.0, 1.0, 1.0)
+    box = body_bounding_box(ct, spacing, margin_mm=10.0)
+    body = ct > -500
+    for axis, sl in enumerate(box):
+        occupied = np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))
+        margin = int(np.ceil(10.0 / spacing[axis]))
+        assert sl.start <= max(0, occupied[0] - margin)
+        assert sl.stop >= min(ct.shape[axis], occupied[-1] + 1 + margin)
+    assert box[2].stop >= 114  # the arm is kept
+
+
+def test_body_crop_discards_small_debris_and_handles_all_air():
+    ct = make_body()
+    ct[0:2, 0:4, 0:4] = 500  # a speck of noise far from the body
+    box = body_bounding_box(ct, (2.0, 1.0, 1.0), margin_mm=4.0)
+    assert box[1].start >= 20 - 4 - 3  # body starts at y=20; margin 4 mm; coarse sampling step 4
+    air = np.full((10, 20, 20), -1000, np.int16)
+    assert body_bounding_box(air, (1.0, 1.0, 1.0)) == (slice(0, 10), slice(0, 20), slice(0, 20))

@@ -1,0 +1,85 @@
+"""Sliding window: coverage, equivalence with a whole-volume pass, fold ensembling, TTA."""
+import pytest
+import torch
+
+from inference.sliding_window import (enlarged_patch_size, gaussian_importance_map, pad_to_patch,
+                                      predict_window, sliding_window_logits, window_slices,
+                                      window_starts)
+
+
+def pointwise_network(seed=0, classes=3):
+    """Fully convolutional with 1x1x1 kernels: a window's output equals the whole volume's there."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 1), torch.nn.LeakyReLU(), torch.nn.Conv3d(8, classes, 1))
+    return net.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("size,patch,step", [(100, 32, 0.5), (33, 32, 0.5), (32, 32, 0.5),
+                                             (200, 48, 0.875), (97, 16, 0.25)])
+def test_window_starts_cover_the_axis(size, patch, step):
+    starts = window_starts(size, patch, step)
+    assert starts[0] == 0 and starts[-1] == size - patch
+    assert all(b - a <= patch * step + 1e-9 for a, b in zip(starts, starts[1:]))
+    assert starts == sorted(set(starts))
+
+
+def test_window_starts_match_nnunet_rule():
+    # n = ceil((size - patch) / (patch * step)) + 1 positions, evenly spread
+    assert window_starts(100, 32, 0.5) == [0, 14, 27, 41, 54, 68]
+    assert window_starts(20, 32, 0.5) == [0]
+
+
+def test_every_voxel_is_covered():
+    shape, patch = (37, 50, 29), (16, 24, 16)
+    covered = torch.zeros(shape, dtype=torch.int32)
+    for window in window_slices(shape, patch, 0.5):
+        covered[window] += 1
+    assert covered.min() >= 1
+
+
+def test_gaussian_importance_map_shape_and_values():
+    g = gaussian_importance_map((16, 20, 24))
+    assert g.shape == (16, 20, 24)
+    assert g.max() == pytest.approx(1.0) and g.min() > 0
+    torch.testing.assert_close(g, torch.flip(g, [0, 1, 2]))  # symmetric about the centre
+    assert g[8, 10, 12] > g[0, 0, 0] * 100
+
+
+@pytest.mark.parametrize("shape", [(40, 52, 61), (10, 52, 30)])  # second: smaller than the patch on 2 axes
+def test_matches_whole_volume_forward_for_fully_convolutional_net(shape):
+    net = pointwise_network()
+    volume = torch.randn(1, *shape)
+    expected = net(volume[None])[0]
+    logits = sliding_window_logits(volume, [net], (16, 32, 32), num_classes=3, step_size=0.5)
+    assert logits.shape == (3, *shape)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fold_ensemble_is_the_sum_of_folds():
+    nets = [pointwise_network(seed) for seed in (1, 2, 3)]
+    volume = torch.randn(1, 20, 24, 28)
+    ensemble = sliding_window_logits(volume, nets, (16, 16, 16), num_classes=3)
+    singles = sum(sliding_window_logits(volume, [n], (16, 16, 16), num_classes=3) for n in nets)
+    torch.testing.assert_close(ensemble, singles, atol=1e-5, rtol=1e-5)
+
+
+def test_mirroring_sums_all_eight_flips():
+    net = pointwise_network()
+    window = torch.randn(1, 1, 8, 8, 8)
+    # a pointwise net is flip-equivariant, so the 8 flipped predictions are identical
+    torch.testing.assert_close(predict_window([net], window, (0, 1, 2)), 8 * net(window), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(predict_window([net], window, ()), 8 * net(window))
+
+
+def test_pad_to_patch_is_centred_and_reversible():
+    volume = torch.arange(5 * 6 * 7, dtype=torch.float32).reshape(1, 5, 6, 7)
+    padded, unpad = pad_to_patch(volume, (8, 6, 10))
+    assert padded.shape == (1, 8, 6, 10)
+    assert torch.equal(padded[unpad], volume)
+    assert padded[0, 0].abs().sum() == 0  # one zero slice before along z
+
+
+def test_enlarged_patch_size_rounds_to_stride_and_caps_at_volume():
+    assert enlarged_patch_size((160, 160, 160), (32, 32, 32), (400, 400, 400), 1.2) == (192, 192, 192)
+    # small volume: no point in a patch larger than the (stride-rounded) volume, never below training
+    assert enlarged_patch_size((64, 64, 64), (16, 16, 16), (70, 40, 200), 1.5) == (80, 64, 96)
