@@ -84,7 +84,15 @@ def median_seconds(function, repeats: int) -> float:
 
 
 def measure(repeats: int = 5) -> dict:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: less noise from the other core's neighbours
+    try:
+        return _measure(repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(repeats: int) -> dict:
     image = fixed_case()
     with tempfile.TemporaryDirectory() as tmp:
         model = fixed_model(Path(tmp) / "model")
