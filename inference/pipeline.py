@@ -20,7 +20,8 @@ from .model import LoadedModel, load_model
 from .normalize import NORMALIZERS
 from .postprocess import lesion_label_ids, lesion_mask_at_shape
 from .resample import resample_channels, shape_at_spacing
-from .sliding_window import enlarged_patch_size, sliding_window_logits_with_fallback
+from .sliding_window import (enlarged_patch_size, patch_fits_gpu_budget,
+                             sliding_window_logits_with_fallback)
 from .timing import StageTimer
 
 
@@ -36,6 +37,8 @@ class PredictionSettings:
     crop_function: Callable | None = None  # replaces the body crop: (array, spacing) -> slices
     lesion_labels: tuple[int, ...] | None = None  # None: every non-background label
     resample_back: str = "logits"  # "logits" (trilinear, then argmax) or "labels" (argmax, nearest)
+    gpu_memory_budget_mb: float = 4096.0  # whole-device peak the enlarged patch must respect (FLARE)
+    cuda_context_mb: float = 768.0  # CUDA context + cuDNN workspace, outside torch's allocator
     progress: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -66,6 +69,20 @@ def to_model_space(cropped: np.ndarray, spacing: tuple[float, ...], model: Loade
     return volume.half() if model.device.type == "cuda" else volume
 
 
+def inference_patch_size(volume: torch.Tensor, model: LoadedModel,
+                         settings: PredictionSettings) -> tuple[int, ...]:
+    """The training patch enlarged by `patch_scale`; on CUDA, the training patch again if the enlarged
+    one would take the whole device over the memory budget."""
+    config = model.config
+    patch = enlarged_patch_size(config.patch_size, config.total_stride, volume.shape[1:],
+                                settings.patch_scale)
+    if model.device.type != "cuda" or patch == config.patch_size or model.backend != "torch":
+        return patch
+    fits = patch_fits_gpu_budget(model.networks[0], patch, volume, config.num_classes,
+                                 settings.gpu_memory_budget_mb, settings.cuda_context_mb)
+    return patch if fits else config.patch_size
+
+
 def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedModel,
                   settings: PredictionSettings | None = None, timings: dict | None = None) -> np.ndarray:
     """Lesion mask (uint8 0/1, same shape) for a (z, y, x) CT array with (z, y, x) spacing in mm."""
@@ -78,8 +95,7 @@ def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedMo
     with timer("resample"):
         volume = to_model_space(cropped, spacing, model)
     with timer("network"):
-        patch = settings.patch_size or enlarged_patch_size(
-            config.patch_size, config.total_stride, volume.shape[1:], settings.patch_scale)
+        patch = settings.patch_size or inference_patch_size(volume, model, settings)
         logits = sliding_window_logits_with_fallback(
             volume, model.networks, patch, config.num_classes, step_size=settings.step_size,
             mirror_axes=model.mirror_axes if settings.tta else (), progress=settings.progress)
