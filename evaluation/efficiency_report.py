@@ -1,0 +1,303 @@
+"""Efficiency figures, CSV and plots from the per-case sample records of `evaluation.run_efficiency`.
+
+A record is the per-case JSON: the official keys `gpu_memory` (MB per sample), `cpu_list`
+([user %, system %, idle %] per sample), `RAM_list` (MB) and `time` (s), plus ours (`tree_rss_mb`,
+`tree_cpu_percent`, `timestamps`, `launch_time`, `interval_s`, `status`, ...).
+
+Figures are rounded like the official `load_json.py`: Time to 2 decimals, MaxGPU_Mem and the AUCs of GPU
+memory and RAM to integers (`np.round`, half to even), CPU figures and MaxRAM to 2 decimals.
+
+Regenerate the CSV and the plots of a finished run: `python -m evaluation.efficiency_report OUT_DIR`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+OFFICIAL_COLUMNS = ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "MaxCPU_Utilization", "AUC_CPU_Time",
+                    "MaxRAM", "AUC_RAM_Time"]
+OUR_COLUMNS = ["time_over_limit", "gpu_mem_over_auc", "pass_time", "pass_gpu", "status", "output_found",
+               "error", "case", "returncode", "gpu_mem_before_mb", "MaxTreeCPU_Percent", "AUC_TreeCPU_Time",
+               "MaxTreeRSS_MB", "AUC_TreeRSS_Time", "n_samples"]
+COLUMNS = OFFICIAL_COLUMNS + OUR_COLUMNS
+DEFAULT_TIME_LIMIT_S = 45.0
+DEFAULT_GPU_LIMIT_MB = 4096.0
+CSV_NAME = "efficiency.csv"
+SUMMARY_PNG = "summary.png"
+
+
+# ------------------------------------------------------------------------------------------------- figures
+
+def _valid(samples) -> list:
+    return [float(v) for v in (samples or []) if v is not None and not math.isnan(float(v))]
+
+
+def auc(samples, interval: float = 0.1, decimals: int = 0) -> float:
+    """Area under a sampled curve as the official script computes it: round(sum(samples) * interval).
+
+    NaN when there is no sample (no GPU); failed readings (None) are left out.
+    """
+    values = _valid(samples)
+    return float(np.round(sum(values) * interval, decimals)) if values else math.nan
+
+
+def over_limit_auc(samples, limit: float, interval: float = 0.1) -> float:
+    """Area above `limit`: round(sum(max(0, s - limit)) * interval), e.g. GPU MB*s over the 4 GB tolerance."""
+    values = _valid(samples)
+    return float(np.round(sum(max(0.0, v - limit) for v in values) * interval)) if values else math.nan
+
+
+def peak(samples, decimals: int = 0) -> float:
+    """Largest sample, rounded; NaN when there is none."""
+    values = _valid(samples)
+    return float(np.round(max(values), decimals)) if values else math.nan
+
+
+def time_over_limit(seconds: float, limit_s: float) -> float:
+    """Seconds beyond the tolerance: max(0, time - limit), 2 decimals."""
+    return float(np.round(max(0.0, seconds - limit_s), 2))
+
+
+def official_cpu_used(cpu_list) -> list:
+    """The official CPU utilisation per sample: 100 - idle % of [user %, system %, idle %]."""
+    return [100.0 - sample[2] for sample in (cpu_list or []) if sample is not None]
+
+
+def case_row(record: dict, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+             gpu_limit_mb: float = DEFAULT_GPU_LIMIT_MB) -> dict:
+    """One CSV row (all of COLUMNS) from a per-case record."""
+    interval = record.get("interval_s", 0.1)
+    seconds = float(record["time"])
+    gpu = record.get("gpu_memory") or []
+    cpu_used = official_cpu_used(record.get("cpu_list"))
+    max_gpu = peak(gpu)
+    return {
+        "Name": record["name"],
+        "Time": float(np.round(seconds, 2)),
+        "MaxGPU_Mem": max_gpu,
+        "AUC_GPU_Time": auc(gpu, interval),
+        "MaxCPU_Utilization": peak(cpu_used, 2),
+        "AUC_CPU_Time": auc(cpu_used, interval, 2),
+        "MaxRAM": peak(record.get("RAM_list"), 2),
+        "AUC_RAM_Time": auc(record.get("RAM_list"), interval),
+        "time_over_limit": time_over_limit(seconds, time_limit_s),
+        "gpu_mem_over_auc": over_limit_auc(gpu, gpu_limit_mb, interval),
+        "pass_time": bool(seconds <= time_limit_s),
+        "pass_gpu": None if math.isnan(max_gpu) else bool(max_gpu <= gpu_limit_mb),
+        "status": record.get("status", ""),
+        "output_found": bool(record.get("output_found", False)),
+        "error": record.get("error") or "",
+        "case": record.get("case", ""),
+        "returncode": record.get("returncode"),
+        "gpu_mem_before_mb": peak(gpu[:1]),
+        "MaxTreeCPU_Percent": peak(record.get("tree_cpu_percent"), 2),
+        "AUC_TreeCPU_Time": auc(record.get("tree_cpu_percent"), interval, 2),
+        "MaxTreeRSS_MB": peak(record.get("tree_rss_mb"), 2),
+        "AUC_TreeRSS_Time": auc(record.get("tree_rss_mb"), interval),
+        "n_samples": len(record.get("timestamps") or record.get("RAM_list") or []),
+    }
+
+
+def json_safe(value):
+    """`value` with NaN replaced by None (JSON has no NaN), through dicts and lists."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_json(data, path: Path) -> None:
+    """Atomic JSON write (temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(json_safe(data), indent=1, allow_nan=False))
+    os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------------------------------------- CSV, table
+
+def rows_frame(rows: list[dict]):
+    import pandas as pd
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """The efficiency CSV (official columns first), written atomically; NaN/None are empty cells."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    rows_frame(rows).to_csv(temporary, index=False)
+    os.replace(temporary, path)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The final printed table: one line per case, the figures that matter."""
+    columns = ["Name", "status", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "gpu_mem_over_auc", "MaxTreeRSS_MB",
+               "MaxTreeCPU_Percent", "pass_time", "pass_gpu"]
+    frame = rows_frame(rows)[columns].astype(object)
+    frame = frame.map(lambda value: "-" if value is None or value != value else value)  # None/NaN -> "-"
+    return frame.to_string(index=False)
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _seconds_from_launch(record: dict, n: int) -> np.ndarray:
+    stamps = record.get("timestamps") or []
+    if len(stamps) == n and record.get("launch_time") is not None:
+        return np.asarray(stamps, dtype=float) - float(record["launch_time"])
+    return np.arange(n) * record.get("interval_s", 0.1)
+
+
+def _series(values) -> np.ndarray:
+    return np.asarray([math.nan if v is None else v for v in (values or [])], dtype=float)
+
+
+def plot_case(record: dict, path: Path, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+              gpu_limit_mb: float = DEFAULT_GPU_LIMIT_MB) -> None:
+    """Memory-time curve with the GPU limit line and the time-limit mark; CPU and RSS in a second panel."""
+    plt = _pyplot()
+    seconds = float(record["time"])
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    gpu = _series(record.get("gpu_memory"))
+    if np.isfinite(gpu).any():
+        top.plot(_seconds_from_launch(record, len(gpu)), gpu, color="tab:blue", label="GPU memory used")
+        top.set_ylim(0, max(np.nanmax(gpu), gpu_limit_mb) * 1.1)
+    else:
+        top.text(0.5, 0.5, "no GPU samples (NVML unavailable or not requested)", ha="center", va="center",
+                 transform=top.transAxes, color="grey")
+        top.set_ylim(0, gpu_limit_mb * 1.1)
+    top.axhline(gpu_limit_mb, color="tab:red", linestyle="--", label=f"{gpu_limit_mb:g} MB limit")
+    # A run far below the time limit would be squeezed against the left edge: the mark then stays off-scale.
+    show_time_limit = seconds >= 0.25 * time_limit_s
+    for axis in (top, bottom):
+        if show_time_limit:
+            axis.axvline(time_limit_s, color="tab:red", linestyle=":", label=f"{time_limit_s:g} s limit")
+        axis.axvline(seconds, color="black", linewidth=0.8, label=f"run ended ({seconds:.1f} s)")
+    if not show_time_limit:
+        top.text(0.99, 0.02, f"{time_limit_s:g} s limit off-scale ->", ha="right", va="bottom",
+                 transform=top.transAxes, color="tab:red", fontsize="small")
+    top.set_ylabel("GPU memory (MB, whole device)")
+    top.legend(loc="upper left", fontsize="small")
+    peak_text = f"{np.nanmax(gpu):.0f} MB" if np.isfinite(gpu).any() else "-"
+    top.set_title(f"{record['name']}  status={record.get('status', '?')}  time={seconds:.2f} s  "
+                  f"peak GPU={peak_text}")
+    cpu, rss = _series(record.get("tree_cpu_percent")), _series(record.get("tree_rss_mb"))
+    bottom.plot(_seconds_from_launch(record, len(cpu)), cpu, color="tab:green", label="CPU % (process tree)")
+    bottom.set_ylabel("CPU % (100 = one core)")
+    bottom.set_xlabel("seconds since launch")
+    bottom.legend(loc="upper left", fontsize="small")
+    right = bottom.twinx()
+    right.plot(_seconds_from_launch(record, len(rss)), rss, color="tab:orange", label="RSS MB (process tree)")
+    right.set_ylabel("RSS (MB)")
+    right.legend(loc="upper right", fontsize="small")
+    right_edge = max(seconds, time_limit_s) if show_time_limit else seconds
+    bottom.set_xlim(min(0.0, bottom.get_xlim()[0]), max(right_edge, record.get("interval_s", 0.1)) * 1.05)
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+
+
+def plot_summary(rows: list[dict], path: Path, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+                 gpu_limit_mb: float = DEFAULT_GPU_LIMIT_MB) -> None:
+    """Bars of time and peak GPU memory per case against the limits; failed cases hatched."""
+    plt = _pyplot()
+    names = [row["case"] or row["Name"] for row in rows]
+    failed = [row["status"] != "ok" for row in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(max(8.0, 0.5 * len(rows) + 5), 5))
+    positions = np.arange(len(rows))
+
+    def bars(axis, values, limit, ylabel):
+        values = np.asarray(values, dtype=float)
+        colours = ["tab:red" if v > limit else "tab:blue" for v in np.nan_to_num(values)]
+        drawn = axis.bar(positions, np.nan_to_num(values), color=colours)
+        for bar, is_failed in zip(drawn, failed):
+            if is_failed:
+                bar.set_hatch("//")
+                bar.set_edgecolor("black")
+        axis.axhline(limit, color="tab:red", linestyle="--", label=f"limit {limit:g}")
+        axis.set_xticks(positions, names, rotation=90 if len(rows) > 6 else 0, fontsize="small")
+        axis.set_ylabel(ylabel)
+        axis.legend(loc="upper right", fontsize="small")
+
+    bars(left, [row["Time"] for row in rows], time_limit_s, "time (s)")
+    left.set_title("wall time per case (hatched: failed)")
+    peaks = [row["MaxGPU_Mem"] for row in rows]
+    if any(p is not None and not math.isnan(p) for p in peaks):
+        bars(right, [math.nan if p is None else p for p in peaks], gpu_limit_mb, "peak GPU memory (MB)")
+        right.set_title("peak GPU memory per case")
+    else:
+        right.text(0.5, 0.5, "no GPU samples", ha="center", va="center", transform=right.transAxes,
+                   color="grey")
+        right.set_axis_off()
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+
+
+def _save(figure, path: Path) -> None:
+    path = Path(path)
+    temporary = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(temporary, dpi=100)
+    os.replace(temporary, path)
+
+
+# -------------------------------------------------------------------------------------------- regenerate
+
+def case_json_paths(out_dir: Path) -> list[Path]:
+    return sorted((Path(out_dir) / "cases").glob("*.json"))
+
+
+def build_report(out_dir: Path, records: list[dict], time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+                 gpu_limit_mb: float = DEFAULT_GPU_LIMIT_MB, plots: bool = True) -> list[dict]:
+    """Write efficiency.csv (and the per-case and summary PNGs) for `records`; returns the CSV rows."""
+    out_dir = Path(out_dir)
+    rows = [case_row(record, time_limit_s, gpu_limit_mb) for record in records]
+    write_csv(rows, out_dir / CSV_NAME)
+    if plots:
+        for record in records:
+            plot_case(record, out_dir / "cases" / (record["name"].removesuffix(".nii.gz") + ".png"),
+                      time_limit_s, gpu_limit_mb)
+        if rows:
+            plot_summary(rows, out_dir / SUMMARY_PNG, time_limit_s, gpu_limit_mb)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Rebuild efficiency.csv and the plots from OUT/cases/*.json.")
+    parser.add_argument("out", type=Path, help="the --out folder of a run_efficiency run")
+    parser.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, help="seconds (45)")
+    parser.add_argument("--gpu-limit-mb", type=float, default=DEFAULT_GPU_LIMIT_MB, help="MB (4096)")
+    args = parser.parse_args(argv)
+    paths = case_json_paths(args.out)
+    if not paths:
+        print(f"efficiency_report: {args.out / 'cases'}: no per-case JSON found", file=sys.stderr)
+        return 2
+    records = []
+    for path in paths:
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as error:
+            print(f"efficiency_report: {path}: unreadable JSON ({error})", file=sys.stderr)
+            return 2
+    rows = build_report(args.out, records, args.time_limit, args.gpu_limit_mb)
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

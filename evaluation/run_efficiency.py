@@ -1,0 +1,475 @@
+"""Efficiency harness: run a FLARE container (or a local command) once per case and measure it.
+
+    python -m evaluation.run_efficiency --cases DIR (--docker IMAGE | --command CMD) --out OUT
+                                        [--gpu N] [--timeout S] [--time-limit 45] [--gpu-limit-mb 4096]
+
+For every `<case>_0000.nii.gz` in DIR (or DIR/images/): a fresh inputs folder holding only that file, a
+fresh outputs folder, a sampler process (evaluation.resource_sampler: whole-GPU used memory via NVML,
+CPU and RAM every 0.1 s) started before the run and stopped after it, and the wall time of the run from
+right before launching it to right after it returns (container start-up included, as the official
+script). The run is either the official docker command or, for development, a shell command with
+INPUT_DIR / OUTPUT_DIR set to the fresh folders. A run without `<case>.nii.gz` in its outputs, with a
+non-zero exit code, or past --timeout (killed) is a failed case; the exit code is 1 when any case failed.
+
+OUT gets: run_info.json (GPU name, host, date, settings), efficiency.csv (official columns + ours),
+summary.png, cases/<case>_0000.json (raw samples; official keys + ours), cases/<case>_0000.png,
+cases/<case>.log (the run's stdout/stderr) and predictions/<case>.nii.gz. See docs/efficiency.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from evaluation.resource_sampler import (MIB, REPO_ROOT, GpuUnavailable, SamplerError, SamplerProcess, close_gpu,
+                                         open_gpu)
+
+CASE_SUFFIX = "_0000.nii.gz"
+CONTAINER_INPUTS = "/workspace/inputs/"
+CONTAINER_OUTPUTS = "/workspace/outputs/"
+FAILED_EXIT = 1
+USAGE_EXIT = 2
+
+
+class HarnessError(Exception):
+    """Bad input to the harness itself (one-line message)."""
+
+
+# ------------------------------------------------------------------------------------------------- cases
+
+def find_cases(cases_dir: Path) -> list[tuple[str, Path]]:
+    """(case name, image path) of every `<case>_0000.nii.gz` in `cases_dir`, else in `cases_dir/images`."""
+    cases_dir = Path(cases_dir)
+    if not cases_dir.is_dir():
+        raise HarnessError(f"{cases_dir}: not a folder")
+    for folder in (cases_dir, cases_dir / "images"):
+        if folder.is_dir():
+            images = sorted(p for p in folder.iterdir() if p.name.endswith(CASE_SUFFIX) and p.is_file())
+            if images:
+                return [(p.name[:-len(CASE_SUFFIX)], p) for p in images]
+    raise HarnessError(f"{cases_dir}: no *{CASE_SUFFIX} file in it or in its images/ folder")
+
+
+def prepare_case_folders(work_root: Path, case: str, image: Path) -> tuple[Path, Path, Path]:
+    """A fresh (case folder, inputs, outputs); inputs holds only the case's image (hard link, else copy)."""
+    work_root.mkdir(parents=True, exist_ok=True)
+    case_dir = Path(tempfile.mkdtemp(prefix=f"{case}-", dir=work_root))
+    inputs, outputs = case_dir / "inputs", case_dir / "outputs"
+    inputs.mkdir()
+    outputs.mkdir()
+    # A container may run as another user than us: let it write its prediction (the official script
+    # makes outputs/ world-writable too).
+    outputs.chmod(0o777)
+    target = inputs / image.name
+    try:
+        os.link(image, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(image, target)
+    return case_dir, inputs, outputs
+
+
+# ------------------------------------------------------------------------------------------------ docker
+
+def docker_image_ref(image: str) -> str:
+    """The image reference to run: `IMAGE:latest` unless a tag (or digest) is given."""
+    last = image.rsplit("/", 1)[-1]
+    return image if (":" in last or "@" in last) else f"{image}:latest"
+
+
+def container_name(case: str, prefix: str = "flare-eff") -> str:
+    """A lower-case docker container name, unique per case and run."""
+    cleaned = re.sub(r"[^a-z0-9_.-]+", "-", case.lower()).strip("-_.") or "case"
+    return f"{prefix}-{cleaned}-{uuid.uuid4().hex[:8]}"
+
+
+def build_docker_argv(image: str, name: str, inputs: Path, outputs: Path, gpu: int, memory: str = "28G",
+                      shm_size: str = "28gb", docker: str = "docker") -> list[str]:
+    """The official FLARE command as an argv list (no shell):
+
+    docker container run --gpus "device=N" -m 28G --shm-size=28gb --name NAME --rm
+        -v IN:/workspace/inputs/ -v OUT:/workspace/outputs/ IMAGE:latest /bin/bash -c "sh predict.sh"
+    """
+    for folder in (inputs, outputs):
+        if ":" in str(folder):
+            raise HarnessError(f"{folder}: a path with ':' cannot be mounted with docker -v")
+    return [docker, "container", "run", "--gpus", f"device={gpu}", "-m", memory, f"--shm-size={shm_size}",
+            "--name", name, "--rm",
+            "-v", f"{Path(inputs).resolve()}/:{CONTAINER_INPUTS}",
+            "-v", f"{Path(outputs).resolve()}/:{CONTAINER_OUTPUTS}",
+            docker_image_ref(image), "/bin/bash", "-c", "sh predict.sh"]
+
+
+def container_host_pid(name: str, docker: str = "docker") -> int | None:
+    """Host pid of the container's first process (docker inspect), None while it does not run."""
+    try:
+        result = subprocess.run([docker, "inspect", "--format", "{{.State.Pid}}", name], capture_output=True,
+                                text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = result.stdout.strip()
+    return int(text) if result.returncode == 0 and text.isdigit() and int(text) > 0 else None
+
+
+def docker_kill(name: str, docker: str = "docker") -> None:
+    """`docker kill NAME` (best effort: the container may already be gone)."""
+    try:
+        subprocess.run([docker, "kill", name], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
+def _follow_container(name: str, docker: str, process: subprocess.Popen, sampler: SamplerProcess,
+                      lock: threading.Lock, found: dict) -> None:
+    """Until the run ends: find the container's host pid and add its process tree to the sampler.
+
+    Its processes are not children of the docker client, so without this only the client is seen. Where
+    the container lives in another pid namespace or a VM (rootless docker, Docker Desktop) nothing is found.
+    """
+    while process.poll() is None:
+        pid = container_host_pid(name, docker)
+        if pid is not None and psutil.pid_exists(pid):
+            with lock:
+                if process.poll() is None:
+                    sampler.follow(pid)
+                    found["container_pid"] = pid
+            return
+        time.sleep(0.2)
+
+
+# -------------------------------------------------------------------------------------------------- runs
+
+@dataclass
+class Settings:
+    mode: str                      # "docker" or "command"
+    target: str                    # the image or the shell command
+    gpu: int
+    sample_gpu: bool
+    timeout_s: float
+    interval_s: float
+    workdir: Path
+    memory: str = "28G"
+    shm_size: str = "28gb"
+    docker: str = "docker"
+
+
+def kill_run(process: subprocess.Popen, container: str | None, docker: str) -> None:
+    """Kill a run: the container (docker kill), then the launched process group and any descendant."""
+    if container:
+        docker_kill(container, docker)
+    descendants = []
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # the run was started in its own session: pgid == pid
+    except (ProcessLookupError, PermissionError):
+        pass
+    for child in descendants:  # a descendant that started its own process group
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    process.wait()
+
+
+def _last_log_line(log_path: Path) -> str:
+    try:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else ""
+
+
+def run_case(case: str, image: Path, settings: Settings, out_dir: Path) -> dict:
+    """Run one case with the sampler around it; returns its record (raw samples and outcome)."""
+    cases_dir, predictions = out_dir / "cases", out_dir / "predictions"
+    log_path = cases_dir / f"{case}.log"
+    record = {"name": image.name, "case": case, "mode": settings.mode, "status": "", "output_found": False,
+              "error": "", "returncode": None, "time_limit_s": None, "gpu_limit_mb": None}
+    case_dir, inputs, outputs = prepare_case_folders(out_dir / "work", case, image)
+    container = None
+    env = dict(os.environ)
+    if settings.mode == "docker":
+        container = container_name(case)
+        argv = build_docker_argv(settings.target, container, inputs, outputs, settings.gpu, settings.memory,
+                                 settings.shm_size, settings.docker)
+        popen_args = {"args": argv}
+        record.update(argv=argv, container_name=container)
+    else:
+        env.update(INPUT_DIR=str(inputs), OUTPUT_DIR=str(outputs),
+                   # The command runs on the GPU that is sampled (NVML numbering = PCI bus order).
+                   CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=str(settings.gpu))
+        popen_args = {"args": settings.target, "shell": True}
+        record.update(command=settings.target, workdir=str(settings.workdir))
+    samples_path = case_dir / "samples.json"
+    try:
+        sampler = SamplerProcess(samples_path, settings.gpu if settings.sample_gpu else None, settings.interval_s)
+    except SamplerError as error:
+        shutil.rmtree(case_dir, ignore_errors=True)
+        record.update(status="sampler_error", error=str(error), time=0.0)
+        return record
+    process, timed_out, found, lock = None, False, {}, threading.Lock()
+    follower = None
+    try:
+        with open(log_path, "wb") as log:
+            start = time.time()
+            try:
+                process = subprocess.Popen(**popen_args, cwd=settings.workdir, env=env, stdin=subprocess.DEVNULL,
+                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as error:
+                end = time.time()
+                record.update(status="launch_error", error=f"cannot launch: {error}")
+            if process is not None:
+                sampler.follow(process.pid)
+                if container:
+                    follower = threading.Thread(target=_follow_container, daemon=True,
+                                                args=(container, settings.docker, process, sampler, lock, found))
+                    follower.start()
+                try:
+                    record["returncode"] = process.wait(timeout=settings.timeout_s)
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    kill_run(process, container, settings.docker)
+                    record["returncode"] = process.returncode
+                end = time.time()
+    except BaseException:  # Ctrl-C or a harness bug: leave no run or container behind
+        if process is not None and process.poll() is None:
+            kill_run(process, container, settings.docker)
+        sampler.kill()
+        shutil.rmtree(case_dir, ignore_errors=True)
+        raise
+    finally:
+        if follower is not None:
+            follower.join(timeout=10)
+    with lock:
+        try:
+            samples = sampler.stop()
+        except SamplerError as error:
+            samples = {"sampler_error": str(error)}
+    record.update(time=end - start, launch_time=start, end_time=end, container_pid=found.get("container_pid"))
+    for key in ("gpu_memory", "cpu_list", "RAM_list", "timestamps", "tree_cpu_percent", "tree_rss_mb",
+                "tree_processes"):
+        record[key] = samples.get(key, [])
+    if not any(value is not None for value in record["gpu_memory"]):
+        record["gpu_memory"] = []  # no GPU sampled: empty, not a list of nulls
+    record.update({key: samples.get(key) for key in ("interval_s", "gpu_index", "gpu_name", "sampler_error",
+                                                      "followed_pids")})
+    record["interval_s"] = record["interval_s"] or settings.interval_s
+
+    prediction = outputs / f"{case}.nii.gz"
+    record["output_found"] = prediction.is_file() and prediction.stat().st_size > 0
+    if record["output_found"]:
+        predictions.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(prediction), str(predictions / prediction.name))
+    if record["status"] != "launch_error":
+        if timed_out:
+            record.update(status="timeout", error=f"killed after {settings.timeout_s:g} s")
+        elif record["returncode"] != 0:
+            record.update(status="nonzero_exit",
+                          error=f"exit code {record['returncode']}: {_last_log_line(log_path)}".rstrip(": "))
+        elif not record["output_found"]:
+            record.update(status="no_output", error=f"no {prediction.name} in the outputs folder")
+        elif samples.get("sampler_error") and not samples.get("timestamps"):
+            record.update(status="sampler_error", error=samples["sampler_error"])
+        else:
+            record["status"] = "ok"
+            if samples.get("sampler_error"):  # e.g. NVML failed in the sampler: say why GPU columns are empty
+                record["error"] = f"sampler: {samples['sampler_error']}"
+    shutil.rmtree(case_dir, ignore_errors=True)  # files a container wrote as root may stay behind
+    return record
+
+
+# -------------------------------------------------------------------------------------------------- info
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None
+
+
+def _docker_server_version(docker: str) -> str | None:
+    try:
+        result = subprocess.run([docker, "version", "--format", "{{.Server.Version}}"], capture_output=True,
+                                text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def run_info(settings: Settings, gpu_info: dict | None, gpu_note: str | None, args) -> dict:
+    """Run-level facts stored with the numbers: GPU (NVML name), host, date, settings."""
+    return {
+        "started_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "ram_total_mb": round(psutil.virtual_memory().total / MIB),
+        "gpu_index": settings.gpu,
+        "gpu": gpu_info,
+        "gpu_name": gpu_info["name"] if gpu_info else None,
+        "gpu_note": gpu_note,
+        "mode": settings.mode,
+        "image": docker_image_ref(settings.target) if settings.mode == "docker" else None,
+        "command": settings.target if settings.mode == "command" else None,
+        "workdir": str(settings.workdir) if settings.mode == "command" else None,
+        "docker_server_version": _docker_server_version(settings.docker) if settings.mode == "docker" else None,
+        "docker_memory": settings.memory if settings.mode == "docker" else None,
+        "docker_shm_size": settings.shm_size if settings.mode == "docker" else None,
+        "cases_dir": str(Path(args.cases).resolve()),
+        "timeout_s": settings.timeout_s,
+        "interval_s": settings.interval_s,
+        "time_limit_s": args.time_limit,
+        "gpu_limit_mb": args.gpu_limit_mb,
+        "harness_commit": _git_commit(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation.run_efficiency",
+        description="Run a FLARE container or a local command once per case and measure time, GPU memory, "
+                    "CPU and RAM like the official FLARE efficiency scripts.")
+    parser.add_argument("--cases", required=True, type=Path,
+                        help="folder of <case>_0000.nii.gz files (or a FLARE dataset root with images/)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--docker", metavar="IMAGE", help="docker image (':latest' added when no tag is given)")
+    target.add_argument("--command", metavar="CMD",
+                        help="shell command run per case with INPUT_DIR/OUTPUT_DIR set, e.g. 'sh predict.sh'")
+    parser.add_argument("--out", required=True, type=Path, help="results folder")
+    parser.add_argument("--gpu", type=int, default=0, help="NVML index of the GPU to use and sample (0)")
+    parser.add_argument("--no-gpu", action="store_true", help="do not sample GPU memory (GPU columns empty)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run is killed (600)")
+    parser.add_argument("--time-limit", type=float, default=45.0, help="time tolerance in seconds (45)")
+    parser.add_argument("--gpu-limit-mb", type=float, default=4096.0, help="GPU memory tolerance in MB (4096)")
+    parser.add_argument("--interval", type=float, default=0.1, help="seconds between samples (0.1)")
+    parser.add_argument("--workdir", type=Path, default=REPO_ROOT,
+                        help="working directory of --command (the repository root)")
+    parser.add_argument("--memory", default="28G", help="docker -m value (28G; FLARE25 lite used 8G)")
+    parser.add_argument("--shm-size", default="28gb", help="docker --shm-size value (28gb)")
+    parser.add_argument("--max-cases", type=int, default=None, help="only the first N cases (sorted by name)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return parser.parse_args(argv)
+
+
+def _say(message: str) -> None:
+    print(f"run_efficiency: {message}", file=sys.stderr, flush=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # `kill` (SIGTERM/SIGHUP) ends the harness like Ctrl-C: the run's own session would outlive it otherwise.
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, _interrupt)
+    from tqdm import tqdm
+    from evaluation import efficiency_report as report
+
+    try:
+        cases = find_cases(args.cases)
+        if args.timeout <= 0 or args.interval <= 0:
+            raise HarnessError("--timeout and --interval must be positive")
+        if args.docker is not None and shutil.which("docker") is None:
+            raise HarnessError("docker client not found on PATH")
+        if args.command is not None and not args.workdir.is_dir():
+            raise HarnessError(f"{args.workdir}: --workdir is not a folder")
+    except HarnessError as error:
+        _say(str(error))
+        return USAGE_EXIT
+    if args.max_cases is not None:
+        cases = cases[:args.max_cases]
+
+    gpu_info, gpu_note = None, None
+    if args.no_gpu:
+        gpu_note = "GPU memory not sampled (--no-gpu)"
+    else:
+        try:
+            _, gpu_info = open_gpu(args.gpu)
+            close_gpu()
+        except GpuUnavailable as error:
+            gpu_note = f"{error}: GPU memory is not sampled, GPU columns stay empty"
+            _say(gpu_note)
+    settings = Settings(mode="docker" if args.docker is not None else "command",
+                        target=args.docker if args.docker is not None else args.command, gpu=args.gpu,
+                        sample_gpu=gpu_info is not None, timeout_s=args.timeout, interval_s=args.interval,
+                        workdir=args.workdir.resolve(), memory=args.memory, shm_size=args.shm_size,
+                        docker=shutil.which("docker") or "docker")
+
+    out_dir = args.out.resolve()
+    (out_dir / "cases").mkdir(parents=True, exist_ok=True)
+    info = run_info(settings, gpu_info, gpu_note, args)
+    report.write_json(info, out_dir / "run_info.json")
+
+    records = []
+    progress = tqdm(cases, unit="case", desc="efficiency", file=sys.stderr)
+    for case, image in progress:
+        progress.set_postfix_str(case)
+        try:
+            record = run_case(case, image, settings, out_dir)
+        except KeyboardInterrupt:
+            progress.close()
+            _say(f"interrupted during {image.name}; {len(records)} case(s) done are in {out_dir}")
+            report.build_report(out_dir, records, args.time_limit, args.gpu_limit_mb, plots=False)
+            return 130
+        record.update(time_limit_s=args.time_limit, gpu_limit_mb=args.gpu_limit_mb, gpu_name=info["gpu_name"])
+        record["figures"] = report.case_row(record, args.time_limit, args.gpu_limit_mb)
+        report.write_json(record, out_dir / "cases" / (image.name.removesuffix(".nii.gz") + ".json"))
+        records.append(record)
+        if record["status"] != "ok":
+            progress.write(f"run_efficiency: {image.name}: {record['status']}: {record['error']}",
+                           file=sys.stderr)
+    progress.close()
+    try:
+        (out_dir / "work").rmdir()  # left only when a container wrote files we may not delete
+    except OSError:
+        pass
+
+    rows = report.build_report(out_dir, records, args.time_limit, args.gpu_limit_mb, plots=not args.no_plots)
+    failed = [row["Name"] for row in rows if row["status"] != "ok"]
+    info.update(finished_at=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                n_cases=len(rows), n_failed=len(failed), failed_cases=failed)
+    report.write_json(info, out_dir / "run_info.json")
+    print(report.format_table(rows))
+    if failed:
+        _say(f"{len(failed)} of {len(rows)} case(s) failed: {', '.join(failed)}")
+        return FAILED_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
