@@ -1,0 +1,402 @@
+"""FLARE-style lesion DSC / NSD plus lesion-wise detection metrics for a folder of predictions.
+
+Usage:
+    python -m evaluation.run_metrics --gt GT_DIR --pred PRED_DIR [-o results.csv] [--tolerance 2]
+                                     [--workers N] [rule switches, see --help]
+
+Per case (FLARE24 Task 1 rules, in the official order, each switchable):
+  1. any prediction label outside {0, 1}        -> DSC 0, NSD 0
+  2. GT and prediction both empty               -> DSC 1, NSD 1
+  3. exactly one of them empty                  -> DSC 0, NSD 0
+  4. DSC on the full volume; DSC < 0.2          -> NSD not computed, 0; else NSD at the tolerance (2 mm)
+Spacing comes from the GT header. Writes the per-case CSV (starting with the official columns
+Name, Lesion_DSC, Lesion_NSD) and `<out>_summary.csv`, prints the summary. See docs/metrics.md.
+
+Python API: score_case(gt, pred, spacing_zyx, ...) -> dict, evaluate_folders(gt_dir, pred_dir, ...)
+-> (per_case, summary), summarize(per_case) -> summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script (python evaluation/run_metrics.py): make the package importable, here and in
+    # the worker processes, which unpickle functions by their module path.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    if __name__ == "__main__":
+        from evaluation.run_metrics import main as _package_main
+
+        sys.exit(_package_main())
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from evaluation.lesion_metrics import LESION_COLUMNS, lesion_metrics
+from evaluation.surface_dice import surface_dice, union_bounding_box
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".nrrd")
+GEOMETRY_TOLERANCE = 1e-3
+OFFICIAL_COLUMNS = ["Name", "Lesion_DSC", "Lesion_NSD"]
+EXTRA_COLUMNS = ["case", "missing", "error", "rule", "gt_volume_ml", "pred_volume_ml", "healthy_fp"]
+PER_CASE_COLUMNS = OFFICIAL_COLUMNS + EXTRA_COLUMNS + LESION_COLUMNS
+SUMMARY_METRICS = ["Lesion_DSC", "Lesion_NSD", "lesion_precision", "lesion_recall", "lesion_f1",
+                   "gt_lesions", "detected_lesions", "fp_components", "fp_volume_ml", "fn_volume_ml"]
+SUMMARY_COLUMNS = ["n", "mean", "std", "median", "q1", "q3"]
+
+
+class CaseError(Exception):
+    """Bad input for one case; the message is one line naming the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """The FLARE24 Task 1 scoring rules; each can be switched off.
+
+    label_check: a prediction label outside {0, 1} scores 0/0 (off: any non-zero voxel is lesion).
+    both_empty: GT and prediction empty score 1/1 (off: DSC and NSD are NaN, undefined).
+    one_empty: exactly one empty scores 0/0 (off: computed like any other case, which gives 0/0 as
+        well, DSC being 0 and the surface Dice with an empty surface 0; only `rule` differs).
+    nsd_dsc_threshold: NSD is only computed when DSC >= this, else 0 (None: always computed).
+    """
+
+    label_check: bool = True
+    both_empty: bool = True
+    one_empty: bool = True
+    nsd_dsc_threshold: float | None = 0.2
+
+
+FLARE24 = Rules()
+
+
+def score_case(gt: np.ndarray, pred: np.ndarray, spacing_zyx, tolerance_mm: float = 2.0,
+               rules: Rules = FLARE24, *, lesion_wise: bool = True, connectivity: int = 26,
+               threads: int | None = None) -> dict:
+    """Score one case: Lesion_DSC, Lesion_NSD, the rule that decided them, volumes, lesion-wise metrics.
+
+    `gt`, `pred`: arrays of the same shape, (z, y, x); GT non-zero = lesion. `spacing_zyx`: mm.
+    `rule` in the result is one of: label>1, both_empty, one_empty, dsc<threshold, computed.
+    """
+    gt = np.asarray(gt)
+    pred = np.asarray(pred)
+    if gt.shape != pred.shape:
+        raise ValueError(f"GT shape {gt.shape} and prediction shape {pred.shape} differ")
+    spacing_zyx = tuple(float(s) for s in spacing_zyx)
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+
+    # Everything below depends on non-zero voxels only, and the bounding box of their union holds all
+    # of them (label values included): crop first, so that only this one pass reads the whole volume.
+    box = union_bounding_box(gt, pred)
+    if box is None:
+        gt = pred = np.zeros((0,) * gt.ndim, bool)
+        bad_label = False
+    else:
+        gt, pred = gt[box], pred[box]
+        bad_label = bool(pred.max() > 1 or pred.min() < 0)
+        gt, pred = gt != 0, pred != 0
+    gt_voxels, pred_voxels = int(np.count_nonzero(gt)), int(np.count_nonzero(pred))
+
+    result = {"gt_volume_ml": gt_voxels * voxel_ml, "pred_volume_ml": pred_voxels * voxel_ml}
+    if rules.label_check and bad_label:
+        result.update(rule="label>1", Lesion_DSC=0.0, Lesion_NSD=0.0)
+    elif gt_voxels == 0 and pred_voxels == 0:
+        value = 1.0 if rules.both_empty else float("nan")
+        result.update(rule="both_empty", Lesion_DSC=value, Lesion_NSD=value)
+    elif rules.one_empty and (gt_voxels == 0 or pred_voxels == 0):
+        result.update(rule="one_empty", Lesion_DSC=0.0, Lesion_NSD=0.0)
+    else:
+        dsc = 2.0 * int(np.count_nonzero(gt & pred)) / (gt_voxels + pred_voxels)
+        if rules.nsd_dsc_threshold is not None and dsc < rules.nsd_dsc_threshold:
+            result.update(rule="dsc<threshold", Lesion_DSC=dsc, Lesion_NSD=0.0)
+        else:
+            nsd = surface_dice(gt, pred, spacing_zyx, tolerance_mm, threads=threads)
+            result.update(rule="computed", Lesion_DSC=dsc, Lesion_NSD=nsd)
+
+    result["healthy_fp"] = float(pred_voxels > 0) if gt_voxels == 0 else float("nan")
+    if lesion_wise:
+        result.update(lesion_metrics(gt, pred, spacing_zyx, connectivity=connectivity))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Folders
+
+
+def case_name(path: Path) -> str | None:
+    """`<case>` for `<case>.nii.gz` (and the other accepted extensions), None for other files."""
+    for ext in IMAGE_EXTENSIONS:
+        if path.name.endswith(ext) and len(path.name) > len(ext):
+            return path.name[: -len(ext)]
+    return None
+
+
+def find_cases(folder) -> dict[str, list[Path]]:
+    """Case name -> image files with that name (normally one) in `folder`."""
+    cases: dict[str, list[Path]] = {}
+    for path in sorted(Path(folder).iterdir()):
+        name = case_name(path)
+        if name is not None and path.is_file():
+            cases.setdefault(name, []).append(path)
+    return cases
+
+
+def _read(path: Path) -> sitk.Image:
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        detail = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        raise CaseError(f"{path}: cannot be read ({detail[:200]})") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise CaseError(f"{path}: not a 3D single-channel image "
+                        f"(dimension {image.GetDimension()}, "
+                        f"{image.GetNumberOfComponentsPerPixel()} components)")
+    return image
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def geometry_mismatch(gt: sitk.Image, pred: sitk.Image, tolerance: float = GEOMETRY_TOLERANCE) -> str:
+    """'' if the prediction is on the GT's grid, else what differs (size, spacing, origin, direction)."""
+    problems = []
+    if gt.GetSize() != pred.GetSize():
+        problems.append(f"size {pred.GetSize()} vs GT {gt.GetSize()}")
+    for what in ("Spacing", "Origin", "Direction"):
+        p, g = getattr(pred, "Get" + what)(), getattr(gt, "Get" + what)()
+        if np.max(np.abs(np.subtract(p, g))) > tolerance:
+            problems.append(f"{what.lower()} {_fmt(p)} vs GT {_fmt(g)}")
+    return "; ".join(problems)
+
+
+def _empty_row(case: str) -> dict:
+    row = {column: float("nan") for column in PER_CASE_COLUMNS}
+    row.update(Name=f"{case}.nii.gz", case=case, missing=False, error="", rule="")
+    return row
+
+
+def evaluate_case(case: str, gt_path: Path, pred_paths: list[Path], tolerance_mm: float = 2.0,
+                  rules: Rules = FLARE24, connectivity: int = 26, threads: int | None = None) -> dict:
+    """One per-case CSV row. Missing prediction: 0/0 with missing=True. Bad input: `error` set."""
+    row = _empty_row(case)
+    if not pred_paths:
+        row.update(missing=True, Lesion_DSC=0.0, Lesion_NSD=0.0, rule="missing")
+        return row
+    try:
+        if len(pred_paths) > 1:
+            raise CaseError(f"{pred_paths[0].parent}: several predictions for case {case}: "
+                            + ", ".join(p.name for p in pred_paths))
+        pred_path = pred_paths[0]
+        gt_image = _read(gt_path)
+        pred_image = _read(pred_path)
+        mismatch = geometry_mismatch(gt_image, pred_image)
+        if mismatch:
+            raise CaseError(f"{pred_path}: geometry differs from {gt_path.name}: {mismatch}")
+        spacing_zyx = gt_image.GetSpacing()[::-1]  # SimpleITK gives (x, y, z); arrays are (z, y, x)
+        row.update(score_case(sitk.GetArrayViewFromImage(gt_image), sitk.GetArrayViewFromImage(pred_image),
+                              spacing_zyx, tolerance_mm, rules, connectivity=connectivity,
+                              threads=threads))
+    except CaseError as error:
+        row["error"] = str(error)
+    return row
+
+
+def _pool_context():
+    # Not fork: the caller (a training script) may hold threads, which fork does not copy safely.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def evaluate_folders(gt_dir, pred_dir, tolerance: float = 2.0, workers: int | None = None,
+                     rules: Rules = FLARE24, connectivity: int = 26, progress: bool = True,
+                     log=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score every GT case in `gt_dir` against `pred_dir`; returns (per_case, summary) DataFrames.
+
+    per_case: one row per GT case, columns PER_CASE_COLUMNS, sorted by case; rows with a non-empty
+    `error` have NaN metrics and are left out of the summary. Predictions without a GT file are reported
+    through `log` (default: print to stderr) and listed in per_case.attrs["unmatched_predictions"].
+    """
+    log = log or (lambda message: print(message, file=sys.stderr))
+    gt_cases, pred_cases = find_cases(gt_dir), find_cases(pred_dir)
+    unmatched = sorted(set(pred_cases) - set(gt_cases))
+    for case in unmatched:
+        log(f"warning: {pred_cases[case][0]}: no ground truth for this prediction in {gt_dir}, ignored")
+    workers = max(1, int(workers or default_workers()))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+
+    rows, jobs = [], []
+    for case, gt_paths in sorted(gt_cases.items()):
+        if len(gt_paths) > 1:
+            row = _empty_row(case)
+            row["error"] = (f"{gt_paths[0].parent}: several ground-truth files for case {case}: "
+                            + ", ".join(p.name for p in gt_paths))
+            rows.append(row)
+        else:
+            jobs.append((case, gt_paths[0], pred_cases.get(case, []), tolerance, rules, connectivity,
+                         threads))
+
+    with tqdm(total=len(jobs), desc="metrics", unit="case", disable=not progress) as bar:
+        if workers == 1 or len(jobs) <= 1:
+            for job in jobs:
+                rows.append(evaluate_case(*job))
+                bar.update()
+        else:
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)),
+                                                        mp_context=_pool_context()) as pool:
+                futures = [pool.submit(evaluate_case, *job) for job in jobs]
+                for future in concurrent.futures.as_completed(futures):
+                    rows.append(future.result())
+                    bar.update()
+
+    per_case = pd.DataFrame(rows, columns=PER_CASE_COLUMNS)
+    per_case = per_case.sort_values("case", kind="stable").reset_index(drop=True)
+    per_case["missing"] = per_case["missing"].astype(bool)
+    per_case.attrs["unmatched_predictions"] = [str(pred_cases[c][0]) for c in unmatched]
+    return per_case, summarize(per_case)
+
+
+def summarize(per_case: pd.DataFrame) -> pd.DataFrame:
+    """Per metric: n (cases with a value), mean, std (population, ddof=0), median, q1, q3.
+
+    Error rows are left out; NaN values (undefined metrics) are skipped. The last row, healthy_fp_rate,
+    is the fraction of healthy cases (GT empty, prediction present) with any predicted lesion voxel:
+    n = number of such healthy cases, mean = the rate.
+    """
+    valid = per_case[per_case["error"].fillna("") == ""] if "error" in per_case else per_case
+    table = {}
+    for metric in SUMMARY_METRICS:
+        values = pd.to_numeric(valid[metric], errors="coerce").dropna().to_numpy(np.float64)
+        if values.size:
+            q1, median, q3 = np.percentile(values, [25, 50, 75])
+            table[metric] = [values.size, values.mean(), values.std(), median, q1, q3]
+        else:
+            table[metric] = [0] + [float("nan")] * 5
+    healthy = pd.to_numeric(valid["healthy_fp"], errors="coerce").dropna().to_numpy(np.float64)
+    table["healthy_fp_rate"] = [healthy.size, healthy.mean() if healthy.size else float("nan")] + [
+        float("nan")] * 4
+    summary = pd.DataFrame.from_dict(table, orient="index", columns=SUMMARY_COLUMNS)
+    summary["n"] = summary["n"].astype(int)
+    summary.index.name = "metric"
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output
+
+
+def summary_path(output: Path) -> Path:
+    """`results.csv` -> `results_summary.csv`, beside it."""
+    output = Path(output)
+    stem = output.name[:-4] if output.name.lower().endswith(".csv") else output.name
+    return output.with_name(stem + "_summary.csv")
+
+
+def _write_atomically(frame: pd.DataFrame, path: Path, **to_csv) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            frame.to_csv(handle, **to_csv)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_results(per_case: pd.DataFrame, summary: pd.DataFrame, output) -> tuple[Path, Path]:
+    """Per-case CSV (official columns with 4 decimals, as the FLARE script) and the summary CSV."""
+    out = per_case.copy()
+    for column in ("Lesion_DSC", "Lesion_NSD"):
+        out[column] = [("" if pd.isna(v) else f"{v:.4f}") for v in out[column]]
+    _write_atomically(out, output, index=False, float_format="%.6g")
+    summary_file = summary_path(output)
+    _write_atomically(summary, summary_file, float_format="%.6g")
+    return Path(output), summary_file
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation.run_metrics",
+        description="FLARE24-style lesion DSC/NSD and lesion-wise metrics for a folder of predictions.")
+    parser.add_argument("--gt", required=True, type=Path, help="ground-truth folder (<case>.nii.gz)")
+    parser.add_argument("--pred", required=True, type=Path,
+                        help="prediction folder (<case>.nii.gz; .nii, .mha, .nrrd accepted)")
+    parser.add_argument("-o", "--output", type=Path, default=Path("results.csv"),
+                        help="per-case CSV (default results.csv); the summary goes to <out>_summary.csv")
+    parser.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="parallel processes (default min(4, CPU count))")
+    parser.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=26,
+                        help="connectivity of lesion components (default 26)")
+    rules = parser.add_argument_group("FLARE24 rules (all on by default)")
+    rules.add_argument("--no-label-check", action="store_true",
+                       help="do not score predictions with labels outside {0,1} as 0/0")
+    rules.add_argument("--no-both-empty-rule", action="store_true",
+                       help="both empty: NaN instead of DSC 1, NSD 1")
+    rules.add_argument("--no-one-empty-rule", action="store_true",
+                       help="exactly one empty: compute instead of setting 0/0")
+    rules.add_argument("--nsd-dsc-threshold", type=float, default=0.2,
+                       help="NSD is set to 0 without computing it when DSC < this (default 0.2)")
+    rules.add_argument("--no-dsc-threshold", action="store_true", help="always compute NSD")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for name, folder in (("--gt", args.gt), ("--pred", args.pred)):
+        if not folder.is_dir():
+            print(f"error: {folder}: {name} folder does not exist", file=sys.stderr)
+            return 2
+    if args.tolerance < 0 or args.workers < 1:
+        print("error: --tolerance must be >= 0 and --workers >= 1", file=sys.stderr)
+        return 2
+    rules = Rules(label_check=not args.no_label_check, both_empty=not args.no_both_empty_rule,
+                  one_empty=not args.no_one_empty_rule,
+                  nsd_dsc_threshold=None if args.no_dsc_threshold else args.nsd_dsc_threshold)
+    per_case, summary = evaluate_folders(args.gt, args.pred, tolerance=args.tolerance,
+                                         workers=args.workers, rules=rules,
+                                         connectivity=args.connectivity,
+                                         progress=not args.no_progress)
+    if per_case.empty:
+        print(f"error: {args.gt}: no ground-truth images ({', '.join(IMAGE_EXTENSIONS)})",
+              file=sys.stderr)
+        return 1
+    case_file, summary_file = write_results(per_case, summary, args.output)
+
+    print(summary.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-"))
+    healthy = summary.loc["healthy_fp_rate"]
+    if healthy["n"]:
+        print(f"false-positive rate on healthy cases: {healthy['mean']:.4f} "
+              f"({int(round(healthy['mean'] * healthy['n']))} of {int(healthy['n'])})")
+    print(f"wrote {case_file} and {summary_file}")
+    for case in per_case.loc[per_case["missing"], "case"]:
+        print(f"warning: {args.pred}: no prediction for case {case}, scored 0/0 (missing)",
+              file=sys.stderr)
+    errors = [e for e in per_case["error"] if isinstance(e, str) and e]
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
