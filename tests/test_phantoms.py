@@ -1,0 +1,200 @@
+"""Synthetic CT phantoms: determinism, label/image consistency, HU plausibility, manifest, CLI, geometry."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cc3d
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from evaluation import phantoms
+from evaluation.phantoms import PhantomError, generate_phantom, write_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = dict(shape_zyx=(32, 96, 96), spacing_zyx=(6.0, 4.0, 4.0))
+MEDIUM = dict(shape_zyx=(48, 128, 128), spacing_zyx=(5.0, 3.2, 3.2))
+
+
+def array(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(image)
+
+
+def test_same_seed_and_index_give_the_same_case_whatever_else_is_generated(tmp_path):
+    first = generate_phantom(11, 3, **SMALL)
+    again = generate_phantom(11, 3, **SMALL)
+    assert np.array_equal(array(first.image), array(again.image))
+    assert np.array_equal(array(first.label), array(again.label))
+    assert first.info == again.info
+    other_seed = generate_phantom(12, 3, **SMALL)
+    assert not np.array_equal(array(first.image), array(other_seed.image))
+    # case 0 of a 1-case and of a 3-case dataset are identical files' contents
+    write_dataset(tmp_path / "one", 1, seed=5, progress=False, **SMALL)
+    write_dataset(tmp_path / "three", 3, seed=5, progress=False, **SMALL)
+    for sub in ("images/phantom_0000_0000.nii.gz", "labels/phantom_0000.nii.gz"):
+        a = sitk.ReadImage(str(tmp_path / "one" / sub))
+        b = sitk.ReadImage(str(tmp_path / "three" / sub))
+        assert np.array_equal(array(a), array(b))
+    one = json.loads((tmp_path / "one" / "manifest.json").read_text())["cases"][0]
+    three = json.loads((tmp_path / "three" / "manifest.json").read_text())["cases"][0]
+    assert one == three
+
+
+def test_label_is_binary_uint8_with_the_image_geometry():
+    phantom = generate_phantom(2, 0, healthy=False, **MEDIUM)
+    image, label = phantom.image, phantom.label
+    assert image.GetPixelID() == sitk.sitkInt16
+    assert label.GetPixelID() == sitk.sitkUInt8
+    assert image.GetSize() == label.GetSize() == (128, 128, 48)
+    assert image.GetSpacing() == label.GetSpacing() == (3.2, 3.2, 5.0)
+    assert image.GetOrigin() == label.GetOrigin()
+    assert image.GetDirection() == label.GetDirection()
+    values = np.unique(array(label))
+    assert set(values.tolist()) == {0, 1}
+
+
+def test_tissue_intensities_are_ct_like_and_lesions_lie_inside_the_body():
+    phantom = generate_phantom(0, 1, healthy=False, with_tissue=True, **MEDIUM)  # lower chest, upper abdomen
+    hu = array(phantom.image).astype(float)
+    tissue = phantom.tissue
+    label = array(phantom.label).astype(bool)
+
+    def mean(cls):
+        return hu[tissue == cls].mean()
+
+    # air inside the reconstruction circle, away from the blurred edges of the body and the table
+    outside = ndimage.binary_erosion(tissue == phantoms.AIR, iterations=2) & (hu > phantoms.PADDING_HU)
+    assert abs(hu[outside].mean() + 1000) < 5 and hu[outside].std() < 25
+    assert -130 < mean(phantoms.SUBCUT) < -40  # mostly fat, with skin
+    assert -125 < mean(phantoms.FAT) < -60
+    assert 25 < mean(phantoms.MUSCLE) < 75
+    assert 80 < mean(phantoms.LIVER) < 150
+    assert -900 < mean(phantoms.LUNG) < -700
+    assert mean(phantoms.CORTEX) > 400
+    assert hu.min() >= -1024 and hu.max() <= 3071
+    # the label is exactly the painted lesion voxels, all of them inside the body
+    assert phantom.info["lesion_count"] >= 1
+    assert np.array_equal(label, tissue == phantoms.LESION)
+    around = ndimage.binary_dilation(label, iterations=1) & ~label
+    assert not np.isin(tissue[around], (phantoms.AIR, phantoms.TABLE)).any()
+    # lesions are visible: each differs from its surroundings by tens of HU
+    components = cc3d.connected_components(label, connectivity=26)
+    for lesion_id in range(1, components.max() + 1):
+        lesion = components == lesion_id
+        shell = ndimage.binary_dilation(lesion, iterations=2) & ~ndimage.binary_dilation(lesion, iterations=1)
+        shell &= tissue != phantoms.LESION
+        if lesion.sum() >= 20 and shell.sum() >= 20:
+            assert abs(hu[lesion].mean() - np.median(hu[shell])) > 25
+
+
+def test_healthy_cases_have_empty_labels(tmp_path):
+    phantom = generate_phantom(3, 0, healthy=True, **SMALL)
+    assert not array(phantom.label).any()
+    assert phantom.info["healthy"] and phantom.info["lesion_count"] == 0 and phantom.info["lesions"] == []
+    entries = write_dataset(tmp_path, 2, seed=3, healthy_fraction=1.0, progress=False, **SMALL)
+    assert all(entry["healthy"] and entry["lesion_count"] == 0 for entry in entries)
+    for entry in entries:
+        assert not array(sitk.ReadImage(str(tmp_path / entry["label"]))).any()
+
+
+def test_manifest_lesion_volumes_match_the_written_labels(tmp_path):
+    entries = write_dataset(tmp_path, 3, seed=8, healthy_fraction=0.0, progress=False, **MEDIUM)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["seed"] == 8 and manifest["arguments"]["cases"] == 3
+    assert manifest["arguments"]["shape_zyx"] == [48, 128, 128]
+    assert manifest["cases"] == entries
+    for entry in entries:
+        label = array(sitk.ReadImage(str(tmp_path / entry["label"])))
+        voxel_ml = float(np.prod(entry["spacing_zyx"])) / 1000
+        assert entry["lesion_count"] == len(entry["lesions"]) >= 1
+        assert entry["lesion_volume_ml"] == pytest.approx(label.sum() * voxel_ml, abs=1e-5)
+        # one connected component per lesion, with the manifest's volume
+        components = cc3d.connected_components(label, connectivity=26)
+        counts = np.bincount(components.ravel())[1:]
+        assert len(counts) == entry["lesion_count"]
+        assert sorted(counts.tolist()) == sorted(lesion["voxels"] for lesion in entry["lesions"])
+        for lesion in entry["lesions"]:
+            assert lesion["volume_ml"] == pytest.approx(lesion["voxels"] * voxel_ml, abs=1e-6)
+            assert lesion["type"] in phantoms.LESION_TYPES
+
+
+def test_cli_writes_the_flare_layout(tmp_path):
+    out = tmp_path / "data"
+    result = subprocess.run([sys.executable, "-m", "evaluation.phantoms", "--out", str(out), "--cases", "2",
+                             "--seed", "4", "--shape", "32", "96", "96", "--spacing", "6", "4", "4",
+                             "--healthy-fraction", "0.5", "--no-progress"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = [case["case"] for case in manifest["cases"]]
+    assert names == ["phantom_0000", "phantom_0001"]
+    assert manifest["arguments"]["healthy_fraction"] == 0.5
+    for name in names:
+        image = sitk.ReadImage(str(out / "images" / f"{name}_0000.nii.gz"))
+        label = sitk.ReadImage(str(out / "labels" / f"{name}.nii.gz"))
+        assert image.GetSize() == label.GetSize() == (96, 96, 32)
+        assert image.GetPixelID() == sitk.sitkInt16 and label.GetPixelID() == sitk.sitkUInt8
+    assert sorted(p.name for p in out.iterdir()) == ["images", "labels", "manifest.json"]  # no temporary files
+
+
+def test_cli_rejects_bad_arguments_in_one_line(tmp_path, capsys):
+    assert phantoms.main(["--out", str(tmp_path / "x"), "--healthy-fraction", "1.5", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "healthy fraction" in err
+    assert phantoms.main(["--out", str(tmp_path / "y"), "--cases", "1", "--shape", "0", "8", "8"]) == 2
+    assert not (tmp_path / "y" / "manifest.json").exists()
+    with pytest.raises(PhantomError):
+        generate_phantom(0, 0, direction=(0, 1, 0, 1, 0, 0, 0, 0, 1), **SMALL)
+
+
+@pytest.mark.parametrize("direction", [(-1, 0, 0, 0, -1, 0, 0, 0, 1), (1, 0, 0, 0, 1, 0, 0, 0, -1)])
+def test_flipped_directions_are_written_and_show_the_same_anatomy(tmp_path, direction):
+    reference = generate_phantom(6, 2, healthy=True, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), with_tissue=True,
+                                 **SMALL)
+    # the same voxel centres, reached through flipped axes: the origin moves to the other corner
+    size = np.array(reference.image.GetSize()) - 1
+    flips = np.diag(np.reshape(direction, (3, 3))) < 0
+    origin = tuple(np.where(flips, np.array(reference.image.GetOrigin()) + size * reference.image.GetSpacing(),
+                            reference.image.GetOrigin()))
+    flipped = generate_phantom(6, 2, healthy=True, direction=direction, origin=origin, with_tissue=True,
+                               **SMALL)
+    phantoms.write_case(flipped, tmp_path)
+    written = sitk.ReadImage(str(tmp_path / "images" / f"{flipped.info['case']}_0000.nii.gz"))
+    assert np.allclose(written.GetDirection(), direction)
+    assert np.allclose(written.GetOrigin(), origin, atol=1e-3)
+    assert flipped.info["direction"] == [float(d) for d in direction]
+    # anatomy is defined in physical millimetres: flipping the array axes back gives the same tissue
+    axes = tuple(axis for axis, flip in zip((2, 1, 0), flips) if flip)
+    same = np.flip(flipped.tissue, axis=axes) == reference.tissue
+    assert same.mean() > 0.999
+
+
+def test_default_geometry_looks_like_real_scans():
+    for index in range(40):
+        streams = np.random.SeedSequence([0, index]).spawn(6)
+        patient = phantoms._make_patient(np.random.default_rng(streams[0]))
+        shape, spacing, direction, origin, t_first = phantoms._choose_geometry(
+            np.random.default_rng(streams[1]), patient, None, None, None, None)
+        assert shape[1:] == (512, 512)
+        assert 0.6 <= spacing[1] == spacing[2] <= 1.0
+        assert 0.6 <= spacing[0] <= 5.0
+        assert 250 <= shape[0] * spacing[0] <= 950
+        assert shape[0] <= 720
+        assert np.array_equal(np.abs(np.reshape(direction, (3, 3))), np.eye(3))
+
+
+def test_flare_efficiency_case_has_the_fixed_size():
+    specs = phantoms.flare_case_specs()
+    sizes = (55, 100, 150, 215, 334, 448, 499, 554)
+    assert [spec["name"] for spec in specs] == [f"flare_z{n:03d}" for n in sizes]
+    phantom = phantoms.generate_flare_case(0, 55)
+    assert phantom.info["case"] == "flare_z055"
+    assert phantom.image.GetSize() == (512, 512, 55)
+    s_x, s_y, s_z = phantom.image.GetSpacing()
+    assert s_z == 5.0 and 0.6 <= s_x == s_y <= 1.0
+    hu = array(phantom.image)
+    assert (hu > -500).mean() > 0.15  # a body fills a good part of the field of view
