@@ -19,8 +19,8 @@ How a phantom is made
   painted inside their bounding box only. The label is exactly the set of voxels painted with lesion
   intensity. Lesions never touch each other, so each manifest volume is (voxel count) x (voxel volume)
   of one connected lesion.
-- Last, white noise and an in-plane Gaussian blur (which also makes the noise spatially correlated and
-  Gaussian-like, as in reconstructed CT) are applied slab by slab and the volume is rounded to int16.
+- Last, Gaussian white noise and a mild in-plane blur (which also makes the noise spatially correlated,
+  as in reconstructed CT) are applied slab by slab and the volume is converted to int16.
 - Every random draw of case `index` comes from `SeedSequence([seed, index])`, and nothing depends on
   BLAS threading, so a case is the same whatever else is generated with it.
 """
@@ -1109,21 +1109,21 @@ def _blur_3tap(src, dst, weight, axis):
 def _finish(seed_sequence, hu, patient, outside_fov, chunk=8):
     """Add noise and blur in-plane, in place on the int16 volume, slab by slab (one RNG per slab).
 
-    The blur is a separable 3-tap kernel [w, 1-2w, w] (variance 2w: sigma = blur_px). The white noise
-    is uniform; blurred, it is spatially correlated and close to Gaussian, with standard deviation
-    scale * sqrt(1/12) * sum(k^2) (the 2D kernel is the outer product of k with itself).
+    The blur is a separable 3-tap kernel k = [w, 1-2w, w] (variance 2w: sigma = blur_px). Gaussian white
+    noise of sd `scale` becomes spatially correlated noise of sd scale * sum(k^2) (the 2D kernel is the
+    outer product of k with itself), which is the patient's noise_hu.
     """
     weight = min(0.25, patient.blur_px ** 2 / 2)
     kernel_sq = 2 * weight ** 2 + (1 - 2 * weight) ** 2
-    scale = patient.noise_hu / (math.sqrt(1 / 12) * kernel_sq)
+    scale = patient.noise_hu / kernel_sq
     starts = range(0, hu.shape[0], chunk)
     block = np.empty((min(chunk, hu.shape[0]),) + hu.shape[1:], np.float32)
     noise = np.empty_like(block)
     for start, seed in zip(starts, seed_sequence.spawn(len(starts))):
         n = min(chunk, hu.shape[0] - start)
         b, w = block[:n], noise[:n]
-        np.subtract(hu[start:start + n], np.float32(scale / 2), out=b)  # centres the uniform noise
-        np.random.default_rng(seed).random(out=w, dtype=np.float32)
+        np.copyto(b, hu[start:start + n])
+        np.random.default_rng(seed).standard_normal(out=w, dtype=np.float32)
         w *= np.float32(scale)
         b += w
         if min(hu.shape[1:]) > 2:
