@@ -67,7 +67,8 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
     if backend != "torch":
         from .onnx_loader import load_onnx_networks  # optional dependency, imported on demand
         networks = load_onnx_networks(config, fold_names, device, backend)
-        return LoadedModel(config, networks, device, tuple(fold_names), backend)
+        mirror_axes = getattr(networks[0], "mirror_axes", (0, 1, 2))  # kept in the export's metadata
+        return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes)
     networks, mirror_axes = [], (0, 1, 2)
     for fold in fold_names:
         checkpoint_path = model_dir / f"fold_{fold}" / checkpoint_name

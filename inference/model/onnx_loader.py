@@ -1,0 +1,266 @@
+"""Load exported ONNX files (fold_X/model.onnx, see inference.export_onnx) into ONNX Runtime sessions.
+
+`--backend onnx`: CUDAExecutionProvider on a GPU, running fold_X/model_fp16.onnx (or model.onnx converted
+to float16 at load when that file is absent); CPUExecutionProvider in fp32 on the CPU.
+`--backend tensorrt`: TensorrtExecutionProvider (fp16, engine and timing caches in fold_X/trt_cache, or
+$FLARE_TRT_CACHE_DIR/<model folder>/fold_X), with CUDAExecutionProvider for anything TensorRT cannot run.
+When the requested provider is not available, one warning line, then the next one (finally the CPU).
+
+Environment:
+  FLARE_ONNX_PRECISION=fp32      run model.onnx (fp32) on CUDA instead of the float16 variant
+  FLARE_TRT_CACHE_DIR=DIR        TensorRT engine/timing cache root (default: inside each fold folder)
+  FLARE_TRT_MAX_PATCH_SCALE=1.2  TensorRT optimisation profile: patches from the training patch up to
+                                 the training patch x this (rounded up to the network stride)
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..backends import OnnxRuntimeNetwork
+from ..errors import ModelError
+from .plans import ModelConfig
+
+INPUT_NAME = "patch"
+OUTPUT_NAME = "logits"
+ONNX_FILE_NAME = "model.onnx"
+FP16_FILE_NAME = "model_fp16.onnx"
+PRECISION_ENV = "FLARE_ONNX_PRECISION"
+TRT_CACHE_ENV = "FLARE_TRT_CACHE_DIR"
+TRT_PATCH_SCALE_ENV = "FLARE_TRT_MAX_PATCH_SCALE"
+CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+BACKEND_PROVIDERS = {"onnx": (CUDA,), "tensorrt": (TENSORRT, CUDA)}
+log = logging.getLogger("inference")
+
+
+def choose_providers(backend: str, device_type: str,
+                     available: Sequence[str]) -> tuple[list[str], str | None]:
+    """Execution providers to ask for, best first, always ending with the CPU, and a one-line warning
+    when the one `backend` asks for cannot be had on `device_type` with this onnxruntime build."""
+    if backend not in BACKEND_PROVIDERS:
+        raise ModelError(f"unknown backend '{backend}' (have: torch, {', '.join(BACKEND_PROVIDERS)})")
+    wanted = BACKEND_PROVIDERS[backend]
+    if device_type != "cuda":
+        warning = (f"--backend {backend} needs a CUDA device; running ONNX Runtime on the CPU"
+                   if backend == "tensorrt" else None)
+        return [CPU], warning
+    usable = [p for p in wanted if p in available]
+    warning = None
+    if wanted[0] not in available:
+        fallback = usable[0] if usable else CPU
+        warning = (f"{wanted[0]} is not available in this onnxruntime build "
+                   f"(have: {', '.join(available)}); using {fallback}")
+    return usable + [CPU], warning
+
+
+def session_options(on_gpu: bool):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: our own warnings say what matters in one line
+    if on_gpu:
+        # the GPU does the work; idle CPU threads should not spin while it does
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    else:
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+    return options
+
+
+def cuda_provider_options(device: torch.device) -> dict:
+    return {
+        "device_id": device.index if device.index is not None else torch.cuda.current_device(),
+        "arena_extend_strategy": "kSameAsRequested",  # grow the arena by what is needed, not by 2x
+        "cudnn_conv_algo_search": "EXHAUSTIVE",  # once per patch shape; the sliding window reuses it
+        "do_copy_in_default_stream": "1",
+    }
+
+
+def trt_cache_dir(fold_dir: Path) -> Path:
+    """Where TensorRT keeps built engines for this fold (absolute): fold_X/trt_cache, or
+    $FLARE_TRT_CACHE_DIR/<model folder>/fold_X; a temp folder (with a warning) if that is not writable."""
+    root = os.environ.get(TRT_CACHE_ENV)
+    fold_dir = fold_dir.resolve()
+    cache = Path(root) / fold_dir.parent.name / fold_dir.name if root else fold_dir / "trt_cache"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if os.access(cache, os.W_OK):
+            return cache
+    except OSError:
+        pass
+    key = hashlib.sha1(str(fold_dir).encode()).hexdigest()[:12]
+    fallback = Path(tempfile.gettempdir()) / "flare_trt_cache" / key
+    fallback.mkdir(parents=True, exist_ok=True)
+    log.warning("warning: %s is not writable; TensorRT engines are cached in %s (set %s to keep them)",
+                cache, fallback, TRT_CACHE_ENV)
+    return fallback
+
+
+def trt_profile_shapes(config: ModelConfig, scale: float | None = None) -> dict[str, str]:
+    """One TensorRT optimisation profile covering every window the pipeline makes by default: from the
+    training patch to the training patch x `scale` (the pipeline's patch_scale), optimised for the
+    largest. Outside it TensorRT cannot run the patch (see OnnxRuntimeNetwork.patch_range)."""
+    scale = float(os.environ.get(TRT_PATCH_SCALE_ENV, 1.2)) if scale is None else scale
+    smallest = tuple(config.patch_size)
+    largest = tuple(max(p, int(math.ceil(p * scale / s) * s))
+                    for p, s in zip(config.patch_size, config.total_stride))
+
+    def shape(patch):
+        return f"{INPUT_NAME}:1x{config.num_input_channels}x" + "x".join(map(str, patch))
+
+    return {"trt_profile_min_shapes": shape(smallest), "trt_profile_opt_shapes": shape(largest),
+            "trt_profile_max_shapes": shape(largest)}
+
+
+def has_dynamic_spatial_axes(path: Path) -> bool:
+    """Whether the export has dynamic spatial axes (default) or a fixed --patch-size; without the `onnx`
+    package, assume the default."""
+    try:
+        import onnx
+    except ImportError:
+        return True
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return any(not d.HasField("dim_value") for d in dims[2:])
+
+
+def float16_model(model):
+    """onnx.ModelProto in float32 -> the same graph with float16 weights, inputs, outputs and casts.
+
+    Written for the U-Nets of dynamic-network-architectures (Conv, ConvTranspose, InstanceNormalization,
+    LeakyRelu, Concat, Add): the operators compute in the type of their inputs.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    graph = model.graph
+    for node in graph.node:
+        if any(attribute.type in (attribute.GRAPH, attribute.GRAPHS) for attribute in node.attribute):
+            raise ModelError(f"node {node.name or node.op_type}: subgraphs are not supported by the "
+                             "float16 conversion")
+    for initializer in graph.initializer:
+        if initializer.data_type == TensorProto.FLOAT:
+            array = numpy_helper.to_array(initializer).astype(np.float16)
+            initializer.CopyFrom(numpy_helper.from_array(array, initializer.name))
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    for node in graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "Cast" and attribute.name == "to" and attribute.i == TensorProto.FLOAT:
+                attribute.i = TensorProto.FLOAT16
+            if attribute.type == attribute.TENSOR and attribute.t.data_type == TensorProto.FLOAT:
+                array = numpy_helper.to_array(attribute.t).astype(np.float16)
+                attribute.t.CopyFrom(numpy_helper.from_array(array, attribute.t.name))
+    for prop in model.metadata_props:
+        if prop.key == "flare.precision":
+            prop.value = "fp16"
+    return model
+
+
+def cuda_model_source(path: Path) -> str | bytes:
+    """The model the CUDA provider runs: float16 unless FLARE_ONNX_PRECISION=fp32 (see module doc)."""
+    if os.environ.get(PRECISION_ENV, "fp16").lower() == "fp32":
+        return str(path)
+    fp16_path = path.with_name(FP16_FILE_NAME)
+    if fp16_path.is_file():
+        return str(fp16_path)
+    try:
+        import onnx
+    except ImportError:
+        log.warning("warning: %s missing and no `onnx` package to convert %s; running fp32 on CUDA "
+                    "(export with --fp16)", fp16_path, path.name)
+        return str(path)
+    log.info("%s: converting to float16 at load (export with --fp16 to skip this)", path)
+    return float16_model(onnx.load(str(path))).SerializeToString()
+
+
+def check_session_fits(session, path: Path, config: ModelConfig) -> None:
+    """The export must be of this model: 5-D input, the plans' input channels and classes."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1 or len(inputs[0].shape) != 5:
+        raise ModelError(f"{path}: expected one 5-D input [batch, channel, z, y, x] and one output; "
+                         "not an export of a 3D network (re-run python -m inference.export_onnx)")
+    channels, classes = inputs[0].shape[1], outputs[0].shape[1]
+    if isinstance(channels, int) and channels != config.num_input_channels:
+        raise ModelError(f"{path}: exported for {channels} input channel(s) but the plans have "
+                         f"{config.num_input_channels}; re-export it")
+    if isinstance(classes, int) and classes != config.num_classes:
+        raise ModelError(f"{path}: exported for {classes} classes but dataset.json has "
+                         f"{config.num_classes}; re-export it")
+
+
+def open_fold(path: Path, config: ModelConfig, device: torch.device, providers: list[str]):
+    """One fold's session on the best of `providers` that starts, as an OnnxRuntimeNetwork."""
+    import onnxruntime as ort
+
+    main = providers[0]
+    options_by_provider = {CPU: {}}
+    patch_range = None
+    source: str | bytes = str(path)
+    if main in (CUDA, TENSORRT):
+        options_by_provider[CUDA] = cuda_provider_options(device)
+    if main == CUDA:
+        source = cuda_model_source(path)
+    if main == TENSORRT:
+        # fp32 model + TensorRT's own fp16: it keeps the layers that need fp32 (normalisation) in fp32
+        cache = str(trt_cache_dir(path.parent))
+        options_by_provider[TENSORRT] = {
+            "device_id": options_by_provider[CUDA]["device_id"],
+            "trt_fp16_enable": "1",
+            "trt_engine_cache_enable": "1", "trt_engine_cache_path": cache,
+            "trt_timing_cache_enable": "1", "trt_timing_cache_path": cache,
+        }
+        if has_dynamic_spatial_axes(path):
+            profile = trt_profile_shapes(config)
+            options_by_provider[TENSORRT].update(profile)
+            patch_range = tuple(tuple(int(v) for v in profile[key].split(":")[1].split("x")[2:])
+                                for key in ("trt_profile_min_shapes", "trt_profile_max_shapes"))
+    try:
+        session = ort.InferenceSession(source, session_options(main != CPU),
+                                       providers=[(p, options_by_provider[p]) for p in providers])
+    except Exception as err:  # onnxruntime raises its own exception types, one per failure kind
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelError(f"{path}: ONNX Runtime cannot load it ({first_line})") from None
+    started = session.get_providers()[0]
+    if started != main:
+        # compiled in but did not start (missing CUDA / cuDNN / TensorRT libraries): open the session
+        # again as the provider that did start wants it (model precision, options)
+        log.warning("warning: %s did not start (see the onnxruntime message above); using %s",
+                    main, started)
+        rest = providers[providers.index(started):] if started in providers else [CPU]
+        return open_fold(path, config, device, rest)
+    check_session_fits(session, path, config)
+    metadata = session.get_modelmeta().custom_metadata_map
+    mirror_axes = tuple(int(a) for a in metadata.get("flare.mirror_axes", "0,1,2").split(",") if a)
+    return OnnxRuntimeNetwork(session, device, source=path, mirror_axes=mirror_axes,
+                              patch_range=patch_range)
+
+
+def load_onnx_networks(config: ModelConfig, fold_names: Sequence[str], device: torch.device,
+                       backend: str) -> list[OnnxRuntimeNetwork]:
+    """One ONNX Runtime network per fold, from MODEL_DIR/fold_X/model.onnx (see module doc)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ModelError(f"--backend {backend}: onnxruntime is not installed "
+                         "(pip install onnxruntime, or onnxruntime-gpu for CUDA)") from None
+    providers, warning = choose_providers(backend, device.type, ort.get_available_providers())
+    if warning:
+        log.warning("warning: %s", warning)
+    networks = []
+    for fold in fold_names:
+        path = config.model_dir / f"fold_{fold}" / ONNX_FILE_NAME
+        if not path.is_file():
+            raise ModelError(f"{path}: not found; export the model first with "
+                             f"`python -m inference.export_onnx -m {config.model_dir}`")
+        networks.append(open_fold(path, config, device, providers))
+        providers = providers[providers.index(networks[-1].provider):]  # a fallback holds for every fold
+    return networks
