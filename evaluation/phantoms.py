@@ -259,12 +259,24 @@ def _axis_coordinates(shape, spacing, direction, origin):
 # smooth random fields (organ outlines, lung and liver vessels, bowel content, lesion shapes)
 
 
+# patient-coordinate box (mm) holding the random nodes: the same nodes for every geometry of a case
+FIELD_BOX_TVU = ((-150.0, 1150.0), (-320.0, 320.0), (-360.0, 360.0))
+
+
 def _gaussian_weights(coords, nodes, step):
-    """Weights of random nodes at `nodes` for points at `coords`: unit L2 norm (unit-variance field)."""
-    w = np.exp(-0.5 * ((coords[:, None] - nodes[None, :]) / step) ** 2)
+    """Weights of random nodes at `nodes` for points at `coords`: unit L2 norm (unit-variance field);
+    all zero (a zero field) for points farther than ~3 steps from every node."""
+    w = np.exp(-0.5 * ((np.asarray(coords, float)[:, None] - nodes[None, :]) / step) ** 2)
     w[w < 1e-3] = 0
-    w /= np.sqrt((w ** 2).sum(axis=1, keepdims=True))
+    w /= np.maximum(np.sqrt((w ** 2).sum(axis=1, keepdims=True)), 1e-12)
     return w.astype(np.float32)
+
+
+def _used_nodes(weights):
+    """The contiguous range of nodes with a non-zero weight, and the weights restricted to it."""
+    used = np.flatnonzero(weights.any(axis=0))
+    span = slice(int(used[0]), int(used[-1]) + 1) if used.size else slice(0, 1)
+    return weights[:, span], span
 
 
 def _node_grid(coords, step):
@@ -272,31 +284,37 @@ def _node_grid(coords, step):
 
 
 class _SmoothFields:
-    """Unit-variance smooth random fields over (t, v, u), evaluated slice by slice.
+    """Unit-variance smooth random fields over patient coordinates (t, v, u), evaluated slice by slice.
 
-    Random nodes every `step_mm` are blended with Gaussian weights (einsum: deterministic, no BLAS
-    threads) onto a grid of half that spacing, then bilinearly interpolated to the voxel centres.
+    Random nodes every `step_mm` over FIELD_BOX_TVU (so every geometry of a case sees the same field)
+    are blended with Gaussian weights (einsum: deterministic, no BLAS threads) onto a grid of half
+    that spacing anchored at multiples of it, then bilinearly interpolated to the voxel centres.
     """
 
     def __init__(self, rng, u, v, t, step_mm, count):
-        fine = step_mm / 2
-        self.grid_u = np.arange(float(u.min()) - fine, float(u.max()) + 2 * fine, fine)
-        self.grid_v = np.arange(float(v.min()) - fine, float(v.max()) + 2 * fine, fine)
-        nodes_u, nodes_v, nodes_t = _node_grid(u, step_mm), _node_grid(v, step_mm), _node_grid(t, step_mm)
-        self.w_u = _gaussian_weights(self.grid_u, nodes_u, step_mm)
-        self.w_v = _gaussian_weights(self.grid_v, nodes_v, step_mm)
-        self.w_t = _gaussian_weights(np.asarray(t, float), nodes_t, step_mm)
+        nodes_t, nodes_v, nodes_u = (np.arange(lo, hi + step_mm / 2, step_mm) for lo, hi in FIELD_BOX_TVU)
         self.nodes = rng.standard_normal((count, len(nodes_t), len(nodes_v), len(nodes_u)), dtype=np.float32)
+        fine = step_mm / 2
+        self.grid_u = self._grid(u, fine)
+        self.grid_v = self._grid(v, fine)
+        self.w_u, self.span_u = _used_nodes(_gaussian_weights(self.grid_u, nodes_u, step_mm))
+        self.w_v, self.span_v = _used_nodes(_gaussian_weights(self.grid_v, nodes_v, step_mm))
+        self.w_t = _gaussian_weights(t, nodes_t, step_mm)
         # bilinear interpolation from the half-step grid to the voxel centres
         self.i_u, self.f_u = self._linear(u, self.grid_u)
         self.i_v, self.f_v = self._linear(v, self.grid_v)
         self._planes: dict = {}
 
     @staticmethod
+    def _grid(coords, fine):
+        first, last = math.floor(float(coords.min()) / fine) - 1, math.ceil(float(coords.max()) / fine) + 2
+        return fine * np.arange(first, last)
+
+    @staticmethod
     def _linear(coords, grid):
         position = (np.asarray(coords, float) - grid[0]) / (grid[1] - grid[0])
         index = np.clip(np.floor(position).astype(np.intp), 0, len(grid) - 2)
-        return index, (position - index).astype(np.float32)
+        return index, np.clip(position - index, 0, 1).astype(np.float32)
 
     def plane(self, k, which):
         key = (k, which)
@@ -306,7 +324,8 @@ class _SmoothFields:
                 self._planes.clear()
             w = self.w_t[k]
             used = np.flatnonzero(w)
-            coeff = np.einsum("j,jab->ab", w[used], self.nodes[which, used])
+            nodes = self.nodes[which, used][:, self.span_v, self.span_u]
+            coeff = np.einsum("j,jab->ab", w[used], nodes)
             plane = np.einsum("ib,jb->ij", np.einsum("ia,ab->ib", self.w_v, coeff), self.w_u)
             self._planes[key] = plane
         return plane
@@ -492,9 +511,10 @@ class _Renderer:
         self.spacing = spacing
         x, y, z = _axis_coordinates(shape, spacing, direction, origin)
         # patient coordinates: u towards the patient's left (+x in LPS), v towards the back (+y)
-        free = abs(y[-1] - y[0]) / 2 - patient.max_half_depth - 40
-        body_x = float(x.mean() + rng.uniform(-15, 15))
-        body_y = float(y.mean() - 15 + (rng.uniform(-0.4, 0.3) * free if free > 0 else 0))
+        free = max(0.0, abs(y[-1] - y[0]) / 2 - patient.max_half_depth - 40)
+        offset_x, offset_y = rng.uniform(-15, 15), rng.uniform(-0.4, 0.3)  # drawn whatever the geometry
+        body_x = float(x.mean() + offset_x)
+        body_y = float(y.mean() - 15 + offset_y * free)
         self.u = (x - body_x).astype(np.float32)
         self.v = (y - body_y).astype(np.float32)
         self.t = t_first + (float(z.max()) - z)  # t grows towards the feet
