@@ -1232,6 +1232,7 @@ def generate_phantom(seed: int, index: int, shape_zyx=None, spacing_zyx=None, he
 
 
 GZIP_LEVEL = 1
+FILE_MODE = 0o644
 GZIP_CHUNK = 16 << 20
 
 
@@ -1274,6 +1275,7 @@ def _write_atomically(image: sitk.Image, path: Path) -> None:
     try:
         sitk.WriteImage(image, raw, useCompression=False)
         _gzip_file(Path(raw), Path(packed))
+        os.chmod(packed, FILE_MODE)  # mkstemp makes owner-only files; containers may run as another user
         os.replace(packed, path)
     finally:
         for tmp in (raw, packed):
@@ -1346,6 +1348,7 @@ def write_dataset(out_dir, cases: int, seed: int, flare_sizes: bool = False,
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=out_dir)
     with os.fdopen(fd, "w") as handle:
         json.dump(manifest, handle, indent=1)
+    os.chmod(tmp, FILE_MODE)
     os.replace(tmp, out_dir / "manifest.json")
     return entries
 

@@ -139,6 +139,8 @@ def test_cli_writes_the_flare_layout(tmp_path):
         assert image.GetSize() == label.GetSize() == (96, 96, 32)
         assert image.GetPixelID() == sitk.sitkInt16 and label.GetPixelID() == sitk.sitkUInt8
     assert sorted(p.name for p in out.iterdir()) == ["images", "labels", "manifest.json"]  # no temporary files
+    for path in [out / "manifest.json", *out.glob("*/*.nii.gz")]:
+        assert path.stat().st_mode & 0o777 == 0o644  # readable by a container running as another user
 
 
 def test_cli_rejects_bad_arguments_in_one_line(tmp_path, capsys):
