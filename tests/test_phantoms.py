@@ -1,6 +1,7 @@
 """Synthetic CT phantoms: determinism, label/image consistency, HU plausibility, manifest, CLI, geometry."""
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -200,3 +201,13 @@ def test_flare_efficiency_case_has_the_fixed_size():
     assert s_z == 5.0 and 0.6 <= s_x == s_y <= 1.0
     hu = array(phantom.image)
     assert (hu > -500).mean() > 0.15  # a body fills a good part of the field of view
+
+
+def test_parallel_gzip_stream_reads_back_exactly(tmp_path, monkeypatch):
+    monkeypatch.setattr(phantoms, "GZIP_CHUNK", 1 << 16)  # many chunks, deflated on two threads
+    phantom = generate_phantom(1, 1, **SMALL)
+    entry = phantoms.write_case(phantom, tmp_path)
+    sitk.WriteImage(phantom.image, str(tmp_path / "raw.nii"), useCompression=False)
+    packed = (tmp_path / entry["image"]).read_bytes()
+    assert gzip.decompress(packed) == (tmp_path / "raw.nii").read_bytes()
+    assert np.array_equal(array(sitk.ReadImage(str(tmp_path / entry["image"]))), array(phantom.image))
