@@ -29,7 +29,8 @@ def window_slices(shape: Sequence[int], patch: Sequence[int], step_size: float) 
 
 def gaussian_importance_map(patch: Sequence[int], sigma_scale: float = 1 / 8,
                             device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:
-    """Separable Gaussian centred on the patch, sigma = patch * sigma_scale, max 1, no zeros.
+    """Separable Gaussian peaking at voxel size // 2 (nnU-Net's centre, for voxel-identical parity),
+    sigma = patch * sigma_scale, max 1, no zeros.
 
     Windows overlap; weighting by distance to the window centre down-weights the border predictions,
     which see less context. Zeros are replaced by the smallest positive value so that every voxel has a
@@ -37,7 +38,7 @@ def gaussian_importance_map(patch: Sequence[int], sigma_scale: float = 1 / 8,
     """
     profiles = []
     for size in patch:
-        coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+        coords = torch.arange(size, dtype=torch.float64) - size // 2
         profiles.append(torch.exp(-0.5 * (coords / (size * sigma_scale)) ** 2))
     weights = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
     weights = (weights / weights.max()).to(dtype)

@@ -154,3 +154,24 @@ def test_cli_step_size_patch_size_and_folds(tmp_path):
     report = json.loads(timings.read_text())
     assert report["folds"] == ["0", "1"]
     assert report["cases"]["c_0000.nii.gz"]["patch_size"] == [16, 16, 16]
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_truncated_nifti_is_refused_intact_one_is_read(tmp_path, suffix):
+    from inference.errors import CaseError
+    from inference.io import read_image
+    good = tmp_path / f"good{suffix}"
+    sitk.WriteImage(make_ct_image(), str(good))
+    assert read_image(good).GetSize() == (48, 40, 24)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 3])
+    with pytest.raises(CaseError, match="truncated or corrupt"):
+        read_image(cut)
+
+
+def test_written_mask_is_world_readable(tmp_path):
+    from inference.io import write_image_atomically
+    target = tmp_path / "m.nii.gz"
+    write_image_atomically(make_ct_image(), target)
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["m.nii.gz"]

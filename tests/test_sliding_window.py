@@ -41,7 +41,8 @@ def test_gaussian_importance_map_shape_and_values():
     g = gaussian_importance_map((16, 20, 24))
     assert g.shape == (16, 20, 24)
     assert g.max() == pytest.approx(1.0) and g.min() > 0
-    torch.testing.assert_close(g, torch.flip(g, [0, 1, 2]))  # symmetric about the centre
+    assert g[8, 10, 12] == g.max()  # peak at size // 2 on every axis, as nnU-Net
+    torch.testing.assert_close(g[8 - 3, 10, 12], g[8 + 3, 10, 12])  # symmetric about that voxel
     assert g[8, 10, 12] > g[0, 0, 0] * 100
 
 
