@@ -116,14 +116,8 @@ def measure(label: str, model_dir: Path, patch: tuple[int, ...] | None, windows:
 
 
 def machine_info(threads: int) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from evaluation.run_efficiency import cpu_model
+    cpu = cpu_model()
     import onnxruntime as ort
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads,
             "platform": platform.platform(), "python": platform.python_version(),

@@ -46,14 +46,8 @@ GOALS = {"lesion_dsc": 0.85, "lesion_nsd": 0.80, "healthy_fp_rate": 0.10}
 
 def machine() -> dict:
     import torch
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from evaluation.run_efficiency import cpu_model
+    cpu = cpu_model()
     memory_gb = None
     try:
         memory_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)

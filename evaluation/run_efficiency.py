@@ -297,7 +297,8 @@ def run_case(case: str, image: Path, settings: Settings, out_dir: Path) -> dict:
 
 # -------------------------------------------------------------------------------------------------- info
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), stored with every timing we publish."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -332,7 +333,7 @@ def run_info(settings: Settings, gpu_info: dict | None, gpu_note: str | None, ar
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "ram_total_mb": round(psutil.virtual_memory().total / MIB),
         "gpu_index": settings.gpu,
