@@ -1,6 +1,5 @@
 """The whole engine on small synthetic CTs: geometry, values, CLI behaviour, bad input."""
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
