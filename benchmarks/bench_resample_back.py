@@ -2,6 +2,7 @@
 (argmax, then nearest). Speed and agreement on phantoms, both in the same run.
 
     .venv/bin/python benchmarks/bench_resample_back.py [-m models/default] [--cases 4] [--device cpu]
+        [--images DIR --labels DIR]    # real files instead of phantoms, e.g. the parity blob cases
 
 Writes results/resample_back.json and .md.
 """
@@ -32,6 +33,18 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
 
 
+def cases(args):
+    """(image, ground truth) pairs: files from --images/--labels, else lesion phantoms."""
+    if args.images:
+        for path in sorted(args.images.glob("*_0000.nii.gz"))[: args.cases]:
+            label = args.labels / path.name.replace("_0000.nii.gz", ".nii.gz")
+            yield sitk.ReadImage(str(path)), sitk.ReadImage(str(label))
+        return
+    for index in range(args.cases):
+        phantom = generate_phantom(args.seed, index, shape_zyx=(args.slices, 512, 512), healthy=False)
+        yield phantom.image, phantom.label
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", default="models/default")
@@ -39,21 +52,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--slices", type=int, default=160, help="z size of the phantoms")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="use these <case>_0000.nii.gz (with --labels) instead of phantoms")
+    parser.add_argument("--labels", type=Path, default=None)
     args = parser.parse_args()
     model = load_model(args.model, device=args.device)
     rows = []
-    for index in range(args.cases):
-        phantom = generate_phantom(args.seed, index, shape_zyx=(args.slices, 512, 512), healthy=False)
-        row = {"case": index, "shape_zyx": list(sitk.GetArrayViewFromImage(phantom.image).shape)}
+    for index, (image, truth_image) in enumerate(cases(args)):
+        row = {"case": index, "shape_zyx": list(sitk.GetArrayViewFromImage(image).shape)}
         masks = {}
         for method in ("logits", "labels"):
             timings: dict = {}
             start = time.perf_counter()
-            mask = predict_image(phantom.image, model, PredictionSettings(resample_back=method), timings)
+            mask = predict_image(image, model, PredictionSettings(resample_back=method), timings)
             row[f"{method}_total_s"] = time.perf_counter() - start
             row[f"{method}_export_s"] = timings["export"]
             masks[method] = sitk.GetArrayFromImage(mask).astype(bool)
-        truth = sitk.GetArrayFromImage(phantom.label).astype(bool)
+        truth = sitk.GetArrayFromImage(truth_image).astype(bool)
         row["agreement_dice"] = dice(masks["logits"], masks["labels"])
         row["logits_vs_truth_dice"] = dice(masks["logits"], truth)
         row["labels_vs_truth_dice"] = dice(masks["labels"], truth)
