@@ -1,6 +1,6 @@
 """Train the embedded default model (models/default) on synthetic phantoms, on the CPU, in a time budget.
 
-    python models/train_default.py --out models/default [--minutes 40] [--seed 1000] [--cases 96]
+    python models/train_default.py --out models/default [--minutes 58] [--seed 1000] [--cases 120]
 
 What it does, in order:
   1. generates `--cases` phantoms with `evaluation.phantoms.generate_phantom(seed, i)` (a TRAINING seed;
@@ -17,7 +17,7 @@ What it does, in order:
      (deep supervision switched on for training only; the state dict is the same), on random patches,
      FOREGROUND_FRACTION of them centred near a lesion voxel, random flips on all axes and a mild
      intensity jitter, Dice + cross-entropy loss, AdamW with a poly learning-rate decay over the time
-     budget (or over --steps), batch size 2, torch.set_num_threads(--threads);
+     budget (or over --steps), batch size 4, torch.set_num_threads(--threads);
   5. writes fold_all/checkpoint_final.pth at the end, and fold_all/checkpoint_latest.pth every
      --save-every minutes (so a crash loses little; --resume continues from it).
 
@@ -63,7 +63,9 @@ from inference.resample import resample_channels  # noqa: E402
 
 # ---- the model --------------------------------------------------------------------------------------
 SPACING = (3.0, 3.0, 3.0)        # (z, y, x) mm: coarse, so that a whole-body CT runs on a CPU
-PATCH_SIZE = (64, 64, 64)        # 19.2 cm of context at 3 mm
+PATCH_SIZE = (32, 32, 32)        # 9.6 cm at 3 mm (the engine infers with 48^3, 14.4 cm); small patches
+                                 # let a CPU take ~4x more steps in the same time, which is what made
+                                 # training leave the all-background minimum (64^3: Dice 0 after 683 steps)
 N_STAGES = 5                     # total stride 16
 BASE_FEATURES = 8                # 8-16-32-64-128 features, 1.4 M parameters
 MAX_FEATURES = 320
@@ -75,10 +77,15 @@ MAX_FEATURES = 320
 # contrast. Clipping at the body's 0.5 / 99.5 percentiles (about fat .. cortical bone) keeps it.
 BODY_THRESHOLD_HU = -500.0
 FOREGROUND_SAMPLES_PER_CASE = 10_000  # nnU-Net samples 10k foreground voxels per case, too
-FOREGROUND_FRACTION = 0.5             # share of patches centred near a lesion voxel
+FOREGROUND_FRACTION = 0.6             # share of patches centred near a lesion voxel
+# Of those, this share is centred on a random lesion first (small lesions seen as often as large ones),
+# the rest on a random lesion voxel of the case (large lesions: their strong gradient is what gets
+# training started; lesion-uniform sampling alone stayed at Dice 0 for 300 steps, voxel-uniform reached
+# a training-batch Dice of 0.5 in 800).
+LESION_UNIFORM_SHARE = 0.5
 # ---- the optimisation -------------------------------------------------------------------------------
-BATCH_SIZE = 2
-LEARNING_RATE = 2e-3
+BATCH_SIZE = 4
+LEARNING_RATE = 3e-3
 WEIGHT_DECAY = 3e-5
 WARMUP_STEPS = 30
 DEEP_SUPERVISION_LEVELS = 3           # full, 1/2 and 1/4 resolution outputs, weights 4:2:1 (normalised)
@@ -87,10 +94,10 @@ DEEP_SUPERVISION_LEVELS = 3           # full, 1/2 and 1/4 resolution outputs, we
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "models" / "default"), help="model folder to write")
-    parser.add_argument("--minutes", type=float, default=40.0,
+    parser.add_argument("--minutes", type=float, default=58.0,
                         help="wall-clock budget of the whole run (data generation included)")
     parser.add_argument("--seed", type=int, default=1000, help="training seed (phantoms and torch)")
-    parser.add_argument("--cases", type=int, default=96, help="number of training phantoms")
+    parser.add_argument("--cases", type=int, default=120, help="number of training phantoms")
     parser.add_argument("--steps", type=int, default=None,
                         help="train exactly this many steps (schedule over steps, not time)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -205,7 +212,8 @@ def preprocess_cases(raw_dir: Path, cache_dir: Path, cases: list[dict], model) -
         bounds = np.searchsorted(sorted_ids, np.arange(1, sorted_ids.max() + 2)) if sorted_ids.max() else []
         lesions = [np.stack(np.unravel_index(order[a:b], label.shape), 1).astype(np.int32)
                    for a, b in zip(bounds[:-1], bounds[1:])]
-        prepared.append({"image": np.load(out_image), "label": label, "lesions": lesions})
+        prepared.append({"image": np.load(out_image), "label": label, "lesions": lesions,
+                         "lesion_voxels": np.concatenate(lesions) if lesions else None})
     return prepared
 
 
@@ -231,8 +239,11 @@ def sample_batch(cases: list[dict], rng: np.random.Generator) -> tuple[torch.Ten
     for _ in range(BATCH_SIZE):
         if with_lesions and rng.random() < FOREGROUND_FRACTION:
             case = cases[with_lesions[rng.integers(len(with_lesions))]]
-            lesion = case["lesions"][rng.integers(len(case["lesions"]))]
-            centre = lesion[rng.integers(len(lesion))]
+            if rng.random() < LESION_UNIFORM_SHARE:
+                lesion = case["lesions"][rng.integers(len(case["lesions"]))]
+                centre = lesion[rng.integers(len(lesion))]
+            else:
+                centre = case["lesion_voxels"][rng.integers(len(case["lesion_voxels"]))]
             start = centre - patch // 2 + rng.integers(-patch // 4, patch // 4 + 1)
         else:
             case = cases[rng.integers(len(cases))]
@@ -249,7 +260,8 @@ def sample_batch(cases: list[dict], rng: np.random.Generator) -> tuple[torch.Ten
         image = image * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1)
         images.append(np.ascontiguousarray(image))
         labels.append(np.ascontiguousarray(label))
-    return (torch.from_numpy(np.stack(images))[:, None],
+    # channels-last: oneDNN's 3D convolutions run ~25 % faster on the CPU in that layout
+    return (torch.from_numpy(np.stack(images))[:, None].contiguous(memory_format=torch.channels_last_3d),
             torch.from_numpy(np.stack(labels)).long())
 
 
@@ -364,6 +376,7 @@ def main(argv=None) -> int:
         log["prepare_seconds"] = round(time.time() - wall_start, 1)
         network = build_network(read_model_config(work_dir / "init_model"))
         network.decoder.deep_supervision = True  # training only; the saved weights are the same
+        network = network.to(memory_format=torch.channels_last_3d)
         print(f"{sum(p.numel() for p in network.parameters()) / 1e6:.2f} M parameters; "
               f"{len(prepared)} cases, {sum(bool(c['lesions']) for c in prepared)} with lesions, "
               f"{sum(len(c['lesions']) for c in prepared)} lesions at model spacing",
@@ -374,6 +387,7 @@ def main(argv=None) -> int:
 
         train(network, prepared, out_dir, args, deadline, log, save_weights)
         network.decoder.deep_supervision = False
+        network = network.to(memory_format=torch.contiguous_format)
         save_weights(network.state_dict(), "checkpoint_final.pth")
         # the run finished: the resume state and the intermediate checkpoint are not part of the model
         for leftover in (out_dir / "training_state.pth", out_dir / "fold_all" / "checkpoint_latest.pth"):

@@ -1,0 +1,60 @@
+"""The embedded default model: its training script writes a folder the engine loads, and the committed
+weights really segment lesions in phantoms they were not trained on."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from evaluation.phantoms import generate_phantom
+from inference import PredictionSettings, load_model, predict_image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "models"))
+
+import train_default  # noqa: E402
+
+DEFAULT_MODEL = REPO / "models" / "default"
+# evaluation seed 7 (training used 1000): small scans around a lesion-bearing trunk, 3 mm like the model
+EVAL_GEOMETRY = dict(shape_zyx=(110, 176, 176), spacing_zyx=(3.0, 2.6, 2.6))
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
+
+
+def test_training_script_writes_a_folder_the_engine_loads_and_runs(tmp_path):
+    out = tmp_path / "model"
+    assert train_default.main(["--out", str(out), "--steps", "2", "--cases", "2", "--threads", "1",
+                               "--work-dir", str(tmp_path / "work")]) == 0
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["steps"] == 2 and log["cases"] == 2
+    assert not (out / "fold_all" / "checkpoint_latest.pth").exists()
+    model = load_model(out, device="cpu")
+    assert model.config.patch_size == train_default.PATCH_SIZE
+    assert model.config.spacing == train_default.SPACING
+    assert model.config.normalization_scheme == "CTNormalization"
+    properties = model.config.intensity_properties
+    # body voxels (fat .. bone), not lesion voxels, set the clipping window
+    assert -400 < properties["percentile_00_5"] < -100 and 300 < properties["percentile_99_5"] < 1300
+    trained = torch.load(out / "fold_all" / "checkpoint_final.pth", weights_only=True)["network_weights"]
+    assert all(t.is_contiguous() for t in trained.values())
+    phantom = generate_phantom(7, 0, **EVAL_GEOMETRY)
+    mask = predict_image(phantom.image, model, PredictionSettings())
+    assert mask.GetSize() == phantom.image.GetSize()
+    assert set(np.unique(sitk.GetArrayViewFromImage(mask))) <= {0, 1}
+
+
+def test_committed_default_model_segments_liver_lesions_it_was_not_trained_on():
+    # seed 7 / index 1: eight liver metastases of 5-69 mm; the committed model scored DSC 0.63 here when
+    # committed. A model collapsed to background (the previous one) scores 0 and fails.
+    phantom = generate_phantom(7, 1, **EVAL_GEOMETRY)
+    model = load_model(DEFAULT_MODEL, device="cpu")
+    mask = sitk.GetArrayFromImage(predict_image(phantom.image, model, PredictionSettings())) > 0
+    truth = sitk.GetArrayFromImage(phantom.label) > 0
+    assert dice(mask, truth) >= 0.5
