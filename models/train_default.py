@@ -268,6 +268,13 @@ def crop_patch(array: np.ndarray, start: np.ndarray, patch: tuple[int, ...], fil
     return out
 
 
+def patch_start_around(centre: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Start of a PATCH_SIZE patch around `centre`, shifted by up to a quarter patch on each axis (so the
+    voxel is not always in the middle, and always inside)."""
+    patch = np.array(PATCH_SIZE)
+    return centre - patch // 2 + rng.integers(-patch // 4, patch // 4 + 1)
+
+
 def sample_batch(cases: list[dict], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """BATCH_SIZE patches: FOREGROUND_FRACTION centred (with jitter) on a lesion voxel,
     HARD_NEGATIVE_FRACTION on a voxel of a lesion look-alike tissue, the rest anywhere."""
@@ -284,12 +291,12 @@ def sample_batch(cases: list[dict], rng: np.random.Generator) -> tuple[torch.Ten
                 centre = lesion[rng.integers(len(lesion))]
             else:
                 centre = case["lesion_voxels"][rng.integers(len(case["lesion_voxels"]))]
-            start = centre - patch // 2 + rng.integers(-patch // 4, patch // 4 + 1)
+            start = patch_start_around(centre, rng)
         elif with_negatives and draw < FOREGROUND_FRACTION + HARD_NEGATIVE_FRACTION:
             case = cases[with_negatives[rng.integers(len(with_negatives))]]
             voxels = case["hard_negatives"][rng.integers(len(case["hard_negatives"]))]
             centre = voxels[rng.integers(len(voxels))]
-            start = centre - patch // 2 + rng.integers(-patch // 4, patch // 4 + 1)
+            start = patch_start_around(centre, rng)
         else:
             case = cases[rng.integers(len(cases))]
             shape = np.array(case["image"].shape)
