@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("read", "crop", "resample", "network", "export", "write")
+STAGES = ("read", "crop", "resample", "network", "filter", "export", "write")
 
 
 def ensure_phantoms(data: Path) -> Path:

@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:
 
 from evaluation.phantoms import generate_flare_case, generate_phantom, write_case  # noqa: E402
 from evaluation.run_metrics import evaluate_folders  # noqa: E402
+from inference.lesion_filter import FILTER_FILE  # noqa: E402
 
 RESULTS = Path(os.environ.get("EVAL_DEFAULT_RESULTS", REPO / "results"))
 GOALS = {"lesion_dsc": 0.85, "lesion_nsd": 0.80, "healthy_fp_rate": 0.10}
@@ -185,9 +186,11 @@ def quality(args) -> int:
     cases["lesion_types"] = cases["case"].map(
         lambda c: " ".join(f"{l['type']}:{l['diameter_mm']:.0f}mm" for l in geometry[c]["lesions"]))
     model_log = Path(args.model) / "training_log.json"
+    filter_file = Path(args.model) / FILTER_FILE
     result = {
         "benchmark": "default model quality on phantoms", "model": display(args.model),
         "training": json.loads(model_log.read_text()) if model_log.exists() else None,
+        "lesion_filter": json.loads(filter_file.read_text()) if filter_file.exists() else None,
         "eval_seed": args.seed, "geometry": "default (512x512xN)" if args.shape is None else args.shape,
         "commands": {
             "generate": f"generate_phantom(seed={args.seed}, index=i, healthy=False) i<{args.cases}; "
@@ -217,6 +220,10 @@ def quality_markdown(result: dict, cases, summary) -> str:
         "",
         f"Predicted with `{result['engine_run']['command']}`; scored with evaluation/run_metrics.py "
         "(FLARE rules, NSD tolerance 2 mm). Reproduce: `python benchmarks/eval_default_model.py quality`.",
+        "",
+        "Lesion filter (the model folder's lesion_filter.json, tuned on validation seeds only): "
+        + (f"predicted lesions under {lf['min_volume_ml']:g} ml or with a peak probability under "
+           f"{lf['min_peak_probability']:g} are dropped." if (lf := result.get("lesion_filter")) else "none."),
         "",
         "| metric | value | goal | |",
         "|---|---|---|---|",

@@ -22,6 +22,13 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 log = logging.getLogger("inference")
 
 
+def non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m inference", description=__doc__.splitlines()[0])
     parser.add_argument("-i", "--input", required=True, help="folder of <case>_0000.nii.gz images")
@@ -46,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lesion-labels", type=int, nargs="+", default=None,
                         help="model labels mapped to 1 (default: every non-background label)")
     parser.add_argument("--resample-back", choices=["logits", "labels"], default="logits")
+    parser.add_argument("--min-lesion-ml", type=non_negative, default=None,
+                        help="drop predicted lesions smaller than this (default: the model folder's "
+                             "lesion_filter.json, else 0 = keep all)")
+    parser.add_argument("--min-lesion-probability", type=non_negative, default=None,
+                        help="drop predicted lesions whose most confident voxel is below this lesion "
+                             "probability (default: lesion_filter.json, else 0 = keep all)")
     parser.add_argument("--timings", default=None, help="write per-case stage timings to this JSON")
     parser.add_argument("--skip-existing", action="store_true", help="keep masks already written")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -58,7 +71,8 @@ def settings_from_args(args: argparse.Namespace) -> PredictionSettings:
         patch_scale=args.patch_scale, tta=args.tta, crop=not args.no_crop,
         crop_threshold_hu=args.crop_threshold, crop_margin_mm=args.crop_margin,
         lesion_labels=tuple(args.lesion_labels) if args.lesion_labels else None,
-        resample_back=args.resample_back)
+        resample_back=args.resample_back, min_lesion_ml=args.min_lesion_ml,
+        min_lesion_probability=args.min_lesion_probability)
 
 
 def predict_case(path: Path, output_path: Path, model, settings: PredictionSettings) -> dict:
@@ -76,7 +90,7 @@ def predict_case(path: Path, output_path: Path, model, settings: PredictionSetti
 
 
 def format_timings(timings: dict) -> str:
-    stages = ("read", "crop", "resample", "network", "export", "write")
+    stages = ("read", "crop", "resample", "network", "filter", "export", "write")
     return ", ".join(f"{s} {timings[s]:.2f}" for s in stages if s in timings)
 
 

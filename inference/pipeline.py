@@ -1,5 +1,5 @@
 """One case through the engine, stage by stage: crop -> resample + normalise -> sliding window ->
-argmax + resample back -> paste. Reading and writing files is the caller's (see cli.py).
+lesion filter -> argmax + resample back -> paste. Reading and writing files is the caller's (see cli.py).
 
 On a GPU everything between the upload of the cropped image and the download of the final mask stays
 on the device.
@@ -16,6 +16,7 @@ import torch
 
 from .crop import body_bounding_box, no_crop
 from .errors import CaseError
+from .lesion_filter import filter_lesions
 from .model import LoadedModel, load_model
 from .normalize import NORMALIZERS
 from .postprocess import lesion_label_ids, lesion_mask_at_shape
@@ -37,6 +38,8 @@ class PredictionSettings:
     crop_function: Callable | None = None  # replaces the body crop: (array, spacing) -> slices
     lesion_labels: tuple[int, ...] | None = None  # None: every non-background label
     resample_back: str = "logits"  # "logits" (trilinear, then argmax) or "labels" (argmax, nearest)
+    min_lesion_ml: float | None = None  # None: the model's lesion_filter.json (see lesion_filter.py)
+    min_lesion_probability: float | None = None
     gpu_memory_budget_mb: float = 4096.0  # whole-device peak the enlarged patch must respect (FLARE)
     cuda_context_mb: float = 768.0  # CUDA context + cuDNN workspace, outside torch's allocator
     progress: bool = False
@@ -83,6 +86,16 @@ def inference_patch_size(volume: torch.Tensor, model: LoadedModel,
     return patch if fits else config.patch_size
 
 
+def model_space_logits(volume: torch.Tensor, model: LoadedModel,
+                       settings: PredictionSettings) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Sliding-window logits [K, z, y, x] of a model-space volume, and the inference patch used."""
+    patch = settings.patch_size or inference_patch_size(volume, model, settings)
+    logits = sliding_window_logits_with_fallback(
+        volume, model.networks, patch, model.config.num_classes, step_size=settings.step_size,
+        mirror_axes=model.mirror_axes if settings.tta else (), progress=settings.progress)
+    return logits, patch
+
+
 def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedModel,
                   settings: PredictionSettings | None = None, timings: dict | None = None) -> np.ndarray:
     """Lesion mask (uint8 0/1, same shape) for a (z, y, x) CT array with (z, y, x) spacing in mm."""
@@ -95,13 +108,17 @@ def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedMo
     with timer("resample"):
         volume = to_model_space(cropped, spacing, model)
     with timer("network"):
-        patch = settings.patch_size or inference_patch_size(volume, model, settings)
-        logits = sliding_window_logits_with_fallback(
-            volume, model.networks, patch, config.num_classes, step_size=settings.step_size,
-            mirror_axes=model.mirror_axes if settings.tta else (), progress=settings.progress)
+        logits, patch = model_space_logits(volume, model, settings)
         del volume
+    lesion_ids = lesion_label_ids(config.labels, settings.lesion_labels)
+    lesion_filter = model.lesion_filter.with_overrides(settings.min_lesion_ml, settings.min_lesion_probability)
+    if lesion_filter.active:
+        with timer("filter"):
+            logits, found, dropped = filter_lesions(logits, lesion_ids, float(np.prod(config.spacing)) / 1000,
+                                                    lesion_filter)
+        if timings is not None:
+            timings["lesions_dropped"] = [dropped, found]
     with timer("export"):
-        lesion_ids = lesion_label_ids(config.labels, settings.lesion_labels)
         cropped_shape = tuple(cropped.shape[a] for a in config.transpose_forward)
         mask = lesion_mask_at_shape(logits, cropped_shape, lesion_ids, settings.resample_back)
         del logits

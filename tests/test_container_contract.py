@@ -206,7 +206,8 @@ def test_build_context_holds_only_what_the_image_needs():
     rules = dockerignore_rules()
     wanted = ["predict.sh", "requirements.txt", "requirements-nodeps.txt", "inference/cli.py",
               "inference/model/loader.py", "models/default/plans.json", "models/default/dataset.json",
-              "models/default/fold_all/checkpoint_final.pth", "models/default/fold_0/model.onnx"]
+              "models/default/fold_all/checkpoint_final.pth", "models/default/fold_0/model.onnx",
+              "models/default/lesion_filter.json"]
     unwanted = [".git/HEAD", ".venv/bin/python", ".venv-nnunet/bin/python", "tests/test_engine.py",
                 "results/nsd_benchmark.json", "data/case_0000.nii.gz", "evaluation/run_metrics.py",
                 "docs/docker.md", "benchmarks/bench_nsd.py", "scripts/setup.sh", "Dockerfile", "README.md",

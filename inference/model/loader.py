@@ -10,6 +10,7 @@ import torch
 
 from ..backends import TorchNetwork
 from ..errors import ModelError
+from ..lesion_filter import LesionFilter, read_lesion_filter
 from .checkpoint import load_checkpoint
 from .network import build_network
 from .plans import ModelConfig, read_model_config
@@ -25,6 +26,7 @@ class LoadedModel:
     folds: tuple[str, ...]
     backend: str = "torch"
     mirror_axes: tuple[int, ...] = (0, 1, 2)  # spatial axes TTA may flip, from the checkpoint
+    lesion_filter: LesionFilter = LesionFilter()  # the folder's lesion_filter.json; default keeps all
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -64,11 +66,12 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
     config = read_model_config(model_dir, configuration)
     device = resolve_device(device)
     fold_names = select_folds(model_dir, folds)
+    lesion_filter = read_lesion_filter(model_dir)
     if backend != "torch":
         from .onnx_loader import load_onnx_networks  # optional dependency, imported on demand
         networks = load_onnx_networks(config, fold_names, device, backend)
         mirror_axes = getattr(networks[0], "mirror_axes", (0, 1, 2))  # kept in the export's metadata
-        return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes)
+        return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter)
     networks, mirror_axes = [], (0, 1, 2)
     for fold in fold_names:
         checkpoint_path = model_dir / f"fold_{fold}" / checkpoint_name
@@ -82,7 +85,7 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
                              f"({first_line})") from None
         mirror_axes = tuple(checkpoint.get("inference_allowed_mirroring_axes") or mirror_axes)
         networks.append(TorchNetwork(network, device))
-    return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes)
+    return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter)
 
 
 def fold_dir_name(fold: str | int) -> str:
