@@ -92,6 +92,11 @@ def weights_fingerprint(model_dir: Path, folds) -> str:
     return digest.hexdigest()
 
 
+def is_healthy(case: dict) -> bool:
+    """A healthy phantom (from the manifest); without that, no ground truth left at model resolution."""
+    return case.get("healthy", case["truth_voxels"] == 0)
+
+
 def score_filter(cases: list[dict], lesion_filter: LesionFilter) -> dict:
     """Model-resolution scores of the cases (case_components output) after `lesion_filter`."""
     dsc, healthy_left, found, truth_lesions = [], [], 0, 0
@@ -101,8 +106,9 @@ def score_filter(cases: list[dict], lesion_filter: LesionFilter) -> dict:
                 and c["peak_probability"] >= lesion_filter.min_peak_probability]
         predicted = sum(comps[i]["volume_ml"] for i in kept) / case["voxel_ml"]
         overlap = sum(comps[i]["truth_voxels"] for i in kept)
-        if case["truth_voxels"] == 0:
+        if is_healthy(case):
             healthy_left.append(bool(kept))
+        if case["truth_voxels"] == 0:  # FLARE: both empty scores 1
             dsc.append(0.0 if kept else 1.0)
             continue
         dsc.append(2 * overlap / (predicted + case["truth_voxels"]))
@@ -110,7 +116,7 @@ def score_filter(cases: list[dict], lesion_filter: LesionFilter) -> dict:
         touched = case["truth_lesions_touched_by"]
         found += sum(bool(kept_ids & set(ids)) for ids in touched)
         truth_lesions += len(touched)
-    lesion_dsc = [d for d, c in zip(dsc, cases) if c["truth_voxels"] > 0]
+    lesion_dsc = [d for d, c in zip(dsc, cases) if not is_healthy(c)]
     return {"min_volume_ml": lesion_filter.min_volume_ml,
             "min_peak_probability": lesion_filter.min_peak_probability,
             "all_cases_dsc": float(np.mean(dsc)) if dsc else float("nan"),
@@ -220,7 +226,8 @@ def main(argv=None) -> int:
         if entry["case"] not in done:
             image = sitk.ReadImage(str(data / "images" / f"{entry['case']}_0000.nii.gz"))
             label = sitk.ReadImage(str(data / "labels" / f"{entry['case']}.nii.gz"))
-            done[entry["case"]] = {"case": entry["case"], **case_components(image, label, model, settings)}
+            done[entry["case"]] = {"case": entry["case"], "healthy": not entry.get("lesions"),
+                                   **case_components(image, label, model, settings)}
             # after every case, so that an interrupted run goes on with --reuse
             write_atomically(stats_path, json.dumps({"weights": fingerprint, "cases": list(done.values())}))
         cases.append(done[entry["case"]])

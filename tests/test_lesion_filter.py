@@ -167,6 +167,10 @@ def test_tuning_scores_and_picks_the_mildest_best_filter():
     grid = score_grid(tuning_cases(), volumes=(0.0, 3.0, 5.0), probabilities=(0.0, 0.8, 0.96))
     best = best_filter(grid, "all_cases_dsc")
     assert (best["min_volume_ml"], best["min_peak_probability"]) == (3.0, 0.0)
+    vanished = {"healthy": False, "truth_voxels": 0, "voxel_ml": 1.0, "truth_lesions_touched_by": [],
+                "components": []}  # a lesion case whose lesions are below one model voxel
+    scores = score_filter(tuning_cases() + [vanished], LesionFilter())
+    assert scores["healthy_fp_rate"] == 1.0 and scores["lesion_dsc"] == pytest.approx((16 / 22 + 1) / 2)
     best = best_filter(grid, "lesion_dsc")  # the healthy case's false positive does not count
     assert (best["min_volume_ml"], best["min_peak_probability"]) == (0.0, 0.8)
     grid = score_grid(tuning_cases(), volumes=(0.0, 11.0), probabilities=(0.0,))
@@ -202,7 +206,8 @@ def test_tuning_writes_the_best_filter_and_reuses_statistics_of_the_same_weights
     import benchmarks.tune_lesion_filter as tune
     from conftest import make_toy_model
     monkeypatch.setattr(tune, "generate_eval_set",
-                        lambda *args: [{"case": "phantom_0000"}, {"case": "healthy_0000"}])
+                        lambda *args: [{"case": "phantom_0000", "lesions": [{"type": "liver"}]},
+                                       {"case": "healthy_0000", "lesions": []}])
     monkeypatch.setattr(tune.sitk, "ReadImage", lambda path: path)
     predicted = []
 
