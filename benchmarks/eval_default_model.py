@@ -43,6 +43,7 @@ from inference.lesion_filter import FILTER_FILE  # noqa: E402
 
 RESULTS = Path(os.environ.get("EVAL_DEFAULT_RESULTS", REPO / "results"))
 GOALS = {"lesion_dsc": 0.85, "lesion_nsd": 0.80, "healthy_fp_rate": 0.10}
+HEALTHY_INDEX_BASE = 5000  # phantom index of healthy_0000: apart from the lesion cases' 0, 1, ...
 
 
 def machine() -> dict:
@@ -101,7 +102,7 @@ def generate_eval_set(out: Path, seed: int, n_lesion: int, n_healthy: int, shape
         if manifest.get("arguments") == wanted:
             return manifest["cases"]
     jobs = [(i, False, f"phantom_{i:04d}") for i in range(n_lesion)]
-    jobs += [(5000 + i, True, f"healthy_{i:04d}") for i in range(n_healthy)]
+    jobs += [(HEALTHY_INDEX_BASE + i, True, f"healthy_{i:04d}") for i in range(n_healthy)]
     entries = []
     for index, healthy, name in tqdm(jobs, desc="eval phantoms", unit="case"):
         phantom = generate_phantom(seed, index, shape_zyx=shape, healthy=healthy, name=name)
@@ -194,7 +195,7 @@ def quality(args) -> int:
         "eval_seed": args.seed, "geometry": "default (512x512xN)" if args.shape is None else args.shape,
         "commands": {
             "generate": f"generate_phantom(seed={args.seed}, index=i, healthy=False) i<{args.cases}; "
-                        f"healthy=True for indices 5000..{5000 + args.healthy - 1}",
+                        f"healthy=True for indices {HEALTHY_INDEX_BASE}..{HEALTHY_INDEX_BASE + args.healthy - 1}",
             "predict": run["command"], "score": "evaluation.run_metrics.evaluate_folders(labels, pred, 2.0)"},
         "machine": machine(), "goals": GOALS, "goals_met": met, "metrics": metrics,
         "engine_run": run, "detection_by_type": by_type,

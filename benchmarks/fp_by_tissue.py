@@ -28,10 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.eval_default_model import RESULTS, display, machine, write_atomically  # noqa: E402
+from benchmarks.eval_default_model import (HEALTHY_INDEX_BASE, RESULTS, display, machine,  # noqa: E402
+                                           write_atomically)
 from evaluation.phantoms import TISSUE_NAMES, generate_phantom  # noqa: E402
-
-HEALTHY_INDEX_BASE = 5000  # generate_eval_set's index of healthy_0000
 
 
 def eval_set_job(case: str) -> tuple[int, bool]:
@@ -107,7 +106,8 @@ def main(argv=None) -> int:
         phantom = generate_phantom(args.seed, index, healthy=healthy, name=case, with_tissue=True)
         truth = sitk.GetArrayFromImage(phantom.label) > 0
         label_path = labels_dir / f"{case}.nii.gz"
-        if label_path.exists() and not np.array_equal(truth, sitk.GetArrayFromImage(sitk.ReadImage(str(label_path))) > 0):
+        scored = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path))) > 0 if label_path.exists() else truth
+        if not np.array_equal(truth, scored):
             print(f"error: {label_path}: differs from the regenerated phantom (wrong --seed?)", file=sys.stderr)
             return 1
         prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / f"{case}.nii.gz"))) > 0

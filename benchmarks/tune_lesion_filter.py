@@ -70,7 +70,7 @@ def case_components(image: sitk.Image, label: sitk.Image, model, settings: Predi
         volume = to_model_space(array[box].copy(), spacing, model)
         logits, _ = model_space_logits(volume, model, settings)
         lesion_ids = lesion_label_ids(config.labels, settings.lesion_labels)
-        found = lesion_components(logits, lesion_ids, float(np.prod(config.spacing)) / 1000)
+        found = lesion_components(logits, lesion_ids, config.voxel_ml)
         truth = torch.from_numpy(sitk.GetArrayViewFromImage(label)[box] > 0).permute(*config.transpose_forward)
         truth = resample_channels(truth.float()[None], tuple(logits.shape[1:]))[0].numpy() > 0.5
     n = len(found.volume_ml)
@@ -78,7 +78,7 @@ def case_components(image: sitk.Image, label: sitk.Image, model, settings: Predi
     truth_lesions = cc3d.connected_components(truth, connectivity=26)
     touching = [sorted(set(found.labels[truth_lesions == i].tolist()) - {0})
                 for i in range(1, int(truth_lesions.max()) + 1)]
-    return {"truth_voxels": int(truth.sum()), "voxel_ml": float(np.prod(config.spacing)) / 1000,
+    return {"truth_voxels": int(truth.sum()), "voxel_ml": config.voxel_ml,
             "components": [{"volume_ml": float(v), "peak_probability": float(p), "truth_voxels": int(c)}
                            for v, p, c in zip(found.volume_ml, found.peak_probability, covered)],
             "truth_lesions_touched_by": touching}
@@ -102,8 +102,7 @@ def score_filter(cases: list[dict], lesion_filter: LesionFilter) -> dict:
     dsc, healthy_left, found, truth_lesions = [], [], 0, 0
     for case in cases:
         comps = case["components"]
-        kept = [i for i, c in enumerate(comps) if c["volume_ml"] >= lesion_filter.min_volume_ml
-                and c["peak_probability"] >= lesion_filter.min_peak_probability]
+        kept = [i for i, c in enumerate(comps) if lesion_filter.keeps(c["volume_ml"], c["peak_probability"])]
         predicted = sum(comps[i]["volume_ml"] for i in kept) / case["voxel_ml"]
         overlap = sum(comps[i]["truth_voxels"] for i in kept)
         if is_healthy(case):
@@ -129,13 +128,16 @@ def score_grid(cases: list[dict], volumes=VOLUME_GRID_ML, probabilities=PROBABIL
     return pd.DataFrame([score_filter(cases, LesionFilter(v, p)) for v in volumes for p in probabilities])
 
 
+def unfiltered_row(grid: pd.DataFrame) -> pd.Series:
+    """The grid's scores without a filter (both thresholds 0)."""
+    return grid[(grid["min_volume_ml"] == 0) & (grid["min_peak_probability"] == 0)].iloc[0]
+
+
 def best_filter(grid: pd.DataFrame, objective: str = "lesion_dsc", max_recall_loss: float = 1.0) -> pd.Series:
     """The pair with the highest `objective` among those whose lesion recall is at most
     `max_recall_loss` below the unfiltered one; among equals the mildest (smallest thresholds)."""
-    unfiltered = grid[(grid["min_volume_ml"] == 0) & (grid["min_peak_probability"] == 0)]["lesion_recall"]
-    allowed = grid
-    if len(unfiltered) and not np.isnan(unfiltered.iloc[0]):
-        allowed = grid[grid["lesion_recall"] >= unfiltered.iloc[0] - max_recall_loss - 1e-9]
+    recall = unfiltered_row(grid)["lesion_recall"]
+    allowed = grid if np.isnan(recall) else grid[grid["lesion_recall"] >= recall - max_recall_loss - 1e-9]
     ranked = allowed.sort_values([objective, "min_volume_ml", "min_peak_probability"],
                                  ascending=[False, True, True], kind="stable")
     return ranked.iloc[0]
@@ -182,7 +184,8 @@ def markdown(result: dict, grid: pd.DataFrame) -> str:
         lines.append(f"| {name} | {row['min_volume_ml']:g} | {row['min_peak_probability']:g} | "
                      f"{row['all_cases_dsc']:.3f} | {row['lesion_dsc']:.3f} | {row['healthy_fp_rate']:.2f} | "
                      f"{row['lesion_recall']:.2f} |")
-    lines += ["", f"Best 10 of the grid by {result['objective']}, whatever their recall:", "", "| " + " | ".join(rows.columns) + " |", "|" + "---|" * len(rows.columns)]
+    lines += ["", f"Best 10 of the grid by {result['objective']}, whatever their recall:", "",
+              "| " + " | ".join(rows.columns) + " |", "|" + "---|" * len(rows.columns)]
     lines += ["| " + " | ".join(f"{v:g}" if name.startswith("min_") else f"{v:.3f}"
                                 for name, v in zip(rows.columns, row)) + " |"
               for row in rows.itertuples(index=False)]
@@ -233,7 +236,7 @@ def main(argv=None) -> int:
         cases.append(done[entry["case"]])
     grid = score_grid(cases)
     best = best_filter(grid, args.objective, args.max_recall_loss)
-    unfiltered = grid[(grid["min_volume_ml"] == 0) & (grid["min_peak_probability"] == 0)].iloc[0]
+    unfiltered = unfiltered_row(grid)
     command = ("python benchmarks/tune_lesion_filter.py --model " + display(args.model)
                + f" --seed {args.seed} --cases {args.cases} --healthy {args.healthy}"
                + f" --objective {args.objective} --max-recall-loss {args.max_recall_loss:g}")
@@ -251,8 +254,9 @@ def main(argv=None) -> int:
     if args.write:
         chosen = {"min_volume_ml": float(best["min_volume_ml"]),
                   "min_peak_probability": float(best["min_peak_probability"]),
-                  "tuned_by": command, "validation": {k: round(float(best[k]), 4) for k in
-                                                      ("lesion_dsc", "all_cases_dsc", "healthy_fp_rate", "lesion_recall")},
+                  "tuned_by": command,
+                  "validation": {k: round(float(best[k]), 4)
+                                 for k in ("lesion_dsc", "all_cases_dsc", "healthy_fp_rate", "lesion_recall")},
                   "date": result["machine"]["date"]}
         write_atomically(Path(args.model) / FILTER_FILE, json.dumps(chosen, indent=2) + "\n")
         print(f"wrote {Path(args.model) / FILTER_FILE}")

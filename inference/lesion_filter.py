@@ -34,6 +34,10 @@ class LesionFilter:
     min_volume_ml: float = 0.0
     min_peak_probability: float = 0.0
 
+    def keeps(self, volume_ml, peak_probability):
+        """Whether lesions of this volume and peak probability stay (scalars or arrays)."""
+        return (volume_ml >= self.min_volume_ml) & (peak_probability >= self.min_peak_probability)
+
     @property
     def active(self) -> bool:
         return self.min_volume_ml > 0 or self.min_peak_probability > 0
@@ -53,9 +57,7 @@ class LesionComponents:
 
     def failing(self, lesion_filter: LesionFilter) -> np.ndarray:
         """Component ids (1-based) the filter drops."""
-        weak = (self.volume_ml < lesion_filter.min_volume_ml) | \
-               (self.peak_probability < lesion_filter.min_peak_probability)
-        return np.flatnonzero(weak) + 1
+        return np.flatnonzero(~lesion_filter.keeps(self.volume_ml, self.peak_probability)) + 1
 
 
 def read_lesion_filter(model_dir: str | Path) -> LesionFilter:

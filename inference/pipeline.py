@@ -114,8 +114,7 @@ def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedMo
     lesion_filter = model.lesion_filter.with_overrides(settings.min_lesion_ml, settings.min_lesion_probability)
     if lesion_filter.active:
         with timer("filter"):
-            logits, found, dropped = filter_lesions(logits, lesion_ids, float(np.prod(config.spacing)) / 1000,
-                                                    lesion_filter)
+            logits, found, dropped = filter_lesions(logits, lesion_ids, config.voxel_ml, lesion_filter)
         if timings is not None:
             timings["lesions_dropped"] = [dropped, found]
     with timer("export"):

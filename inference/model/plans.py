@@ -6,6 +6,7 @@ Both plans formats are understood: the `architecture` block of nnU-Net >= 2.3.1 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,11 @@ class ModelConfig:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def voxel_ml(self) -> float:
+        """Volume of one voxel at the model's spacing, in ml."""
+        return math.prod(self.spacing) / 1000
 
     @property
     def total_stride(self) -> tuple[int, ...]:
