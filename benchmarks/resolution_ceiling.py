@@ -47,7 +47,6 @@ from inference.pipeline import PredictionSettings, crop_box  # noqa: E402
 from inference.postprocess import lesion_mask_at_shape  # noqa: E402
 from inference.resample import resample_channels, shape_at_spacing  # noqa: E402
 
-PERFECT_MODELS = ("target", "occupancy")
 SCORE_COLUMNS = ["Lesion_DSC", "Lesion_NSD", "lesion_recall", "lesion_precision"]
 
 
@@ -119,7 +118,8 @@ def plot(summary: pd.DataFrame, model: dict | None, path: Path, title: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
-    for ax, column, goal in ((axes[0], "Lesion_DSC", GOALS["lesion_dsc"]), (axes[1], "Lesion_NSD", GOALS["lesion_nsd"])):
+    panels = (("Lesion_DSC", GOALS["lesion_dsc"]), ("Lesion_NSD", GOALS["lesion_nsd"]))
+    for ax, (column, goal) in zip(axes, panels):
         for name, part in summary.groupby("perfect_model"):
             ax.plot(part["spacing_mm"], part[column], "o-", label=f"perfect model: {name}")
         ax.axhline(goal, color="red", linestyle="--", label=f"goal {goal:g}")
