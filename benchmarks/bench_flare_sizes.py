@@ -19,7 +19,10 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("read", "crop", "resample", "network", "filter", "export", "write")
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from inference.timing import STAGE_ORDER as STAGES  # noqa: E402
 
 
 def ensure_phantoms(data: Path) -> Path:

@@ -45,14 +45,15 @@ from evaluation.run_metrics import score_case  # noqa: E402
 from inference.model.plans import read_model_config  # noqa: E402
 from inference.pipeline import PredictionSettings, crop_box  # noqa: E402
 from inference.postprocess import lesion_mask_at_shape  # noqa: E402
-from inference.resample import resample_channels, shape_at_spacing  # noqa: E402
+from inference.resample import shape_at_spacing  # noqa: E402
+from models.train_default import training_target  # noqa: E402
 
 SCORE_COLUMNS = ["Lesion_DSC", "Lesion_NSD", "lesion_recall", "lesion_precision"]
 
 
 def model_space_truth(cropped_label: torch.Tensor, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """Lesion probability [1, z, y, x] at the model's grid for each perfect model (see the docstring)."""
-    return {"target": (resample_channels(cropped_label, shape) > 0.5).float(),
+    return {"target": training_target(cropped_label[0], shape)[None].float(),
             "occupancy": F.interpolate(cropped_label[None], size=shape, mode="area")[0]}
 
 

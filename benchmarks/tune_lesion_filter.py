@@ -51,7 +51,7 @@ from inference.lesion_filter import FILTER_FILE, LesionFilter, lesion_components
 from inference.model import load_model  # noqa: E402
 from inference.pipeline import PredictionSettings, crop_box, model_space_logits, to_model_space  # noqa: E402
 from inference.postprocess import lesion_label_ids  # noqa: E402
-from inference.resample import resample_channels  # noqa: E402
+from models.train_default import training_target  # noqa: E402
 
 EVALUATION_SEED, TRAINING_SEED = 7, 1000
 VOLUME_GRID_ML = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
@@ -72,7 +72,7 @@ def case_components(image: sitk.Image, label: sitk.Image, model, settings: Predi
         lesion_ids = lesion_label_ids(config.labels, settings.lesion_labels)
         found = lesion_components(logits, lesion_ids, config.voxel_ml)
         truth = torch.from_numpy(sitk.GetArrayViewFromImage(label)[box] > 0).permute(*config.transpose_forward)
-        truth = resample_channels(truth.float()[None], tuple(logits.shape[1:]))[0].numpy() > 0.5
+        truth = training_target(truth, tuple(logits.shape[1:])).numpy()
     n = len(found.volume_ml)
     covered = np.bincount(found.labels[truth], minlength=n + 1)[1:]
     truth_lesions = cc3d.connected_components(truth, connectivity=26)

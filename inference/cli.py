@@ -17,6 +17,7 @@ from . import io
 from .errors import CaseError, ModelError
 from .model import load_model
 from .pipeline import PredictionSettings, predict_image
+from .timing import STAGE_ORDER
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 log = logging.getLogger("inference")
@@ -90,8 +91,7 @@ def predict_case(path: Path, output_path: Path, model, settings: PredictionSetti
 
 
 def format_timings(timings: dict) -> str:
-    stages = ("read", "crop", "resample", "network", "filter", "export", "write")
-    return ", ".join(f"{s} {timings[s]:.2f}" for s in stages if s in timings)
+    return ", ".join(f"{s} {timings[s]:.2f}" for s in STAGE_ORDER if s in timings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,10 @@ from contextlib import contextmanager
 
 import torch
 
+# The stages of one case, in pipeline order, as reports list them (cli.py, benchmarks/bench_flare_sizes.py);
+# "filter" only runs when a lesion filter is active.
+STAGE_ORDER = ("read", "crop", "resample", "network", "filter", "export", "write")
+
 
 class StageTimer:
     def __init__(self, device: torch.device | None = None, timings: dict | None = None):

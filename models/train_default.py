@@ -216,6 +216,12 @@ def write_folder(out_dir: Path, intensity_properties: dict, median_shape: list[i
 
 # ---- 3. model space ---------------------------------------------------------------------------------------
 
+def training_target(label: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A [z, y, x] lesion mask on the model grid `shape` as training sees it: trilinear, > 0.5 (nnU-Net's
+    order-1 label resampling, for one label). Bool tensor."""
+    return resample_channels(label.float()[None], shape)[0] > 0.5
+
+
 def preprocess_cases(raw_dir: Path, cache_dir: Path, cases: list[dict], model) -> list[dict]:
     """Normalise + resample every case with the engine's own code; cache float16 image, uint8 label."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +235,7 @@ def preprocess_cases(raw_dir: Path, cache_dir: Path, cases: list[dict], model) -
             label = np.load(stem.with_name(stem.name + "_label.npy"))
             volume = to_model_space(image, tuple(case["spacing"]), model)  # [1, z, y, x] float32
             shape = tuple(volume.shape[1:])
-            mask = resample_channels(torch.from_numpy(label).float()[None], shape)[0] > 0.5
+            mask = training_target(torch.from_numpy(label), shape)
             np.save(out_label, mask.numpy().astype(np.uint8))
             np.save(out_image, volume[0].numpy().astype(np.float16))
         label = np.load(out_label)
