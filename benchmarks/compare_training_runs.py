@@ -79,7 +79,7 @@ def check_same_cases(runs: list[dict]) -> None:
 def markdown(runs: list[dict]) -> str:
     first = runs[0]
     lines = ["# Training runs compared", "",
-             f"Validation: seed {first['eval_seed']}, {first['cases'][0]} lesion + {first['cases'][1]} healthy "
+             f"Cases: seed {first['eval_seed']}, {first['cases'][0]} lesion + {first['cases'][1]} healthy "
              "phantoms, scored by `benchmarks/eval_default_model.py quality`. Loss: mean of the last 50 "
              "training steps.", "",
              "| run | steps | training min | final loss | " + " | ".join(t for _, t in SCORES) + " |",
@@ -116,7 +116,7 @@ def plot(runs: list[dict], path: Path) -> None:
                    label=run["label"])
     scores.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], ["DSC", "NSD", "recall", "precision"])
     scores.axhline(0.85, color="k", lw=0.8, ls="--")
-    scores.set(ylim=(0, 1), title="validation (dashed: DSC goal 0.85)")
+    scores.set(ylim=(0, 1), title=f"seed {runs[0]['eval_seed']} (dashed: DSC goal 0.85)")
     scores.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

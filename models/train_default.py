@@ -54,6 +54,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from evaluation.phantoms import BOWEL, CSF, MUSCLE, ORGAN, VESSEL, generate_phantom  # noqa: E402
+from evaluation.run_efficiency import cpu_model  # noqa: E402
 from inference.model import load_model  # noqa: E402
 from inference.model.folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,  # noqa: E402
                                     write_model_folder)
@@ -429,6 +430,8 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="train_default_"))
     log = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "seed": args.seed,
+           # steps per minute, hence the model a time budget buys, depends on the CPU's vector units
+           "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "cases": args.cases, "threads": args.threads, "patch_fractions": {
                "lesion": FOREGROUND_FRACTION, "hard_negative": HARD_NEGATIVE_FRACTION,
                "random": round(1 - FOREGROUND_FRACTION - HARD_NEGATIVE_FRACTION, 3)}, "loss_curve": []}
