@@ -10,7 +10,7 @@ profiles as many again and groups self CPU time two ways. By operator kind: conv
 convolution backward, normalisation, layout copies, optimiser, other. By resolution level: the spatial
 size of the operator's first 5-D activation input. Writes results/training_step_profile.{json,md}.
 With --compare-bf16 it instead times fp32 steps against steps whose forward pass runs under bf16 autocast
-(fast only on CPUs with bf16 vector instructions) and writes results/training_step_bf16.{json,md}.
+(measured so far only on an AVX-512 CPU with bf16 instructions) and writes results/training_step_bf16.{json,md}.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.eval_default_model import RESULTS, display, machine, write_atomically  # noqa: E402
+from benchmarks.eval_default_model import RESULTS, cpu_label, display, machine, write_atomically  # noqa: E402
 from inference.model.network import build_network  # noqa: E402
 from inference.model.plans import read_model_config  # noqa: E402
 from models.train_default import BATCH_SIZE, deep_supervision_loss  # noqa: E402
@@ -105,7 +105,6 @@ def compare_bf16(model_dir: Path, steps: int, threads: int, rounds: int = 3) -> 
                 seconds[name].append(time.perf_counter() - start)
     median = {name: float(np.median(values)) for name, values in seconds.items()}
     return {"threads": threads, "steps_per_precision": steps * rounds,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "step_seconds_median": {name: round(value, 4) for name, value in median.items()},
             "bf16_speedup": round(median["fp32"] / median["bf16"], 2)}
 
@@ -142,7 +141,7 @@ def markdown(result: dict) -> str:
     p = result["profile"]
     lines = ["# Where a CPU training step goes", "",
              f"Model `{result['model']}` ({p['parameters_million']} M parameters), batch {p['batch_size']} x "
-             f"{'x'.join(map(str, p['patch_size']))}, {p['threads']} threads, {result['machine']['cpu']}, "
+             f"{'x'.join(map(str, p['patch_size']))}, {p['threads']} threads, {cpu_label(result['machine'])}, "
              f"{result['machine']['date']}, torch {result['machine']['torch']}. Reproduce: `{result['command']}`.", "",
              f"Median step (unprofiled): **{p['step_seconds_median']:.3f} s**; profiled self CPU time "
              f"{p['profiled_ms_per_step']:.0f} ms a step.", ""]
@@ -162,9 +161,9 @@ def write_bf16_comparison(args) -> int:
     c = result["comparison"]
     md = "\n".join([
         "# A CPU training step: fp32 against bf16 autocast", "",
-        f"Model `{result['model']}`, {c['threads']} threads, {result['machine']['cpu']} (torch CPU capability "
-        f"{c['cpu_capability']}), {result['machine']['date']}, torch {result['machine']['torch']}, eager (training "
-        f"itself is compiled). Reproduce: `{result['command']}`.", "",
+        f"Model `{result['model']}`, {c['threads']} threads, {cpu_label(result['machine'])}, "
+        f"{result['machine']['date']}, torch {result['machine']['torch']}, eager (training itself is compiled). "
+        f"Reproduce: `{result['command']}`.", "",
         "| precision | median step (s) | steps timed |", "|---|---|---|",
         *[f"| {name} | {value:.4f} | {c['steps_per_precision']} |" for name, value in c["step_seconds_median"].items()],
         "", f"bf16 autocast: **{c['bf16_speedup']:.2f}x** the fp32 step rate. Speed only: whether a model trained "
