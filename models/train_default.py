@@ -360,10 +360,10 @@ def learning_rate(progress: float, step: int) -> float:
 
 
 def bottleneck_in_fp32(network) -> None:
-    """Run the deepest encoder stage outside bf16 autocast. oneDNN's bf16 weight gradient of its convolution
-    (128 channels on 2^3 voxels) came back NaN on 3 of 150 to 19 of 60 steps in short trials, not
-    reproducibly for the same batch and weights; with this stage in fp32, 0 of 600. It is a tiny share of the work,
-    so the step rate is unchanged."""
+    """Run the deepest encoder stage outside bf16 autocast. oneDNN's bf16 weight gradient of its
+    convolution (128 channels on 2^3 voxels) came back NaN on 3 of 150 to 19 of 60 steps in short trials,
+    not reproducibly for the same batch and weights; with this stage in fp32, 0 of 600. The stage is a tiny
+    share of the work, so the step rate is unchanged."""
     stage = network.encoder.stages[-1]
     forward_bf16 = stage.forward
 
