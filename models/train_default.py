@@ -122,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "0.454 eager, an older CPU); it costs ~80 s once, tests skip it")
     parser.add_argument("--bf16", action="store_true",
                         help="run the forward pass under bf16 autocast (weights, optimiser and loss stay fp32): "
-                             "1.48x the fp32 step rate on an AVX-512 CPU with bf16 instructions "
+                             "1.44x the fp32 step rate on an AVX-512 CPU with bf16 instructions "
                              "(results/training_step_bf16.md), so more steps in the same time budget")
     parser.add_argument("--resume", action="store_true",
                         help="continue from <out>/fold_all/checkpoint_latest.pth (same --work-dir)")
@@ -353,6 +353,14 @@ def deep_supervision_loss(outputs, target: torch.Tensor) -> torch.Tensor:
     return total / sum(weights)
 
 
+def forward_loss(forward, images: torch.Tensor, labels: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """The deep-supervision loss of one batch. With bf16 the forward pass runs under CPU autocast and the loss
+    in fp32, as AMP does: a bf16 sum over 4 x 32^3 voxels keeps only 8 bits of mantissa."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        outputs = forward(images)
+    return deep_supervision_loss([output.float() for output in outputs], labels)
+
+
 def learning_rate(progress: float, step: int) -> float:
     """Linear warm-up, then nnU-Net's poly decay (1 - progress)^0.9, progress in [0, 1]."""
     warmup = min(1.0, (step + 1) / WARMUP_STEPS)
@@ -363,7 +371,7 @@ def bottleneck_in_fp32(network) -> None:
     """Run the deepest encoder stage outside bf16 autocast. oneDNN's bf16 weight gradient of its
     convolution (128 channels on 2^3 voxels) came back NaN on 3 of 150 to 19 of 60 steps in short trials,
     not reproducibly for the same batch and weights; with this stage in fp32, 0 of 600. The stage is a tiny
-    share of the work, so the step rate is unchanged."""
+    share of the work; benchmarks/profile_training_step.py --compare-bf16 times bf16 steps with it."""
     stage = network.encoder.stages[-1]
     forward_bf16 = stage.forward
 
@@ -418,10 +426,7 @@ def train(network, cases: list[dict], out_dir: Path, args, deadline: float, log:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(progress, step)
         images, labels = sample_batch(cases, rng)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            outputs = forward(images)
-        # the loss in fp32, as AMP does: a bf16 sum over 4 x 32^3 voxels keeps only 8 bits of mantissa
-        loss = deep_supervision_loss([output.float() for output in outputs], labels)
+        loss = forward_loss(forward, images, labels, args.bf16)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gradient_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
