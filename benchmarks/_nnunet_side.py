@@ -3,7 +3,7 @@
 Runs inside .venv-nnunet (scripts/setup_nnunet_env.sh), never in the project venv:
 
     .venv-nnunet/bin/python benchmarks/_nnunet_side.py -i IN -o OUT -m MODEL --timings T.json \
-        [-f all] [--resampler plans|torch|torch-input|torch-export] [--threads 1]
+        [-f all] [--resampler plans|torch|torch-input|torch-export] [--threads 1] [--device cpu|cuda]
 
 Each case goes through the same calls, in the same order, as `nnUNetPredictor.predict_from_files_sequential`
 (preprocessor.run_case -> predict_logits_from_preprocessed_data -> export_prediction_from_logits), timed
@@ -66,13 +66,16 @@ def main(argv=None) -> int:
                         help="plans: as plans.json says; torch: the torch resampler throughout; "
                              "torch-input / torch-export: only on the way in / out")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: nnU-Net's GPU path (perform_everything_on_device, fp16 autocast)")
     parser.add_argument("--timings", required=True, help="JSON file to write per-case timings to")
     args = parser.parse_args(argv)
 
     process_start = time.perf_counter()
     torch.set_num_threads(args.threads)
+    on_gpu = args.device == "cuda"
     predictor = nnUNetPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=False,
-                                perform_everything_on_device=False, device=torch.device("cpu"),
+                                perform_everything_on_device=on_gpu, device=torch.device(args.device),
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     folds = tuple(f if f == "all" else int(f) for f in args.folds)
     load_start = time.perf_counter()
@@ -117,6 +120,7 @@ def main(argv=None) -> int:
         "nnunetv2": getattr(nnunetv2, "__version__", None) or _distribution_version("nnunetv2"),
         "torch": torch.__version__,
         "threads": args.threads,
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "resampler": args.resampler,
         "resampling_fn_data": configuration["resampling_fn_data"],
         "resampling_fn_data_kwargs": configuration["resampling_fn_data_kwargs"],

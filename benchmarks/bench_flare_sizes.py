@@ -1,15 +1,25 @@
 """Time, whole-device GPU peak and memory-time area of predict.sh on the 8 FLARE case sizes
 (512x512x{55,100,150,215,334,448,499,554}), per backend, with per-stage times, through the efficiency
-harness (one fresh run of `sh predict.sh` per case, as the organisers do).
+harness (one fresh run of `sh predict.sh` per case, as the organisers do); optionally the peer, nnU-Net's
+`nnUNetPredictor`, on the same model and cases in the same run.
 
     .venv/bin/python benchmarks/bench_flare_sizes.py [--backends torch onnx] [--device cuda] [--max-cases N]
+        [--model DIR | --representative] [--cases flare_z055 ...]
+        [--peer-python PYTHON [--peer-cases flare_z055 ...]]
 
-Writes results/flare_sizes_<device>_<date>.json and .md (device name from NVML, else the CPU model).
+`--representative` times a model of the size FLARE24's Task 1 winner shipped (Bai et al., seeds/000:
+ResidualEncoderUNet, 6 stages of 32..320 features, about 100 M parameters, 1.4 mm isotropic, training
+patch 160^3, inference patch 192^3) with random weights: its masks mean nothing, its time and memory do.
+The peer runs `benchmarks/_nnunet_side.py` (use_mirroring off, step 0.5, torch resampler, as ours) with
+PYTHON, which must import nnunetv2.
+
+Writes results/flare_sizes_[<model>_]<device>_<date>.json and .md (device name from NVML, else the CPU model).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -17,12 +27,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from inference.model.folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,  # noqa: E402
+                                    write_model_folder)
+from inference.model.network import build_network  # noqa: E402
+from inference.model.plans import read_model_config  # noqa: E402
 from inference.timing import STAGE_ORDER as STAGES  # noqa: E402
+
+CT_INTENSITIES = {"mean": 50.0, "std": 150.0, "percentile_00_5": -900.0, "percentile_99_5": 900.0}
 
 
 def ensure_phantoms(data: Path) -> Path:
@@ -33,61 +50,152 @@ def ensure_phantoms(data: Path) -> Path:
     return images
 
 
-def run_backend(images: Path, backend: str, device: str, out: Path, max_cases: int | None,
-                timeout: int) -> pd.DataFrame:
+def representative_model(out_dir: Path) -> Path:
+    """nnU-Net's ResEnc-L layout (n_blocks 1,3,4,6,6,6; one decoder conv a stage), as seeds/000 shipped."""
+    if (out_dir / "fold_all" / "checkpoint_final.pth").exists():
+        return out_dir
+    arch = plain_unet_arch_kwargs(6, base_features=32, max_features=320, residual=True)
+    arch["n_blocks_per_stage"] = [1, 3, 4, 6, 6, 6]
+    arch["n_conv_per_stage_decoder"] = [1] * 5
+    plans = make_plans(spacing=[1.4, 1.4, 1.4], patch_size=[160, 160, 160], arch_kwargs=arch,
+                       intensity_properties=CT_INTENSITIES, residual=True)
+    dataset = make_dataset_json()
+    write_model_folder(out_dir, plans, dataset, {})
+    torch.manual_seed(0)
+    weights = build_network(read_model_config(out_dir)).state_dict()
+    return write_model_folder(out_dir, plans, dataset, {"all": weights})
+
+
+def run_harness(images: Path, command: str, out: Path, max_cases: int | None, timeout: int) -> pd.DataFrame:
+    """The efficiency harness over `images`, then each case's stage timings (@TIMINGS@/<case>.json) joined in:
+    our engine writes {"cases": {case: {stage: s}}, "model_load_s"}, the peer {"cases": ..., "model_load_seconds"}."""
     timings_dir = out / "timings"
     timings_dir.mkdir(parents=True, exist_ok=True)
-    # the harness runs the command through /bin/sh with INPUT_DIR set to a folder holding one case
-    command = (f'TIMINGS_JSON="{timings_dir}/$(ls "$INPUT_DIR").json" BACKEND={shlex.quote(backend)} '
-               f"DEVICE={shlex.quote(device)} sh predict.sh")
-    argv = [sys.executable, "-m", "evaluation.run_efficiency", "--cases", str(images), "--command", command,
-            "--out", str(out), "--timeout", str(timeout)]
+    argv = [sys.executable, "-m", "evaluation.run_efficiency", "--cases", str(images),
+            "--command", command.replace("@TIMINGS@", str(timings_dir)), "--out", str(out),
+            "--timeout", str(timeout)]
     if max_cases:
         argv += ["--max-cases", str(max_cases)]
     subprocess.run(argv, cwd=REPO, check=False)
     table = pd.read_csv(out / "efficiency.csv")
-    for stage in STAGES + ("model_load",):
-        table[f"{stage}_s"] = float("nan")
     for i, name in enumerate(table["Name"]):
         path = timings_dir / f"{name}.json"
-        if path.exists():
-            report = json.loads(path.read_text())
-            case = report["cases"].get(name, {})
-            for stage in STAGES:
-                table.loc[i, f"{stage}_s"] = case.get(stage, float("nan"))
-            table.loc[i, "model_load_s"] = report.get("model_load_s", float("nan"))
-    table.insert(0, "backend", backend)
+        if not path.exists():
+            continue
+        report = json.loads(path.read_text())
+        for stage, seconds in next(iter(report["cases"].values()), {}).items():
+            if isinstance(seconds, (int, float)):
+                table.loc[i, stage if stage.endswith("_mb") else f"{stage}_s"] = seconds
+            elif stage in ("patch_size", "preprocessed_shape"):
+                table.loc[i, stage] = "x".join(map(str, seconds))
+        table.loc[i, "model_load_s"] = report.get("model_load_s", report.get("model_load_seconds"))
     return table
+
+
+def run_backend(images: Path, backend: str, device: str, model: Path, out: Path, max_cases: int | None,
+                timeout: int) -> pd.DataFrame:
+    # the harness runs the command through /bin/sh with INPUT_DIR set to a folder holding one case
+    command = (f'TIMINGS_JSON="@TIMINGS@/$(ls "$INPUT_DIR").json" BACKEND={shlex.quote(backend)} '
+               f"DEVICE={shlex.quote(device)} MODEL_DIR={shlex.quote(str(model))} sh predict.sh")
+    table = run_harness(images, command, out, max_cases, timeout)
+    table.insert(0, "engine", f"ours ({backend})")
+    return table
+
+
+def case_subset(images: Path, cases: list[str] | None, folder: Path) -> Path:
+    """`images` itself, or a folder of links to the named cases."""
+    if not cases:
+        return images
+    folder.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        link = folder / f"{case}_0000.nii.gz"
+        if not link.exists():
+            link.symlink_to((images / link.name).resolve())
+    return folder
+
+
+def run_peer(images: Path, python: str, device: str, model: Path, out: Path, timeout: int) -> pd.DataFrame:
+    peer_device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    command = (f"{shlex.quote(python)} benchmarks/_nnunet_side.py -i \"$INPUT_DIR\" -o \"$OUTPUT_DIR\" "
+               f"-m {shlex.quote(str(model))} --device {peer_device} --resampler torch "
+               f"--threads {os.cpu_count()} --timings \"@TIMINGS@/$(ls \"$INPUT_DIR\").json\"")
+    table = run_harness(images, command, out, None, timeout)
+    table.insert(0, "engine", "nnUNetPredictor")
+    return table
+
+
+def plot(table: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = table.assign(slices=table["Name"].str.extract(r"z(\d+)", expand=False).astype(float))
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for engine, rows in table.groupby("engine", sort=False):
+        rows = rows.sort_values("slices")
+        time_axis.plot(rows["slices"], rows["Time"], "o-", label=engine)
+        if rows["MaxGPU_Mem"].notna().any():
+            memory_axis.plot(rows["slices"], rows["MaxGPU_Mem"], "o-", label=engine)
+    time_axis.axhline(45, color="red", linestyle="--", label="45 s limit")
+    memory_axis.axhline(4096, color="red", linestyle="--", label="4 GB limit")
+    time_axis.set(xlabel="slices (512 x 512 each)", ylabel="wall time per case (s)", ylim=(0, None))
+    memory_axis.set(xlabel="slices (512 x 512 each)", ylabel="whole-device peak GPU memory (MiB)",
+                    ylim=(0, None))
+    for axis in (time_axis, memory_axis):
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["torch", "onnx"])
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "default")
+    parser.add_argument("--representative", action="store_true",
+                        help="time the FLARE24-winner-sized random-weight model instead of --model")
+    parser.add_argument("--peer-python", help="python that imports nnunetv2: also run nnUNetPredictor")
+    parser.add_argument("--cases", nargs="+", help="case names, e.g. flare_z055 (default: all 8)")
+    parser.add_argument("--peer-cases", nargs="+", help="case names for the peer (default: --cases)")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "flare_sizes")
     parser.add_argument("--out", type=Path, default=REPO / "data" / "flare_sizes_runs")
+    parser.add_argument("--results", type=Path, default=REPO / "results")
     parser.add_argument("--max-cases", type=int, default=None)
     parser.add_argument("--timeout", type=int, default=600)
     args = parser.parse_args()
     images = ensure_phantoms(args.data)
-    tables = [run_backend(images, b, args.device, args.out / b, args.max_cases, args.timeout)
-              for b in args.backends]
+    model, label = args.model.resolve(), args.model.name
+    if args.representative:
+        model, label = representative_model(args.out / "representative_model"), "representative"
+    ours_images = case_subset(images, args.cases, args.out / label / "inputs")
+    tables = [run_backend(ours_images, b, args.device, model, args.out / label / b, args.max_cases,
+                          args.timeout) for b in args.backends]
+    if args.peer_python:
+        peer_images = case_subset(images, args.peer_cases or args.cases, args.out / label / "peer_inputs")
+        tables.append(run_peer(peer_images, args.peer_python, args.device, model, args.out / label / "nnunet",
+                               args.timeout))
     table = pd.concat(tables, ignore_index=True)
-    info = json.loads((args.out / args.backends[0] / "run_info.json").read_text())
+    info = json.loads((args.out / label / args.backends[0] / "run_info.json").read_text())
     device_name = info.get("gpu_name") or info.get("cpu_model") or "unknown"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     tag = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
-    stem = REPO / "results" / f"flare_sizes_{tag}_{date}"
-    stem.parent.mkdir(exist_ok=True)
-    columns = ["backend", "Name", "status", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "pass_time", "pass_gpu",
-               "MaxTreeRSS_MB", "model_load_s"] + [f"{s}_s" for s in STAGES]
+    stem = args.results / f"flare_sizes_{label}_{tag}_{date}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stage_columns = [f"{s}_s" for s in ("preprocess",) + STAGES]
+    columns = ["engine", "Name", "status", "Time", "MaxGPU_Mem", "predicted_gpu_peak_mb", "AUC_GPU_Time",
+               "pass_time", "pass_gpu", "MaxTreeRSS_MB", "model_load_s", "patch_size"] + stage_columns
     columns = [c for c in columns if c in table.columns]
-    record = {"device": device_name, "date": date, "run_info": info,
+    record = {"device": device_name, "date": date, "model": str(model), "model_label": label,
+              "command": " ".join(sys.argv), "run_info": info,
               "rows": json.loads(table[columns].to_json(orient="records"))}
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    header = (f"# predict.sh on the 8 FLARE case sizes\n\nDevice: **{device_name}**, {date}, host "
-              f"{info.get('host', '?')}. Command: `{' '.join(sys.argv)}`.\n\n")
+    header = (f"# predict.sh on the 8 FLARE case sizes: model `{label}`\n\nDevice: **{device_name}**, "
+              f"{date}, host {info.get('host', '?')}. Command: `{' '.join(sys.argv)}`.\n\n")
     stem.with_suffix(".md").write_text(header + table[columns].round(2).to_markdown(index=False) + "\n")
+    plot(table, stem.with_suffix(".png"), f"{label} model on {device_name}, {date}")
     print(table[columns].round(2).to_string(index=False))
     return 0 if (table["status"] == "ok").all() else 1
 

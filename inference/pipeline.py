@@ -6,6 +6,7 @@ on the device.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,9 +22,11 @@ from .model import LoadedModel, load_model
 from .normalize import NORMALIZERS
 from .postprocess import lesion_label_ids, lesion_mask_at_shape
 from .resample import resample_channels, shape_at_spacing
-from .sliding_window import (enlarged_patch_size, patch_fits_gpu_budget,
-                             sliding_window_logits_with_fallback)
+from .gpu_memory import choose_patch, device_used_mb, forward_allocation_mb
+from .sliding_window import enlarged_patch_size, sliding_window_logits_with_fallback
 from .timing import StageTimer
+
+log = logging.getLogger("inference")
 
 
 @dataclass
@@ -40,8 +43,7 @@ class PredictionSettings:
     resample_back: str = "logits"  # "logits" (trilinear, then argmax) or "labels" (argmax, nearest)
     min_lesion_ml: float | None = None  # None: the model's lesion_filter.json (see lesion_filter.py)
     min_lesion_probability: float | None = None
-    gpu_memory_budget_mb: float = 4096.0  # whole-device peak the enlarged patch must respect (FLARE)
-    cuda_context_mb: float = 768.0  # CUDA context + cuDNN workspace, outside torch's allocator
+    gpu_memory_budget_mb: float = 4096.0  # whole-device peak the inference patch must respect (FLARE)
     progress: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -72,24 +74,33 @@ def to_model_space(cropped: np.ndarray, spacing: tuple[float, ...], model: Loade
     return volume.half() if model.device.type == "cuda" else volume
 
 
-def inference_patch_size(volume: torch.Tensor, model: LoadedModel,
-                         settings: PredictionSettings) -> tuple[int, ...]:
-    """The training patch enlarged by `patch_scale`; on CUDA, the training patch again if the enlarged
-    one would take the whole device over the memory budget."""
+def inference_patch_size(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,
+                         timings: dict | None = None) -> tuple[int, ...]:
+    """The training patch enlarged by `patch_scale`; on CUDA the largest of that, the training patch and
+    smaller ones whose predicted whole-device peak stays within `gpu_memory_budget_mb` (gpu_memory.py)."""
     config = model.config
     patch = enlarged_patch_size(config.patch_size, config.total_stride, volume.shape[1:],
                                 settings.patch_scale)
-    if model.device.type != "cuda" or patch == config.patch_size or model.backend != "torch":
+    if model.device.type != "cuda" or model.backend != "torch":
         return patch
-    fits = patch_fits_gpu_budget(model.networks[0], patch, volume, config.num_classes,
-                                 settings.gpu_memory_budget_mb, settings.cuda_context_mb)
-    return patch if fits else config.patch_size
+    device, network = model.device, model.networks[0]
+    patch, predicted, fits = choose_patch(
+        patch, config.patch_size, config.total_stride, volume.shape[1:], config.num_classes,
+        settings.gpu_memory_budget_mb, lambda probe: forward_allocation_mb(network, probe, volume.shape[0], device),
+        lambda: device_used_mb(device))
+    if timings is not None:
+        timings["predicted_gpu_peak_mb"] = round(predicted)
+    if not fits:
+        log.warning("warning: %s: even the %s patch is predicted to need %.0f MB of GPU memory, over the "
+                    "%.0f MB budget", config.model_dir, "x".join(map(str, patch)), predicted,
+                    settings.gpu_memory_budget_mb)
+    return patch
 
 
-def model_space_logits(volume: torch.Tensor, model: LoadedModel,
-                       settings: PredictionSettings) -> tuple[torch.Tensor, tuple[int, ...]]:
+def model_space_logits(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,
+                       timings: dict | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Sliding-window logits [K, z, y, x] of a model-space volume, and the inference patch used."""
-    patch = settings.patch_size or inference_patch_size(volume, model, settings)
+    patch = settings.patch_size or inference_patch_size(volume, model, settings, timings)
     logits = sliding_window_logits_with_fallback(
         volume, model.networks, patch, model.config.num_classes, step_size=settings.step_size,
         mirror_axes=model.mirror_axes if settings.tta else (), progress=settings.progress)
@@ -108,7 +119,7 @@ def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedMo
     with timer("resample"):
         volume = to_model_space(cropped, spacing, model)
     with timer("network"):
-        logits, patch = model_space_logits(volume, model, settings)
+        logits, patch = model_space_logits(volume, model, settings, timings)
         del volume
     lesion_ids = lesion_label_ids(config.labels, settings.lesion_labels)
     lesion_filter = model.lesion_filter.with_overrides(settings.min_lesion_ml, settings.min_lesion_probability)

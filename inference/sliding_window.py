@@ -125,28 +125,3 @@ def enlarged_patch_size(training_patch: Sequence[int], total_stride: Sequence[in
         cover = int(math.ceil(size / stride) * stride)
         patch.append(max(train, min(wanted, cover)))
     return tuple(patch)
-
-
-def forward_peak_mb(network: PatchPredictor, patch_size: Sequence[int], channels: int,
-                    device: torch.device) -> float:
-    """CUDA memory one forward pass of `patch_size` needs beyond what is already allocated (MB)."""
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    network(torch.zeros((1, channels, *patch_size), device=device, dtype=torch.float16))
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-
-
-def patch_fits_gpu_budget(network: PatchPredictor, patch_size: Sequence[int], volume: torch.Tensor,
-                          num_classes: int, budget_mb: float, context_mb: float) -> bool:
-    """Whether the whole device stays under `budget_mb`: the CUDA context (not visible to torch's
-    allocator, so estimated as `context_mb`), what is allocated now, the fp16 accumulators for the
-    padded volume, and one forward pass."""
-    voxels = 1
-    for size, patch in zip(volume.shape[1:], patch_size):
-        voxels *= max(size, patch)
-    accumulators_mb = (num_classes + 1) * voxels * 2 / 2 ** 20
-    allocated_mb = torch.cuda.memory_allocated(volume.device) / 2 ** 20
-    forward_mb = forward_peak_mb(network, patch_size, volume.shape[0], volume.device)
-    return context_mb + allocated_mb + accumulators_mb + forward_mb <= budget_mb

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Every GPU measurement in one go, for a short lease on a GPU machine: the 8 FLARE case sizes through
+# predict.sh on the shipped default model and on a FLARE24-winner-sized model (random weights), each
+# beside nnU-Net's nnUNetPredictor on the same model and 3 of the cases, whole-device GPU memory sampled
+# by the efficiency harness (benchmarks/bench_flare_sizes.py). About 7 minutes on an H200.
+#
+#     OUT=/tmp/gpu bash benchmarks/gpu_benchmarks.sh
+#
+# Runs with the machine's python3 (PYTHON to override), which must have torch with CUDA, pandas,
+# matplotlib, psutil and nvidia-ml-py. Packages it lacks can come as .whl/*.tar.xz archives of an
+# installed site-packages folder (made with `pip install --target`): they are unpacked to /tmp/site.
+# Results: results/flare_sizes_*, results/gpu_forward_memory*; tarballs of them and of the harness
+# folders (no masks) land in $OUT.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_benchmarks}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.tar.xz" >/dev/null; then
+  mkdir -p /tmp/site
+  for archive in .whl/*.tar.xz; do tar -xJf "$archive" -C /tmp/site; done
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+PYTHON=${PYTHON:-python3}
+export PYTHON  # predict.sh runs the engine with it
+PEER_CASES="flare_z055 flare_z215 flare_z554"
+
+collect() {  # two files, however many results: the device tool brings back at most 8
+  tar -czf "$OUT/results.tar.gz" results/flare_sizes_* results/gpu_forward_memory* 2>/dev/null
+  tar -czf "$OUT/runs.tar.gz" --exclude=predictions --exclude=work --exclude='*.pth' data/flare_sizes_runs
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+"$PYTHON" -c "import torch, SimpleITK, cc3d, nnunetv2; print(torch.__version__, torch.cuda.get_device_name())" \
+  || exit 1
+start=$(date +%s)
+"$PYTHON" -m evaluation.phantoms --out data/flare_sizes --cases 0 --seed 0 --flare-sizes --no-progress || exit 1
+echo "phantoms: $(($(date +%s) - start)) s"
+# shellcheck disable=SC2086
+timeout 240 "$PYTHON" benchmarks/bench_flare_sizes.py --backends torch --device cuda --timeout 120 \
+  --peer-python "$PYTHON" --peer-cases $PEER_CASES
+collect
+echo "default model done: $(($(date +%s) - start)) s"
+# shellcheck disable=SC2086
+timeout 300 "$PYTHON" benchmarks/bench_flare_sizes.py --backends torch --device cuda --timeout 120 \
+  --representative --peer-python "$PYTHON" --peer-cases $PEER_CASES
+collect
+echo "representative model done: $(($(date +%s) - start)) s"
+# one forward pass by patch and precision, with the default allocator and with expandable segments
+tag="$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-").lower())')_$(date -u +%F)"
+mkdir -p results/gpu_forward_memory
+"$PYTHON" benchmarks/gpu_forward_memory.py --representative --out "results/gpu_forward_memory/representative_$tag.json"
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$PYTHON" benchmarks/gpu_forward_memory.py --representative \
+  --out "results/gpu_forward_memory/representative_expandable_$tag.json"
+"$PYTHON" benchmarks/gpu_forward_memory.py --patches 48 64 96 --out "results/gpu_forward_memory/default_$tag.json"
+"$PYTHON" benchmarks/gpu_forward_memory.py --render results/gpu_forward_memory/*_"$tag".json \
+  --markdown results/gpu_forward_memory.md >/dev/null
+collect
+echo "forward memory done: $(($(date +%s) - start)) s"

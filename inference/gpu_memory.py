@@ -1,0 +1,142 @@
+"""The largest inference patch whose whole-device GPU peak stays under a budget (FLARE: 4 GB, as NVML sees
+the whole device: CUDA context, loaded kernels, torch's cached blocks, other processes).
+
+A forward pass needs memory linear in the patch's voxel count (activations, cuDNN workspace) plus a
+constant (autocast's fp16 weight copies): on an H200 a 102 M-parameter ResEnc-L took 1378 / 2319 /
+3723 MB at 128^3 / 160^3 / 192^3, within 1 MB of a line (results/gpu_forward_memory.md). So two probe
+passes at patches smaller than the training patch predict the larger ones without ever running them:
+running the enlarged patch just to see whether it fits would itself break the budget.
+
+What torch's allocator does not see grows too: the first window of a new size loads more kernels
+(CUDA's lazy module loading, cuDNN engines). On the H200 the whole-device peak came out 538 and 592 MB
+above a prediction without that term (results/gpu_patch_selection.md); UNTRACKED_MB covers it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+# Reserved over allocated peak of one window with expandable segments (set by inference.cli): 1.16-1.26
+# on the H200 for the ResEnc-L at 128^3-192^3; the default allocator reached 1.53 at 192^3.
+ALLOCATOR_OVERHEAD = 1.3
+UNTRACKED_MB = 640.0
+# A network's deepest stage needs more than one voxel (instance norm); total stride x 2 guarantees it.
+MIN_STRIDES = 2
+
+
+def voxels(patch: Sequence[int]) -> int:
+    return math.prod(int(p) for p in patch)
+
+
+def round_to_stride(size: float, stride: int) -> int:
+    """Nearest multiple of `stride` (halves up), at least one stride."""
+    return max(stride, int(size / stride + 0.5) * stride)
+
+
+def smallest_patch(training: Sequence[int], total_stride: Sequence[int], scale: float) -> tuple[int, ...]:
+    """`scale` of the training patch rounded to the stride, never under MIN_STRIDES strides nor over the
+    training patch."""
+    return tuple(min(t, max(MIN_STRIDES * s, round_to_stride(t * scale, s))) for t, s in zip(training, total_stride))
+
+
+def candidate_patches(enlarged: Sequence[int], training: Sequence[int], total_stride: Sequence[int],
+                      smallest_scale: float = 0.5) -> list[tuple[int, ...]]:
+    """Patches to try, largest first: the enlarged patch, the training patch, then the training patch
+    one total stride smaller along every axis at a time, down to `smallest_scale` of it."""
+    candidates = [tuple(enlarged), tuple(training)]
+    floor = smallest_patch(training, total_stride, smallest_scale)
+    patch = list(training)
+    while True:
+        smaller = [max(lo, p - s) for p, lo, s in zip(patch, floor, total_stride)]
+        if smaller == patch:
+            break
+        patch = smaller
+        candidates.append(tuple(patch))
+    unique = []
+    for candidate in candidates:
+        if candidate not in unique:
+            unique.append(candidate)
+    return unique
+
+
+def probe_patches(training: Sequence[int], total_stride: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """Two patches, about half and three quarters of the training patch, to fit the memory line on."""
+    small = smallest_patch(training, total_stride, 0.5)
+    large = smallest_patch(training, total_stride, 0.75)
+    if large == small:
+        large = tuple(p + s for p, s in zip(small, total_stride))
+    return small, large
+
+
+@dataclass(frozen=True)
+class ForwardMemory:
+    """MB a forward pass allocates beyond what is already allocated: intercept + per_voxel * voxels."""
+    intercept_mb: float
+    per_voxel_mb: float
+
+    @classmethod
+    def fit(cls, probes: Sequence[tuple[Sequence[int], float]]) -> "ForwardMemory":
+        (patch_a, mb_a), (patch_b, mb_b) = probes
+        slope = max(0.0, (mb_b - mb_a) / (voxels(patch_b) - voxels(patch_a)))
+        return cls(intercept_mb=max(0.0, mb_a - slope * voxels(patch_a)), per_voxel_mb=slope)
+
+    def predict_mb(self, patch: Sequence[int]) -> float:
+        return self.intercept_mb + self.per_voxel_mb * voxels(patch)
+
+
+def accumulators_mb(volume_shape: Sequence[int], patch: Sequence[int], num_classes: int) -> float:
+    """fp16 logits and weight sums over the volume padded to the patch, plus the Gaussian map."""
+    padded = math.prod(max(size, p) for size, p in zip(volume_shape, patch))
+    return ((num_classes + 1) * padded + voxels(patch)) * 2 / 2 ** 20
+
+
+def largest_fitting_patch(candidates: Sequence[tuple[int, ...]], peak_mb: Callable[[tuple[int, ...]], float],
+                          budget_mb: float) -> tuple[tuple[int, ...], float, bool]:
+    """The first (largest) candidate whose predicted peak is within budget, else the last (smallest):
+    (patch, its predicted peak, whether it fits)."""
+    for patch in candidates:
+        predicted = peak_mb(patch)
+        if predicted <= budget_mb:
+            return patch, predicted, True
+    return candidates[-1], peak_mb(candidates[-1]), False
+
+
+def choose_patch(enlarged: Sequence[int], training: Sequence[int], total_stride: Sequence[int],
+                 volume_shape: Sequence[int], num_classes: int, budget_mb: float,
+                 forward_mb: Callable[[tuple[int, ...]], float],
+                 device_used_mb: Callable[[], float]) -> tuple[tuple[int, ...], float, bool]:
+    """The largest candidate patch predicted to keep the whole device within `budget_mb`.
+
+    `forward_mb(patch)` runs a probe pass and returns what it allocated; `device_used_mb()` is called
+    after the probes (drop their cached blocks first) and returns the whole device's used memory.
+    Returns (patch, predicted peak MB, whether it fits)."""
+    forward = ForwardMemory.fit([(probe, forward_mb(probe)) for probe in probe_patches(training, total_stride)])
+    used_mb = device_used_mb()
+
+    def peak_mb(patch):
+        return (used_mb + UNTRACKED_MB
+                + ALLOCATOR_OVERHEAD * (accumulators_mb(volume_shape, patch, num_classes) + forward.predict_mb(patch)))
+
+    return largest_fitting_patch(candidate_patches(enlarged, training, total_stride), peak_mb, budget_mb)
+
+
+def forward_allocation_mb(network: Callable[[torch.Tensor], torch.Tensor], patch: Sequence[int],
+                          channels: int, device: torch.device) -> float:
+    """Peak MB one forward pass of `patch` allocates beyond what is allocated now (CUDA only)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    network(torch.zeros((1, channels, *patch), device=device, dtype=torch.float16))
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+
+def device_used_mb(device: torch.device) -> float:
+    """Used memory of the whole device (total - free), what the FLARE sampler reads from NVML, after
+    returning torch's cached blocks."""
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / 2 ** 20
