@@ -124,6 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="run the forward pass under bf16 autocast (weights, optimiser and loss stay fp32): "
                              "1.44x the fp32 step rate on an AVX-512 CPU with bf16 instructions "
                              "(results/training_step_bf16.md), so more steps in the same time budget")
+    parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE,
+                        help=f"AdamW's peak learning rate, before warm-up and poly decay ({LEARNING_RATE:g})")
     parser.add_argument("--resume", action="store_true",
                         help="continue from <out>/fold_all/checkpoint_latest.pth (same --work-dir)")
     return parser.parse_args(argv)
@@ -361,10 +363,10 @@ def forward_loss(forward, images: torch.Tensor, labels: torch.Tensor, bf16: bool
     return deep_supervision_loss([output.float() for output in outputs], labels)
 
 
-def learning_rate(progress: float, step: int) -> float:
+def learning_rate(progress: float, step: int, peak: float = LEARNING_RATE) -> float:
     """Linear warm-up, then nnU-Net's poly decay (1 - progress)^0.9, progress in [0, 1]."""
     warmup = min(1.0, (step + 1) / WARMUP_STEPS)
-    return LEARNING_RATE * warmup * max(0.0, 1.0 - progress) ** 0.9
+    return peak * warmup * max(0.0, 1.0 - progress) ** 0.9
 
 
 def bottleneck_in_fp32(network) -> None:
@@ -392,7 +394,7 @@ def save_latest(path: Path, network, optimizer, step: int, elapsed: float, rng_s
 
 def train(network, cases: list[dict], out_dir: Path, args, deadline: float, log: dict, save_weights):
     rng = np.random.default_rng(args.seed + 1)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=args.learning_rate, weight_decay=WEIGHT_DECAY)
     state_path = out_dir / "training_state.pth"
     step, trained_before = 0, 0.0
     if args.resume and state_path.exists():
@@ -424,7 +426,7 @@ def train(network, cases: list[dict], out_dir: Path, args, deadline: float, log:
         if progress >= 1.0:
             break
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(progress, step)
+            group["lr"] = learning_rate(progress, step, args.learning_rate)
         images, labels = sample_batch(cases, rng)
         loss = forward_loss(forward, images, labels, args.bf16)
         optimizer.zero_grad(set_to_none=True)
@@ -466,6 +468,7 @@ def main(argv=None) -> int:
            # steps per minute, hence the model a time budget buys, depends on the CPU's vector units
            "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "cases": args.cases, "threads": args.threads, "precision": "bf16 autocast" if args.bf16 else "fp32",
+           "learning_rate": args.learning_rate,
            "patch_fractions": {
                "lesion": FOREGROUND_FRACTION, "hard_negative": HARD_NEGATIVE_FRACTION,
                "random": round(1 - FOREGROUND_FRACTION - HARD_NEGATIVE_FRACTION, 3)}, "loss_curve": []}

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -60,6 +61,15 @@ def test_bf16_training_keeps_fp32_weights_and_records_its_precision(tmp_path):
     assert np.isfinite(log["final_loss"])
     trained = torch.load(out / "fold_all" / "checkpoint_final.pth", weights_only=True)["network_weights"]
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in trained.values())
+
+
+def test_learning_rate_warms_up_to_the_chosen_peak_then_decays_to_zero():
+    peak, warmup = 6e-3, train_default.WARMUP_STEPS
+    assert train_default.learning_rate(0.0, 0, peak) == pytest.approx(peak / warmup)
+    assert train_default.learning_rate(0.0, warmup, peak) == pytest.approx(peak)
+    assert train_default.learning_rate(0.5, 1000, peak) == pytest.approx(peak * 0.5 ** 0.9)
+    assert train_default.learning_rate(1.0, 10 ** 6, peak) == 0.0
+    assert train_default.learning_rate(0.0, warmup) == pytest.approx(train_default.LEARNING_RATE)
 
 
 def test_a_step_with_a_non_finite_gradient_is_skipped_and_leaves_the_weights_finite(tmp_path, monkeypatch):
