@@ -33,13 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from inference.model.folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,  # noqa: E402
-                                    write_model_folder)
-from inference.model.network import build_network  # noqa: E402
-from inference.model.plans import read_model_config  # noqa: E402
+from inference.model.folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,  # noqa: E402
+                                    plain_unet_arch_kwargs, write_random_model_folder)
 from inference.timing import STAGE_ORDER as STAGES  # noqa: E402
-
-CT_INTENSITIES = {"mean": 50.0, "std": 150.0, "percentile_00_5": -900.0, "percentile_99_5": 900.0}
 
 
 def ensure_phantoms(data: Path) -> Path:
@@ -58,12 +54,8 @@ def representative_model(out_dir: Path) -> Path:
     arch["n_blocks_per_stage"] = [1, 3, 4, 6, 6, 6]
     arch["n_conv_per_stage_decoder"] = [1] * 5
     plans = make_plans(spacing=[1.4, 1.4, 1.4], patch_size=[160, 160, 160], arch_kwargs=arch,
-                       intensity_properties=CT_INTENSITIES, residual=True)
-    dataset = make_dataset_json()
-    write_model_folder(out_dir, plans, dataset, {})
-    torch.manual_seed(0)
-    weights = build_network(read_model_config(out_dir)).state_dict()
-    return write_model_folder(out_dir, plans, dataset, {"all": weights})
+                       intensity_properties=SYNTHETIC_CT_INTENSITIES, residual=True)
+    return write_random_model_folder(out_dir, plans, make_dataset_json())
 
 
 def run_harness(images: Path, command: str, out: Path, max_cases: int | None, timeout: int) -> pd.DataFrame:

@@ -35,14 +35,11 @@ sys.path.insert(0, str(REPO))
 
 from inference.export_onnx import export_fold  # noqa: E402
 from inference.model import load_model  # noqa: E402
-from inference.model.folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,  # noqa: E402
-                                    write_model_folder)
-from inference.model.network import build_network  # noqa: E402
-from inference.model.plans import read_model_config  # noqa: E402
+from inference.model.folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,  # noqa: E402
+                                    plain_unet_arch_kwargs, write_random_model_folder)
 from inference.sliding_window import enlarged_patch_size  # noqa: E402
 
 RESULTS = REPO / "results"
-CT_INTENSITIES = {"mean": 50.0, "std": 150.0, "percentile_00_5": -900.0, "percentile_99_5": 900.0}
 # the architecture of models/train_default.py, for when models/default has not been trained yet
 DEFAULT_ARCHITECTURE = dict(n_stages=5, base_features=12, max_features=192, patch=(64, 64, 64))
 REPRESENTATIVE = dict(n_stages=5, base_features=32, max_features=320, patch=(96, 96, 96))
@@ -52,12 +49,8 @@ def random_model_folder(out_dir: Path, n_stages: int, base_features: int, max_fe
                         patch: tuple[int, ...]) -> Path:
     arch = plain_unet_arch_kwargs(n_stages, base_features=base_features, max_features=max_features)
     plans = make_plans(spacing=[3.0, 3.0, 3.0], patch_size=list(patch), arch_kwargs=arch,
-                       intensity_properties=CT_INTENSITIES)
-    dataset = make_dataset_json()
-    write_model_folder(out_dir, plans, dataset, {})
-    torch.manual_seed(0)
-    weights = build_network(read_model_config(out_dir)).state_dict()
-    return write_model_folder(out_dir, plans, dataset, {"all": weights})
+                       intensity_properties=SYNTHETIC_CT_INTENSITIES)
+    return write_random_model_folder(out_dir, plans, make_dataset_json())
 
 
 def copy_model_folder(source: Path, out_dir: Path) -> Path:

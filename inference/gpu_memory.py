@@ -55,11 +55,7 @@ def candidate_patches(enlarged: Sequence[int], training: Sequence[int], total_st
             break
         patch = smaller
         candidates.append(tuple(patch))
-    unique = []
-    for candidate in candidates:
-        if candidate not in unique:
-            unique.append(candidate)
-    return unique
+    return list(dict.fromkeys(candidates))  # the enlarged patch may be the training patch
 
 
 def probe_patches(training: Sequence[int], total_stride: Sequence[int]) -> tuple[tuple[int, ...], ...]:

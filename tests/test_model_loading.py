@@ -102,3 +102,18 @@ def test_mismatched_weights_and_missing_files_are_one_line_errors(tmp_path):
     with pytest.raises(ModelError, match="weights do not fit") as info:
         load_model(model_dir, device="cpu")
     assert "\n" not in str(info.value)
+
+
+def test_a_random_weights_model_folder_loads_and_its_weights_follow_the_seed(tmp_path):
+    from inference.model.folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
+                                        plain_unet_arch_kwargs, write_random_model_folder)
+    plans = make_plans(spacing=[3.0, 3.0, 3.0], patch_size=[16, 16, 16],
+                       arch_kwargs=plain_unet_arch_kwargs(3, base_features=4, max_features=8),
+                       intensity_properties=SYNTHETIC_CT_INTENSITIES)
+    folders = [write_random_model_folder(tmp_path / name, plans, make_dataset_json(), seed)
+               for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    weights = [torch.load(f / "fold_all" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+               for f in folders]
+    key = next(k for k in weights[0] if k.endswith("conv.weight"))
+    assert torch.equal(weights[0][key], weights[1][key]) and not torch.equal(weights[0][key], weights[2][key])
+    assert load_model(folders[0], device="cpu").config.patch_size == (16, 16, 16)

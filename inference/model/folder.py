@@ -12,8 +12,12 @@ from typing import Mapping
 import torch
 
 from .loader import fold_dir_name
+from .network import build_network
+from .plans import read_model_config
 
 _IMPORTED_KWARGS = ("conv_op", "norm_op", "dropout_op", "nonlin")
+# CTNormalization statistics of a model that was never trained (benchmarks time such models)
+SYNTHETIC_CT_INTENSITIES = {"mean": 50.0, "std": 150.0, "percentile_00_5": -900.0, "percentile_99_5": 900.0}
 
 
 def plain_unet_arch_kwargs(n_stages: int, base_features: int = 32, max_features: int = 320,
@@ -120,3 +124,12 @@ def write_model_folder(out_dir: str | Path, plans: dict, dataset_json: dict,
         }
         torch.save(checkpoint, fold_dir / checkpoint_name)
     return out_dir
+
+
+def write_random_model_folder(out_dir: str | Path, plans: dict, dataset_json: dict, seed: int = 0) -> Path:
+    """A fold_all model folder whose network, built from `plans` as the engine builds it, keeps its random
+    initialisation (seeded): for timing and memory, where the masks do not matter."""
+    write_model_folder(out_dir, plans, dataset_json, {})
+    torch.manual_seed(seed)
+    weights = build_network(read_model_config(out_dir)).state_dict()
+    return write_model_folder(out_dir, plans, dataset_json, {"all": weights})
