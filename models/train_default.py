@@ -73,6 +73,11 @@ PATCH_SIZE = (32, 32, 32)        # 9.6 cm at 3 mm (the engine infers with 48^3, 
 N_STAGES = 5                     # total stride 16
 BASE_FEATURES = 8                # 8-16-32-64-128 features, 1.4 M parameters
 MAX_FEATURES = 320
+# --light-decoder: one conv in the full-resolution encoder stage and in every decoder stage (nnU-Net's
+# residual-encoder presets use one conv per decoder stage too). The full-resolution stage is 60% of a CPU
+# step (results/training_step_profile.md); this network trains ~1.4x faster a step (1.26 M parameters).
+LIGHT_ENCODER_CONVS = [1] + [2] * (N_STAGES - 1)
+LIGHT_DECODER_CONVS = [1] * (N_STAGES - 1)
 # ---- the data ---------------------------------------------------------------------------------------
 # FOREGROUND for the intensity properties: the body voxels (HU above the engine's body-crop threshold,
 # inside the crop box), not the lesion voxels nnU-Net would use (foreground = any label > 0). With a
@@ -126,6 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(results/training_step_bf16.md), so more steps in the same time budget")
     parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE,
                         help=f"AdamW's peak learning rate, before warm-up and poly decay ({LEARNING_RATE:g})")
+    parser.add_argument("--light-decoder", action="store_true",
+                        help="one conv in the full-resolution encoder stage and in each decoder stage "
+                             "instead of two: ~1.4x the step rate, 1.26 M parameters instead of 1.41 M")
     parser.add_argument("--resume", action="store_true",
                         help="continue from <out>/fold_all/checkpoint_latest.pth (same --work-dir)")
     return parser.parse_args(argv)
@@ -209,8 +217,12 @@ def foreground_intensity_properties(raw_dir: Path, cases: list[dict], seed: int)
 
 
 def write_folder(out_dir: Path, intensity_properties: dict, median_shape: list[int], n_cases: int,
-                 weights: dict | None, checkpoint_name: str = "checkpoint_final.pth") -> None:
-    arch_kwargs = plain_unet_arch_kwargs(N_STAGES, base_features=BASE_FEATURES, max_features=MAX_FEATURES)
+                 weights: dict | None, checkpoint_name: str = "checkpoint_final.pth",
+                 light_decoder: bool = False) -> None:
+    convs = dict(n_conv_per_stage=LIGHT_ENCODER_CONVS, n_conv_per_stage_decoder=LIGHT_DECODER_CONVS) \
+        if light_decoder else {}
+    arch_kwargs = plain_unet_arch_kwargs(N_STAGES, base_features=BASE_FEATURES, max_features=MAX_FEATURES,
+                                         **convs)
     plans = make_plans(spacing=list(SPACING), patch_size=list(PATCH_SIZE), arch_kwargs=arch_kwargs,
                        intensity_properties=intensity_properties, dataset_name="Dataset001_Phantoms",
                        median_shape=median_shape)
@@ -468,7 +480,7 @@ def main(argv=None) -> int:
            # steps per minute, hence the model a time budget buys, depends on the CPU's vector units
            "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "cases": args.cases, "threads": args.threads, "precision": "bf16 autocast" if args.bf16 else "fp32",
-           "learning_rate": args.learning_rate,
+           "learning_rate": args.learning_rate, "light_decoder": args.light_decoder,
            "patch_fractions": {
                "lesion": FOREGROUND_FRACTION, "hard_negative": HARD_NEGATIVE_FRACTION,
                "random": round(1 - FOREGROUND_FRACTION - HARD_NEGATIVE_FRACTION, 3)}, "loss_curve": []}
@@ -479,7 +491,8 @@ def main(argv=None) -> int:
         cropped_mm = np.array([[n * s for n, s in zip(c["cropped_shape"], c["spacing"])] for c in cases])
         median_shape = [int(round(m / s)) for m, s in zip(np.median(cropped_mm, axis=0), SPACING)]
         # an untrained folder in the work dir, only so that preprocessing runs through the engine's loader
-        write_folder(work_dir / "init_model", properties, median_shape, args.cases, weights=None)
+        write_folder(work_dir / "init_model", properties, median_shape, args.cases, weights=None,
+                     light_decoder=args.light_decoder)
         model = load_model(work_dir / "init_model", device="cpu")
         prepared = preprocess_cases(work_dir / "raw", work_dir / "cache", cases, model)
         log["prepare_seconds"] = round(time.time() - wall_start, 1)
@@ -494,7 +507,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
 
         def save_weights(weights, name):
-            write_folder(out_dir, properties, median_shape, args.cases, weights, checkpoint_name=name)
+            write_folder(out_dir, properties, median_shape, args.cases, weights, checkpoint_name=name,
+                         light_decoder=args.light_decoder)
 
         train(network, prepared, out_dir, args, deadline, log, save_weights)
         network.decoder.deep_supervision = False

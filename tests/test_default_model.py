@@ -63,6 +63,23 @@ def test_bf16_training_keeps_fp32_weights_and_records_its_precision(tmp_path):
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in trained.values())
 
 
+def test_light_decoder_training_writes_one_conv_decoder_stages_the_engine_loads(tmp_path):
+    out = tmp_path / "model"
+    assert train_default.main(["--out", str(out), "--steps", "2", "--cases", "2", "--threads", "1", "--bf16",
+                               "--no-compile", "--light-decoder", "--work-dir", str(tmp_path / "work")]) == 0
+    assert json.loads((out / "training_log.json").read_text())["light_decoder"] is True
+    config = read_model_config(out)
+    assert config.arch_kwargs["n_conv_per_stage"] == [1, 2, 2, 2, 2]
+    assert config.arch_kwargs["n_conv_per_stage_decoder"] == [1, 1, 1, 1]
+    assert load_model(out, device="cpu").config.arch_kwargs == config.arch_kwargs  # the weights fit
+    network = build_network(config)
+    convs = lambda module: sum(isinstance(m, torch.nn.Conv3d) for m in module.modules())  # noqa: E731
+    assert convs(network.encoder.stages[0]) == 1 and convs(network.encoder.stages[1]) == 2
+    assert [convs(stage) for stage in network.decoder.stages] == [1, 1, 1, 1]
+    full = build_network(read_model_config(DEFAULT_MODEL))
+    assert sum(p.numel() for p in network.parameters()) < 0.92 * sum(p.numel() for p in full.parameters())
+
+
 def test_learning_rate_warms_up_to_the_chosen_peak_then_decays_to_zero():
     peak, warmup = 6e-3, train_default.WARMUP_STEPS
     assert train_default.learning_rate(0.0, 0, peak) == pytest.approx(peak / warmup)

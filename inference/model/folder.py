@@ -22,8 +22,20 @@ SYNTHETIC_CT_INTENSITIES = {"mean": 50.0, "std": 150.0, "percentile_00_5": -900.
 
 def plain_unet_arch_kwargs(n_stages: int, base_features: int = 32, max_features: int = 320,
                            strides: list | None = None, kernel_sizes: list | None = None,
-                           n_conv_per_stage: int = 2, residual: bool = False) -> dict:
-    """arch_kwargs as nnU-Net >= 2.3.1 writes them for a 3D PlainConvUNet / ResidualEncoderUNet."""
+                           n_conv_per_stage: int | list[int] = 2, residual: bool = False,
+                           n_conv_per_stage_decoder: int | list[int] | None = None) -> dict:
+    """arch_kwargs as nnU-Net >= 2.3.1 writes them for a 3D PlainConvUNet / ResidualEncoderUNet. Conv (block)
+    counts are one number for every stage or a list, one per stage; the decoder's default to the encoder's
+    (its stages mirror all but the deepest encoder stage)."""
+    def per_stage(count, n):
+        counts = [count] * n if isinstance(count, int) else list(count)
+        if len(counts) != n:
+            raise ValueError(f"{len(counts)} conv counts for {n} stages")
+        return counts
+
+    decoder = n_conv_per_stage_decoder
+    if decoder is None:
+        decoder = n_conv_per_stage if isinstance(n_conv_per_stage, int) else list(n_conv_per_stage)[:-1]
     strides = strides or [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1)
     kernel_sizes = kernel_sizes or [[3, 3, 3]] * n_stages
     kwargs = {
@@ -32,8 +44,8 @@ def plain_unet_arch_kwargs(n_stages: int, base_features: int = 32, max_features:
         "conv_op": "torch.nn.modules.conv.Conv3d",
         "kernel_sizes": kernel_sizes,
         "strides": strides,
-        ("n_blocks_per_stage" if residual else "n_conv_per_stage"): [n_conv_per_stage] * n_stages,
-        "n_conv_per_stage_decoder": [n_conv_per_stage] * (n_stages - 1),
+        ("n_blocks_per_stage" if residual else "n_conv_per_stage"): per_stage(n_conv_per_stage, n_stages),
+        "n_conv_per_stage_decoder": per_stage(decoder, n_stages - 1),
         "conv_bias": True,
         "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
         "norm_op_kwargs": {"eps": 1e-05, "affine": True},
