@@ -18,10 +18,7 @@ that the values agree to 1e-6 and writes results/nsd_benchmark.json and results/
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import time
 import warnings
@@ -32,6 +29,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from evaluation.run_efficiency import machine_facts  # noqa: E402
 from evaluation.run_metrics import score_case  # noqa: E402
 from evaluation.surface_dice import surface_dice  # noqa: E402
 
@@ -143,25 +141,13 @@ def bench_case(name, gt, pred, spacing, tolerance, repeats):
     }
 
 
-def machine():
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-
-
 def markdown(report):
     m = report["machine"]
     lines = [
         "# NSD benchmark: evaluation/surface_dice.py vs DeepMind surface-distance",
         "",
-        f"Machine: {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}, NumPy {m['numpy']}; "
-        f"{m['date']}; 1-min load average at start {m['load_average_1min_at_start']}.",
+        f"Machine: {m['cpu']}, {m['cores']} CPUs, {m['platform']}, Python {m['python']}, NumPy {m['numpy']}; "
+        f"{m['date']}; 1-min load average at start {m['load_average_at_start'][0]:.2f}.",
         f"Grid {SHAPE_ZYX[0]} x {SHAPE_ZYX[1]} x {SHAPE_ZYX[2]} (z, y, x). Produced by "
         "`python benchmarks/bench_nsd.py` (case descriptions in its docstring).",
         "",
@@ -199,7 +185,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(2024)
-    report = {"machine": machine(), "cases": []}
+    report = {"machine": machine_facts(), "cases": []}
     cases = [("lesions", lesions_case, SPACING_ZYX, [2.0]),
              ("organ", organ_case, SPACING_ZYX, [2.0]),
              ("organ_1mm", organ_case, THIN_SPACING_ZYX, [2.0, 5.0])]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -33,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from evaluation.run_efficiency import machine_facts  # noqa: E402
 from inference.export_onnx import export_fold  # noqa: E402
 from inference.model import load_model  # noqa: E402
 from inference.model.folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,  # noqa: E402
@@ -109,14 +109,9 @@ def measure(label: str, model_dir: Path, patch: tuple[int, ...] | None, windows:
 
 
 def machine_info(threads: int) -> dict:
-    from evaluation.run_efficiency import cpu_model
-    cpu = cpu_model()
     import onnxruntime as ort
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads,
-            "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "onnxruntime_providers": ort.get_available_providers(),
-            "load_average_at_start": list(os.getloadavg())}
+    return machine_facts(threads=threads, onnxruntime=ort.__version__,
+                         onnxruntime_providers=ort.get_available_providers())
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -124,7 +119,7 @@ def write_markdown(report: dict, path: Path) -> None:
     lines = [
         "# Network latency per sliding-window patch on the CPU: torch vs ONNX Runtime",
         "",
-        f"Date (UTC): {report['date']}. Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, "
+        f"Date (UTC): {report['date']}. Machine: {machine['cpu']}, {machine['cores']} logical CPUs, "
         f"{machine['threads']} threads for both (torch.set_num_threads; ORT intra-op threads = "
         f"torch.get_num_threads()); torch {machine['torch']}, onnxruntime {machine['onnxruntime']}; "
         f"load average at start {', '.join(f'{x:.1f}' for x in machine['load_average_at_start'])}, at end "

@@ -16,10 +16,8 @@ cpu554: the 512x512x554 FLARE efficiency case (`evaluation.phantoms.generate_fla
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -38,6 +36,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from evaluation.phantoms import generate_flare_case, generate_phantom, write_case  # noqa: E402
+from evaluation.run_efficiency import machine_facts  # noqa: E402
 from evaluation.run_metrics import evaluate_folders  # noqa: E402
 from inference.lesion_filter import FILTER_FILE  # noqa: E402
 
@@ -50,22 +49,6 @@ def cpu_label(machine_info: dict) -> str:
     """"AMD EPYC, torch CPU capability AVX512"; results from before the capability was recorded show the name only."""
     capability = machine_info.get("cpu_capability")
     return f"{machine_info['cpu']}, torch CPU capability {capability}" if capability else machine_info["cpu"]
-
-
-def machine() -> dict:
-    import torch
-    from evaluation.run_efficiency import cpu_model
-    cpu = cpu_model()
-    memory_gb = None
-    try:
-        memory_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)
-    except (ValueError, OSError):
-        pass
-    # the model name alone ("AMD EPYC") hid a 2.5x difference in speed between two of our machines
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
-            "memory_gb": memory_gb, "python": platform.python_version(),
-            "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"), "load_average_at_start": list(os.getloadavg())}
 
 
 def display(path) -> str:
@@ -205,7 +188,7 @@ def quality(args) -> int:
             "generate": f"generate_phantom(seed={args.seed}, index=i, healthy=False) i<{args.cases}; "
                         f"healthy=True for indices {HEALTHY_INDEX_BASE}..{HEALTHY_INDEX_BASE + args.healthy - 1}",
             "predict": run["command"], "score": "evaluation.run_metrics.evaluate_folders(labels, pred, 2.0)"},
-        "machine": machine(), "goals": GOALS, "goals_met": met, "metrics": metrics,
+        "machine": machine_facts(), "goals": GOALS, "goals_met": met, "metrics": metrics,
         "engine_run": run, "detection_by_type": by_type,
         "per_case": json.loads(cases.to_json(orient="records")),
     }
@@ -292,7 +275,7 @@ def cpu554(args) -> int:
         "benchmark": "default model, whole 512x512x554 case on the CPU", "model": display(args.model),
         "case": {"size_xyz": list(image.GetSize()), "spacing_xyz": list(image.GetSpacing()),
                  "generator": f"evaluation.phantoms.generate_flare_case(seed={args.seed}, slices=554)"},
-        "machine": machine(), "torch_threads": torch.get_num_threads(),
+        "machine": machine_facts(), "torch_threads": torch.get_num_threads(),
         "command": best["command"] + "  (under /usr/bin/time -v)",
         "process_wall_s": [r["wall_s"] for r in runs], "peak_rss_mib": [r["peak_rss_mib"] for r in runs],
         "best_run_stage_timings_s": {k: round(v, 2) for k, v in case.items() if isinstance(v, (int, float))},

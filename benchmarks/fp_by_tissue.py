@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.eval_default_model import (HEALTHY_INDEX_BASE, RESULTS, display, machine,  # noqa: E402
-                                           write_atomically)
+from benchmarks.eval_default_model import HEALTHY_INDEX_BASE, RESULTS, display, write_atomically  # noqa: E402
+from evaluation.run_efficiency import machine_facts  # noqa: E402
 from evaluation.phantoms import TISSUE_NAMES, generate_phantom  # noqa: E402
 
 
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     command = (f"python benchmarks/fp_by_tissue.py --pred {display(pred_dir)} --labels {display(labels_dir)} "
                f"--seed {args.seed} --name {args.name}" + (" --cases " + " ".join(cases) if args.cases else ""))
     result = {"benchmark": "false positives by tissue", "name": args.name, "pred": display(pred_dir),
-              "seed": args.seed, "cases": cases, "command": command, "machine": machine(),
+              "seed": args.seed, "cases": cases, "command": command, "machine": machine_facts(),
               "components": len(components), "total_ml": float(components["ml"].sum()),
               "by_tissue": by_tissue.to_dict(orient="records"),
               "component_rows": components.round(3).to_dict(orient="records")}

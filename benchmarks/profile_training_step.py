@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.eval_default_model import RESULTS, cpu_label, display, machine, write_atomically  # noqa: E402
+from benchmarks.eval_default_model import RESULTS, cpu_label, display, write_atomically  # noqa: E402
+from evaluation.run_efficiency import machine_facts  # noqa: E402
 from inference.model.network import build_network  # noqa: E402
 from inference.model.plans import read_model_config  # noqa: E402
 from models.train_default import BATCH_SIZE, bottleneck_in_fp32, forward_loss  # noqa: E402
@@ -155,7 +156,7 @@ def write_bf16_comparison(args) -> int:
     result = {"benchmark": "training step, fp32 vs bf16 autocast", "model": display(args.model),
               "command": f"python benchmarks/profile_training_step.py --compare-bf16 --model {display(args.model)} "
                          f"--steps {args.steps} --threads {args.threads}",
-              "machine": machine(), "comparison": compare_bf16(Path(args.model), args.steps, args.threads)}
+              "machine": machine_facts(), "comparison": compare_bf16(Path(args.model), args.steps, args.threads)}
     c = result["comparison"]
     md = "\n".join([
         "# A CPU training step: fp32 against bf16 autocast", "",
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "training step profile", "model": display(args.model),
               "command": f"python benchmarks/profile_training_step.py --model {display(args.model)} "
                          f"--steps {args.steps} --threads {args.threads}",
-              "machine": machine(), "profile": profile_steps(Path(args.model), args.steps, args.threads)}
+              "machine": machine_facts(), "profile": profile_steps(Path(args.model), args.steps, args.threads)}
     results = Path(args.results)
     write_atomically(results / "training_step_profile.json", json.dumps(result, indent=2))
     write_atomically(results / "training_step_profile.md", markdown(result))

@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.eval_default_model import (GOALS, RESULTS, generate_eval_set, machine,  # noqa: E402
-                                           write_atomically)
+from benchmarks.eval_default_model import GOALS, RESULTS, generate_eval_set, write_atomically  # noqa: E402
+from evaluation.run_efficiency import machine_facts  # noqa: E402
 from evaluation.run_metrics import score_case  # noqa: E402
 from inference.model.plans import read_model_config  # noqa: E402
 from inference.pipeline import PredictionSettings, crop_box  # noqa: E402
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
                .format(args.seed, args.cases, f" --shape {' '.join(map(str, args.shape))}" if args.shape else "",
                        " ".join(f"{s:g}" for s in sorted(args.spacings))))
     result = {"benchmark": "resolution ceiling", "seed": args.seed, "lesion_cases": len(cases),
-              "command": command, "machine": machine(), "goals": GOALS,
+              "command": command, "machine": machine_facts(), "goals": GOALS,
               "summary": json.loads(summary.to_json(orient="records")), "model_on_same_cases": model,
               "per_case": json.loads(rows.to_json(orient="records"))}
     write_atomically(results / "resolution_ceiling.json", json.dumps(result, indent=2))

@@ -45,8 +45,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.eval_default_model import (RESULTS, display, generate_eval_set, machine,  # noqa: E402
-                                           write_atomically)
+from benchmarks.eval_default_model import RESULTS, display, generate_eval_set, write_atomically  # noqa: E402
+from evaluation.run_efficiency import machine_facts  # noqa: E402
 from inference.lesion_filter import FILTER_FILE, LesionFilter, lesion_components  # noqa: E402
 from inference.model import load_model  # noqa: E402
 from inference.pipeline import PredictionSettings, crop_box, model_space_logits, to_model_space  # noqa: E402
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "lesion filter tuning", "model": display(args.model), "seed": args.seed,
               "lesion_cases": args.cases, "healthy_cases": args.healthy, "command": command,
               "objective": args.objective, "max_recall_loss": args.max_recall_loss,
-              "machine": machine(), "best": best.to_dict(), "unfiltered": unfiltered.to_dict(),
+              "machine": machine_facts(), "best": best.to_dict(), "unfiltered": unfiltered.to_dict(),
               "grid": grid.to_dict(orient="records")}
     results = Path(args.results)
     write_atomically(results / "lesion_filter_tuning.json", json.dumps(result, indent=2))
