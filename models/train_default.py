@@ -1,7 +1,7 @@
 """Train the embedded default model (models/default) on synthetic phantoms, on the CPU, in a time budget.
 
     python models/train_default.py --out models/default [--minutes 58] [--seed 1000] [--cases 120] \
-        [--bf16 --no-compile]
+        [--bf16 --no-compile --light-decoder]
 
 What it does, in order:
   1. generates `--cases` phantoms with `evaluation.phantoms.generate_phantom(seed, i)` (a TRAINING seed;
@@ -75,7 +75,8 @@ BASE_FEATURES = 8                # 8-16-32-64-128 features, 1.4 M parameters
 MAX_FEATURES = 320
 # --light-decoder: one conv in the full-resolution encoder stage and in every decoder stage (nnU-Net's
 # residual-encoder presets use one conv per decoder stage too). The full-resolution stage is 60% of a CPU
-# step (results/training_step_profile.md); this network trains ~1.4x faster a step (1.26 M parameters).
+# step (results/training_step_profile.md); with this network (1.26 M parameters) the 58 min run took
+# 37,795 steps instead of 25,469 (models/README.md). models/default is trained with it.
 LIGHT_ENCODER_CONVS = [1] + [2] * (N_STAGES - 1)
 LIGHT_DECODER_CONVS = [1] * (N_STAGES - 1)
 # ---- the data ---------------------------------------------------------------------------------------
@@ -122,9 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work-dir", default=None,
                         help="cache folder (default: a temporary folder, removed at the end)")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
-                        help="train the eager network (the committed model: --bf16 --no-compile). Compiling "
-                             "the fp32 network was no faster over a whole 58 min run (0.466 s/step against "
-                             "0.454 eager, an older CPU); it costs ~80 s once, tests skip it")
+                        help="train the eager network (the committed model: --bf16 --no-compile "
+                             "--light-decoder). Compiling the fp32 network was no faster over a whole 58 min run "
+                             "(0.466 s/step against 0.454 eager, an older CPU); it costs ~80 s once, tests skip it")
     parser.add_argument("--bf16", action="store_true",
                         help="run the forward pass under bf16 autocast (weights, optimiser and loss stay fp32): "
                              "1.44x the fp32 step rate on an AVX-512 CPU with bf16 instructions "
@@ -133,7 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"AdamW's peak learning rate, before warm-up and poly decay ({LEARNING_RATE:g})")
     parser.add_argument("--light-decoder", action="store_true",
                         help="one conv in the full-resolution encoder stage and in each decoder stage "
-                             "instead of two: ~1.4x the step rate, 1.26 M parameters instead of 1.41 M")
+                             "instead of two: ~1.4x the step rate, 1.26 M parameters instead of 1.41 M "
+                             "(models/default is trained with it)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from <out>/fold_all/checkpoint_latest.pth (same --work-dir)")
     return parser.parse_args(argv)
