@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from evaluation.phantoms import generate_flare_case, generate_phantom, write_case  # noqa: E402
+from evaluation.run_efficiency import machine_facts  # noqa: E402
 
 GOAL_S = 30.0
 SMALL_SHAPE = (96, 160, 160)
@@ -91,19 +91,18 @@ def main() -> int:
         benchmark="phantoms", case="flare_z554", shape_zyx=[554, 512, 512], seed=args.seed, goal_s=GOAL_S,
         goal_met=best["total_s"] <= GOAL_S, best=best, runs=runs, small_cases=small,
         itk_nii_gz_image_write_s=itk_s,
-        machine=dict(cpu_count=os.cpu_count(), platform=platform.platform(), python=platform.python_version(),
-                     numpy=np.__version__, simpleitk=sitk.Version.VersionString()),
+        machine=machine_facts(simpleitk=sitk.Version.VersionString()),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "phantoms_benchmark.json").write_text(json.dumps(result, indent=1) + "\n")
+    machine = result["machine"]
     lines = [
         "# Phantom benchmark: generate + write the 512 x 512 x 554 efficiency case",
         "",
-        f"Machine: {result['machine']['cpu_count']} CPUs, {result['machine']['platform']}, Python "
-        f"{result['machine']['python']}, NumPy {result['machine']['numpy']}, SimpleITK "
-        f"{result['machine']['simpleitk']}; {result['date']}. Produced by `python benchmarks/bench_phantoms.py"
-        f" --repeats {args.repeats}`.",
+        f"Machine: {machine['cpu']}, {machine['cores']} CPUs, {machine['platform']}, Python {machine['python']}, "
+        f"NumPy {machine['numpy']}, SimpleITK {machine['simpleitk']}; {result['date']}. Produced by "
+        f"`python benchmarks/bench_phantoms.py --repeats {args.repeats}`.",
         "",
         "| run | load avg (1 min) before | generate (s) | write (s) | total (s) | image (MB) | label (MB) "
         "| lesions |",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -23,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluation.phantoms import generate_phantom  # noqa: E402
+from evaluation.run_efficiency import machine_facts  # noqa: E402
 from inference import PredictionSettings, load_model, predict_image  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -77,13 +77,12 @@ def main() -> None:
     summary = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]
                if key not in ("case", "shape_zyx")}
     result = {"model": args.model, "device": str(model.device), "rows": rows, "mean": summary,
-              "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
-                          "torch": torch.__version__},
+              "machine": machine_facts(torch_threads=torch.get_num_threads()),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "resample_back.json").write_text(json.dumps(result, indent=2))
     lines = ["# Resample back: logits (trilinear, argmax) vs labels (argmax, nearest)", "",
-             f"Model `{args.model}`, device {model.device}, {result['date']}, {platform.platform()}.", "",
+             f"Model `{args.model}`, device {model.device}, {result['date']}, {result['machine']['platform']}.", "",
              "| case | shape | export logits (s) | export labels (s) | agreement DSC | DSC vs truth: logits | labels |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

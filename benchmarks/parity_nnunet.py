@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -33,7 +32,10 @@ import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO))
 from make_blob_model import DEFAULT_FOLDER, PATCH_SIZE, dice, synthesize_case  # noqa: E402
+
+from evaluation.run_efficiency import machine_facts  # noqa: E402
 
 # (z, y, x) spacing in mm, (z, y, x) size, direction flips (x, y, z) as SimpleITK orders axes.
 CASE_GEOMETRIES = [
@@ -250,9 +252,7 @@ def main(argv=None) -> int:
     summary = {
         "benchmark": "parity with nnU-Net v2 nnUNetPredictor (CPU)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "torch_threads": args.threads},
+        "machine": machine_facts(torch_threads=args.threads),
         "versions": {"ours": {**versions(sys.executable), "git_commit": git_commit()},
                      "nnunet_env": nnunet_versions},
         "model": {"folder": str(model.relative_to(REPO) if model.is_relative_to(REPO) else model),
@@ -312,7 +312,7 @@ def markdown(summary: dict) -> str:
     lines = [
         "# Parity with nnU-Net v2 (`nnUNetPredictor`), CPU",
         "",
-        f"{summary['date']} · {machine['cpu_count']} CPUs ({machine['processor']}) · {machine['platform']} · "
+        f"{summary['date']} · {machine['cores']} CPUs ({machine['cpu']}) · {machine['platform']} · "
         f"{machine['torch_threads']} torch thread(s) for both engines · ours: torch "
         f"{versions_['ours'].get('torch')}, commit {versions_['ours'].get('git_commit')} · peer: nnunetv2 "
         f"{versions_['nnunet_env'].get('nnunetv2')}, torch {versions_['nnunet_env'].get('torch')}",

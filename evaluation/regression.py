@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from evaluation.run_efficiency import machine_facts
 from inference import PredictionSettings, load_model, predict_image
 from inference.model.folder import make_dataset_json, make_plans, plain_unet_arch_kwargs, write_model_folder
 from inference.model.network import build_network
@@ -116,8 +116,7 @@ def _measure(repeats: int) -> dict:
         "ratio": statistics.median(pipeline_times) / calibration,
         "stage_ratios": {s: statistics.median(t) / calibration for s, t in stage_times.items()},
         "repeats": repeats,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "machine": machine_facts(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
