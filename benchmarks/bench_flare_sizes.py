@@ -50,9 +50,8 @@ def representative_model(out_dir: Path) -> Path:
     """nnU-Net's ResEnc-L layout (n_blocks 1,3,4,6,6,6; one decoder conv a stage), as seeds/000 shipped."""
     if (out_dir / "fold_all" / "checkpoint_final.pth").exists():
         return out_dir
-    arch = plain_unet_arch_kwargs(6, base_features=32, max_features=320, residual=True)
-    arch["n_blocks_per_stage"] = [1, 3, 4, 6, 6, 6]
-    arch["n_conv_per_stage_decoder"] = [1] * 5
+    arch = plain_unet_arch_kwargs(6, base_features=32, max_features=320, residual=True,
+                                  n_conv_per_stage=[1, 3, 4, 6, 6, 6], n_conv_per_stage_decoder=1)
     plans = make_plans(spacing=[1.4, 1.4, 1.4], patch_size=[160, 160, 160], arch_kwargs=arch,
                        intensity_properties=SYNTHETIC_CT_INTENSITIES, residual=True)
     return write_random_model_folder(out_dir, plans, make_dataset_json())
