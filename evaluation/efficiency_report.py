@@ -167,35 +167,70 @@ def _series(values) -> np.ndarray:
     return np.asarray([math.nan if v is None else v for v in (values or [])], dtype=float)
 
 
+def timeline_segments(timeline: dict | None) -> list[tuple[str, float, float]]:
+    """(label, start, end) in seconds since launch from a record's `timeline` (run_efficiency.engine_timeline):
+    the start-up before the engine's first line of Python, its imports, the model load, each stage of the
+    case, and the exit (process and container teardown) after the mask was written."""
+    if not timeline:
+        return []
+    segments = []
+    startup = [("container + interpreter start", 0.0, timeline.get("process_start")),
+               ("imports", timeline.get("process_start"), timeline.get("imports_done")),
+               ("model load", timeline.get("imports_done"), timeline.get("model_loaded"))]
+    segments += [(label, begin, end) for label, begin, end in startup if begin is not None and end is not None]
+    stages = [name[:-len("_start")] for name in timeline if name.endswith("_start")]
+    segments += [(stage, timeline[f"{stage}_start"], timeline[stage]) for stage in stages if stage in timeline]
+    last = max((end for _, _, end in segments), default=None)
+    if last is not None and "ended" in timeline:
+        segments.append(("exit + teardown", last, timeline["ended"]))
+    return segments
+
+
+def _plot_timeline(axis, segments: list[tuple[str, float, float]]) -> None:
+    colours = _pyplot().get_cmap("tab20").colors
+    for row, (label, begin, end) in enumerate(segments):
+        axis.barh(row, max(end - begin, 0.0), left=begin, color=colours[row % len(colours)])
+        axis.text(end, row, f"  {label} {end - begin:.2f} s", va="center", fontsize="x-small")
+    axis.set_yticks([])
+    axis.invert_yaxis()
+    axis.set_ylabel("timeline")
+
+
 def plot_case(record: dict, path: Path, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
               gpu_limit_mb: float = DEFAULT_GPU_LIMIT_MB) -> None:
-    """Memory-time curve with the GPU limit line and the time-limit mark; CPU and RSS in a second panel."""
+    """Per case: the engine's timeline (with --timeline), the memory-time curve with the GPU limit line
+    (only where GPU memory was sampled), and CPU and RSS of the process tree; time-limit mark on each."""
     plt = _pyplot()
     seconds = float(record["time"])
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
     gpu = _series(record.get("gpu_memory"))
-    if np.isfinite(gpu).any():
-        top.plot(_seconds_from_launch(record, len(gpu)), gpu, color="tab:blue", label="GPU memory used")
-        top.set_ylim(0, max(np.nanmax(gpu), gpu_limit_mb) * 1.1)
-    else:
-        top.text(0.5, 0.5, "no GPU samples (NVML unavailable or not requested)", ha="center", va="center",
-                 transform=top.transAxes, color="grey")
-        top.set_ylim(0, gpu_limit_mb * 1.1)
-    top.axhline(gpu_limit_mb, color="tab:red", linestyle="--", label=f"{gpu_limit_mb:g} MB limit")
+    segments = timeline_segments(record.get("timeline"))
+    panels = (["timeline"] if segments else []) + (["gpu"] if np.isfinite(gpu).any() else []) + ["cpu"]
+    heights = {"timeline": 0.25 * len(segments) + 0.6, "gpu": 3.0, "cpu": 3.0}
+    figure, axes = plt.subplots(len(panels), 1, figsize=(9, 1.0 + sum(heights[p] for p in panels)), sharex=True,
+                                gridspec_kw={"height_ratios": [heights[p] for p in panels]}, squeeze=False)
+    axes = dict(zip(panels, axes[:, 0]))
     # A run far below the time limit would be squeezed against the left edge: the mark then stays off-scale.
     show_time_limit = seconds >= 0.25 * time_limit_s
-    for axis in (top, bottom):
+    for axis in axes.values():
         if show_time_limit:
             axis.axvline(time_limit_s, color="tab:red", linestyle=":", label=f"{time_limit_s:g} s limit")
         axis.axvline(seconds, color="black", linewidth=0.8, label=f"run ended ({seconds:.1f} s)")
+    if segments:
+        _plot_timeline(axes["timeline"], segments)
+    if "gpu" in axes:
+        top = axes["gpu"]
+        top.plot(_seconds_from_launch(record, len(gpu)), gpu, color="tab:blue", label="GPU memory used")
+        top.set_ylim(0, max(np.nanmax(gpu), gpu_limit_mb) * 1.1)
+        top.axhline(gpu_limit_mb, color="tab:red", linestyle="--", label=f"{gpu_limit_mb:g} MB limit")
+        top.set_ylabel("GPU memory (MB, whole device)")
+        top.legend(loc="upper left", fontsize="small")
+    bottom = axes["cpu"]
     if not show_time_limit:
-        top.text(0.99, 0.02, f"{time_limit_s:g} s limit off-scale ->", ha="right", va="bottom",
-                 transform=top.transAxes, color="tab:red", fontsize="small")
-    top.set_ylabel("GPU memory (MB, whole device)")
-    top.legend(loc="upper left", fontsize="small")
-    peak_text = f"{np.nanmax(gpu):.0f} MB" if np.isfinite(gpu).any() else "-"
-    top.set_title(f"{record['name']}  status={record.get('status', '?')}  time={seconds:.2f} s  "
-                  f"peak GPU={peak_text}")
+        bottom.text(0.99, 0.02, f"{time_limit_s:g} s limit off-scale ->", ha="right", va="bottom",
+                    transform=bottom.transAxes, color="tab:red", fontsize="small")
+    peak_text = f"{np.nanmax(gpu):.0f} MB" if np.isfinite(gpu).any() else "not sampled (no GPU)"
+    axes[panels[0]].set_title(f"{record['name']}  status={record.get('status', '?')}  time={seconds:.2f} s  "
+                              f"peak GPU={peak_text}", fontsize="medium")
     cpu, rss = _series(record.get("tree_cpu_percent")), _series(record.get("tree_rss_mb"))
     bottom.plot(_seconds_from_launch(record, len(cpu)), cpu, color="tab:green", label="CPU % (process tree)")
     bottom.set_ylabel("CPU % (100 = one core)")

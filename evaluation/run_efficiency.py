@@ -2,6 +2,7 @@
 
     python -m evaluation.run_efficiency --cases DIR (--docker IMAGE | --command CMD) --out OUT
                                         [--gpu N] [--timeout S] [--time-limit 45] [--gpu-limit-mb 4096]
+                                        [--engine docker|podman] [--timeline]
 
 For every `<case>_0000.nii.gz` in DIR (or DIR/images/): a fresh inputs folder holding only that file, a
 fresh outputs folder, a sampler process (evaluation.resource_sampler: whole-GPU used memory via NVML,
@@ -11,6 +12,11 @@ script). The run is either the official docker command or, for development, a sh
 INPUT_DIR / OUTPUT_DIR set to the fresh folders. A run without `<case>.nii.gz` in its outputs, with a
 non-zero exit code, or past --timeout (killed) is a failed case; the exit code is 1 when any case failed.
 
+`--engine podman` runs the same official arguments with podman instead of the docker client. `--timeline`
+also asks the engine for its start-up and stage timestamps (TIMINGS_JSON, written to a folder of the
+case's own, the only addition to the command) and draws them on the per-case figure, from launch to the
+container's end.
+
 OUT gets: run_info.json (GPU name, host, date, settings), efficiency.csv (official columns + ours),
 summary.png, cases/<case>_0000.json (raw samples; official keys + ours), cases/<case>_0000.png,
 cases/<case>.log (the run's stdout/stderr) and predictions/<case>.nii.gz. See docs/efficiency.md.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -42,6 +49,8 @@ from evaluation.resource_sampler import (MIB, REPO_ROOT, GpuUnavailable, Sampler
 CASE_SUFFIX = "_0000.nii.gz"
 CONTAINER_INPUTS = "/workspace/inputs/"
 CONTAINER_OUTPUTS = "/workspace/outputs/"
+CONTAINER_TIMINGS = "/workspace/timings/"
+TIMINGS_NAME = "timings.json"
 FAILED_EXIT = 1
 USAGE_EXIT = 2
 
@@ -98,19 +107,25 @@ def container_name(case: str, prefix: str = "flare-eff") -> str:
 
 
 def build_docker_argv(image: str, name: str, inputs: Path, outputs: Path, gpu: int, memory: str = "28G",
-                      shm_size: str = "28gb", docker: str = "docker") -> list[str]:
+                      shm_size: str = "28gb", docker: str = "docker", timings: Path | None = None) -> list[str]:
     """The official FLARE command as an argv list (no shell):
 
     docker container run --gpus "device=N" -m 28G --shm-size=28gb --name NAME --rm
         -v IN:/workspace/inputs/ -v OUT:/workspace/outputs/ IMAGE:latest /bin/bash -c "sh predict.sh"
+
+    `timings` (a host folder) adds `-e TIMINGS_JSON=... -v TIMINGS:/workspace/timings/`: the engine's
+    timestamps land there, never in the outputs folder.
     """
-    for folder in (inputs, outputs):
+    folders = (inputs, outputs) + ((timings,) if timings is not None else ())
+    for folder in folders:
         if ":" in str(folder):
             raise HarnessError(f"{folder}: a path with ':' cannot be mounted with docker -v")
+    extra = [] if timings is None else ["-e", f"TIMINGS_JSON={CONTAINER_TIMINGS}{TIMINGS_NAME}",
+                                        "-v", f"{Path(timings).resolve()}/:{CONTAINER_TIMINGS}"]
     return [docker, "container", "run", "--gpus", f"device={gpu}", "-m", memory, f"--shm-size={shm_size}",
             "--name", name, "--rm",
             "-v", f"{Path(inputs).resolve()}/:{CONTAINER_INPUTS}",
-            "-v", f"{Path(outputs).resolve()}/:{CONTAINER_OUTPUTS}",
+            "-v", f"{Path(outputs).resolve()}/:{CONTAINER_OUTPUTS}", *extra,
             docker_image_ref(image), "/bin/bash", "-c", "sh predict.sh"]
 
 
@@ -165,6 +180,7 @@ class Settings:
     memory: str = "28G"
     shm_size: str = "28gb"
     docker: str = "docker"
+    timeline: bool = False
 
 
 def kill_run(process: subprocess.Popen, container: str | None, docker: str) -> None:
@@ -196,6 +212,25 @@ def _last_log_line(log_path: Path) -> str:
     return lines[-1][:200] if lines else ""
 
 
+def engine_timeline(timings_path: Path, launch: float, end: float) -> dict | None:
+    """The engine's timestamps (its --timings JSON) as seconds since launch, in the order they happen:
+    process_start, imports_done, model_loaded, then each stage's start (`<stage>_start`) and end, and
+    `ended` (the run's end as the harness saw it: process exit and, for a container, its removal).
+    None when the engine wrote no usable file (it failed, or it is not our engine)."""
+    try:
+        report = json.loads(timings_path.read_text())
+        startup = report["startup"]
+        stages = next(iter(report["cases"].values()))["at"]
+    except (OSError, ValueError, KeyError, StopIteration, TypeError):
+        return None
+    points = {name: startup.get(name) for name in ("process_start", "imports_done", "model_loaded")}
+    for stage, (begin, finish) in stages.items():
+        points[f"{stage}_start"], points[stage] = begin, finish
+    points["ended"] = end
+    return {name: round(at - launch, 3) for name, at in sorted(points.items(), key=lambda item: item[1] or 0)
+            if isinstance(at, (int, float))}
+
+
 def run_case(case: str, image: Path, settings: Settings, out_dir: Path) -> dict:
     """Run one case with the sampler around it; returns its record (raw samples and outcome)."""
     cases_dir, predictions = out_dir / "cases", out_dir / "predictions"
@@ -203,18 +238,24 @@ def run_case(case: str, image: Path, settings: Settings, out_dir: Path) -> dict:
     record = {"name": image.name, "case": case, "mode": settings.mode, "status": "", "output_found": False,
               "error": "", "returncode": None, "time_limit_s": None, "gpu_limit_mb": None}
     case_dir, inputs, outputs = prepare_case_folders(out_dir / "work", case, image)
+    timings_dir = case_dir / "timings" if settings.timeline else None
+    if timings_dir is not None:
+        timings_dir.mkdir()
+        timings_dir.chmod(0o777)  # as outputs/: the container may write as another user
     container = None
     env = dict(os.environ)
     if settings.mode == "docker":
         container = container_name(case)
         argv = build_docker_argv(settings.target, container, inputs, outputs, settings.gpu, settings.memory,
-                                 settings.shm_size, settings.docker)
+                                 settings.shm_size, settings.docker, timings_dir)
         popen_args = {"args": argv}
         record.update(argv=argv, container_name=container)
     else:
         env.update(INPUT_DIR=str(inputs), OUTPUT_DIR=str(outputs),
                    # The command runs on the GPU that is sampled (NVML numbering = PCI bus order).
                    CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=str(settings.gpu))
+        if timings_dir is not None:
+            env["TIMINGS_JSON"] = str(timings_dir / TIMINGS_NAME)
         popen_args = {"args": settings.target, "shell": True}
         record.update(command=settings.target, workdir=str(settings.workdir))
     samples_path = case_dir / "samples.json"
@@ -263,6 +304,8 @@ def run_case(case: str, image: Path, settings: Settings, out_dir: Path) -> dict:
         except SamplerError as error:
             samples = {"sampler_error": str(error)}
     record.update(time=end - start, launch_time=start, end_time=end, container_pid=found.get("container_pid"))
+    if timings_dir is not None:
+        record["timeline"] = engine_timeline(timings_dir / TIMINGS_NAME, start, end)
     for key in ("gpu_memory", "cpu_list", "RAM_list", "timestamps", "tree_cpu_percent", "tree_rss_mb",
                 "tree_processes"):
         record[key] = samples.get(key, [])
@@ -365,7 +408,9 @@ def run_info(settings: Settings, gpu_info: dict | None, gpu_note: str | None, ar
         "image": docker_image_ref(settings.target) if settings.mode == "docker" else None,
         "command": settings.target if settings.mode == "command" else None,
         "workdir": str(settings.workdir) if settings.mode == "command" else None,
+        "container_engine": Path(settings.docker).name if settings.mode == "docker" else None,
         "docker_server_version": _docker_server_version(settings.docker) if settings.mode == "docker" else None,
+        "timeline": settings.timeline,
         "docker_memory": settings.memory if settings.mode == "docker" else None,
         "docker_shm_size": settings.shm_size if settings.mode == "docker" else None,
         "cases_dir": str(Path(args.cases).resolve()),
@@ -387,7 +432,8 @@ def parse_args(argv=None):
     parser.add_argument("--cases", required=True, type=Path,
                         help="folder of <case>_0000.nii.gz files (or a FLARE dataset root with images/)")
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--docker", metavar="IMAGE", help="docker image (':latest' added when no tag is given)")
+    target.add_argument("--docker", metavar="IMAGE",
+                        help="image to run with the official command (':latest' added when no tag is given)")
     target.add_argument("--command", metavar="CMD",
                         help="shell command run per case with INPUT_DIR/OUTPUT_DIR set, e.g. 'sh predict.sh'")
     parser.add_argument("--out", required=True, type=Path, help="results folder")
@@ -399,6 +445,12 @@ def parse_args(argv=None):
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between samples (0.1)")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT,
                         help="working directory of --command (the repository root)")
+    parser.add_argument("--engine", default="docker",
+                        help="container client that runs the official command: docker (default) or podman, "
+                             "which takes the same arguments")
+    parser.add_argument("--timeline", action="store_true",
+                        help="record the engine's start-up and stage timestamps (adds TIMINGS_JSON and a "
+                             "timings mount to the command) and draw them on each case's figure")
     parser.add_argument("--memory", default="28G", help="docker -m value (28G; FLARE25 lite used 8G)")
     parser.add_argument("--shm-size", default="28gb", help="docker --shm-size value (28gb)")
     parser.add_argument("--max-cases", type=int, default=None, help="only the first N cases (sorted by name)")
@@ -426,8 +478,8 @@ def main(argv=None) -> int:
         cases = find_cases(args.cases)
         if args.timeout <= 0 or args.interval <= 0:
             raise HarnessError("--timeout and --interval must be positive")
-        if args.docker is not None and shutil.which("docker") is None:
-            raise HarnessError("docker client not found on PATH")
+        if args.docker is not None and shutil.which(args.engine) is None:
+            raise HarnessError(f"{args.engine}: container client not found on PATH")
         if args.command is not None and not args.workdir.is_dir():
             raise HarnessError(f"{args.workdir}: --workdir is not a folder")
     except HarnessError as error:
@@ -450,7 +502,7 @@ def main(argv=None) -> int:
                         target=args.docker if args.docker is not None else args.command, gpu=args.gpu,
                         sample_gpu=gpu_info is not None, timeout_s=args.timeout, interval_s=args.interval,
                         workdir=args.workdir.resolve(), memory=args.memory, shm_size=args.shm_size,
-                        docker=shutil.which("docker") or "docker")
+                        docker=shutil.which(args.engine) or args.engine, timeline=args.timeline)
 
     out_dir = args.out.resolve()
     (out_dir / "cases").mkdir(parents=True, exist_ok=True)

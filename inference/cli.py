@@ -18,7 +18,7 @@ from . import io
 from .errors import CaseError, ModelError
 from .model import load_model
 from .pipeline import PredictionSettings, predict_image
-from .timing import STAGE_ORDER
+from .timing import STAGE_ORDER, StageTimer, process_start_time
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 log = logging.getLogger("inference")
@@ -79,14 +79,13 @@ def settings_from_args(args: argparse.Namespace) -> PredictionSettings:
 
 def predict_case(path: Path, output_path: Path, model, settings: PredictionSettings) -> dict:
     timings: dict = {}
+    timer = StageTimer(timings=timings)  # read and write are host-side: nothing to synchronise
     start = time.perf_counter()
-    read_start = time.perf_counter()
-    image = io.read_image(path)
-    timings["read"] = time.perf_counter() - read_start
+    with timer("read"):
+        image = io.read_image(path)
     mask = predict_image(image, model, settings, timings)
-    write_start = time.perf_counter()
-    io.write_image_atomically(mask, output_path)
-    timings["write"] = time.perf_counter() - write_start
+    with timer("write"):
+        io.write_image_atomically(mask, output_path)
     timings["total"] = time.perf_counter() - start
     return timings
 
@@ -96,6 +95,7 @@ def format_timings(timings: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    imports_done_at = time.time()  # this module's imports (torch among them) are the start-up's bulk
     args = build_parser().parse_args(argv)
     # Before CUDA starts: without it the caching allocator's reserve ran 1.53x the allocated peak on a
     # 192^3 ResEnc-L window, with it 1.26x (results/gpu_forward_memory.md), and the whole device is what counts.
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.model, args.folds, args.checkpoint, args.device,
                            args.configuration, args.backend)
         load_seconds = time.perf_counter() - load_start
+        model_loaded_at = time.time()
     except (CaseError, ModelError, ValueError) as err:
         log.error("error: %s", err)
         return 2
@@ -116,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     settings.progress = not args.quiet
     log.info("model %s (folds %s, %s on %s) loaded in %.2f s; %d case(s)", args.model,
              ",".join(model.folds), model.backend, model.device, load_seconds, len(cases))
+    # Absolute times (seconds since the epoch) of the start-up, for timelines drawn beside the container's
+    # own start and end (evaluation/run_efficiency.py); each case adds its stages' [start, end] under "at".
+    startup = {"process_start": process_start_time(), "imports_done": imports_done_at,
+               "model_loaded": model_loaded_at}
     report = {"model": str(args.model), "device": str(model.device), "backend": model.backend,
-              "folds": list(model.folds), "model_load_s": load_seconds, "cases": {}}
+              "folds": list(model.folds), "model_load_s": load_seconds, "startup": startup, "cases": {}}
     failures = 0
     for path in tqdm(cases, desc="cases", unit="case", disable=args.quiet or len(cases) < 2):
         output_path = output_dir / f"{io.case_id(path)}.nii.gz"
