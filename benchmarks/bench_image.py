@@ -5,7 +5,7 @@ In a podman image store of its own (a temporary folder; the machine's store is l
    project image; podman and the host's pip caches already present), then again with nothing changed;
    image sizes;
 2. the submission file: `podman save --format docker-archive | gzip` (what `docker save | gzip` makes),
-   its size, then `podman load` into a second empty store and one case run from the loaded image;
+   its size, then `gzip -dc | podman load` into a second empty store and one case run from the loaded image;
 3. per case: the efficiency harness (`evaluation.run_efficiency --docker NAME --engine podman --timeline`)
    on FLARE-size phantoms (default 55 and 215 slices of 512 x 512): wall time from launch to the
    container's removal, as the official script measures it, with the engine's own timestamps (process
@@ -71,6 +71,16 @@ def store_env(root: Path) -> dict:
     return env
 
 
+def remove_store(work: Path, env) -> None:
+    """Remove the images and the folder; podman leaves its storage driver's folder mounted."""
+    subprocess.run(["podman", "rmi", "-a", "-f"], env=env, capture_output=True)
+    with open("/proc/mounts") as mounts:
+        points = [line.split()[1] for line in mounts if line.split()[1].startswith(str(work))]
+    for point in sorted(points, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def timed(argv, env, **kwargs) -> tuple[float, subprocess.CompletedProcess]:
     start = time.perf_counter()
     result = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, **kwargs)
@@ -109,7 +119,8 @@ def save_and_load(env, work: Path, case_image: Path) -> dict:
     save_s = time.perf_counter() - start
     clean = store_env(work / "clean-store")
     say("load into an empty store")
-    load_s, _ = timed(["podman", "load", "-i", str(archive)], clean)
+    # podman 4.3's `load -i` does not recognise a gzipped docker-archive (Docker's does): unzip the stream.
+    load_s, _ = timed(["bash", "-c", f"gzip -dc '{archive}' | podman load"], clean)
     folders = work / "loaded-run"
     (folders / "inputs").mkdir(parents=True)
     (folders / "outputs").mkdir()
@@ -119,7 +130,7 @@ def save_and_load(env, work: Path, case_image: Path) -> dict:
                       f"{folders}/outputs/:/workspace/outputs/", f"{NAME}:latest", "/bin/bash", "-c",
                       "sh predict.sh"], clean)
     outputs = sorted(p.name for p in (folders / "outputs").iterdir())
-    subprocess.run(["podman", "rmi", "-a", "-f"], env=clean, capture_output=True)
+    remove_store(work / "clean-store", clean)
     return {"archive_bytes": archive.stat().st_size, "save_gzip_s": round(save_s, 1), "load_s": round(load_s, 1),
             "loaded_image_run_s": round(run_s, 1), "loaded_image_outputs": outputs,
             "loaded_image_ok": outputs == [case_image.name.replace("_0000.nii.gz", ".nii.gz")]}
@@ -165,7 +176,7 @@ def markdown(result: dict) -> str:
     build_, submission = result["build"], result["submission"]
     gb = 1e9
     lines = [f"# The submission image on {result['machine']['cpu']} ({result['machine']['cores']} cores, no GPU)", "",
-             f"Date {result['machine']['date']}; command `{result['command']}`; podman {result['podman']}; "
+             f"Date {result['machine']['date']}; command `{result['command']}`; {result['podman']}; "
              "base: the local stand-in (Debian bookworm, Python 3.11, torch 2.13.0+cpu), not the CUDA base.", "",
              "## Build and submission file", "",
              "| what | value |", "|---|---|",
@@ -187,6 +198,9 @@ def markdown(result: dict) -> str:
         extra = f"{row['time_s'] - other['time_s']:+.2f} s" if "time_s" in other else "-"
         lines.append(f"| {row['case']} | {row['time_s']:.2f} s ({row['status']}) | "
                      f"{other.get('time_s', float('nan')):.2f} s | {extra} |")
+    lines += ["", "The container's own cost (creation, mounts, the interpreter's start inside it, removal) is the "
+              "difference of two runs taken one after the other; on this shared machine a difference under about "
+              "a second is within run-to-run noise."]
     first = result["cases"][0]
     lines += ["", f"## Start-up timeline of {first['case']} (seconds since launch, engine timestamps)", "",
               "| point | container | host |", "|---|---|---|"]
@@ -207,6 +221,11 @@ def markdown(result: dict) -> str:
     lines += ["", f"Per-case figures (timeline, CPU, RSS): `{result['figures']}/container/cases/*.png`; the harness "
               "CSVs beside them. The machine is shared; timings vary by 10-25 % from run to run.", ""]
     return "\n".join(lines)
+
+
+def rewrite_markdown(json_path: Path) -> None:
+    """The .md beside a results .json, from it (after a change to the markdown only)."""
+    json_path.with_suffix(".md").write_text(markdown(json.loads(json_path.read_text())))
 
 
 def main(argv=None) -> int:
@@ -250,8 +269,7 @@ def main(argv=None) -> int:
         result["figures"] = str(figures.relative_to(REPO)) if figures.is_relative_to(REPO) else str(figures)
     finally:
         if args.keep_store is None:
-            subprocess.run(["podman", "rmi", "-a", "-f"], env=env, capture_output=True)
-            shutil.rmtree(work, ignore_errors=True)
+            remove_store(work, env)
     stem = args.out / f"image_{tag}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     stem.with_suffix(".md").write_text(markdown(result))

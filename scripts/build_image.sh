@@ -128,6 +128,9 @@ build_standin_base() {
     -t "$standin" -f scripts/container/standin-base.Containerfile scripts/container > "$BUILD_DIR/base.log" 2>&1 \
     || { say "stand-in base build failed; last lines:"; tail -n 20 "$BUILD_DIR/base.log" >&2; exit 1; }
   BASE_IMAGE=$standin
+  # Stand-ins of earlier recipes are no longer used by a new build: untag them (layers still used stay).
+  podman images --format '{{.Repository}}:{{.Tag}}' | grep '^localhost/flare-standin-base:' \
+    | grep -v ":$recipe_digest\$" | xargs -r podman rmi > /dev/null 2>&1 || true
 }
 
 if [ -n "${BASE_IMAGE:-}" ]; then
