@@ -42,6 +42,8 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from evaluation.lesion_metrics import LESION_COLUMNS, lesion_metrics
+from inference.errors import CaseError as EngineCaseError
+from inference.io import check_nifti_data_length, sitk_reason
 from evaluation.surface_dice import surface_dice, union_bounding_box
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".nrrd")
@@ -52,6 +54,10 @@ PER_CASE_COLUMNS = OFFICIAL_COLUMNS + EXTRA_COLUMNS + LESION_COLUMNS
 SUMMARY_METRICS = ["Lesion_DSC", "Lesion_NSD", "lesion_precision", "lesion_recall", "lesion_f1",
                    "gt_lesions", "detected_lesions", "fp_components", "fp_volume_ml", "fn_volume_ml"]
 SUMMARY_COLUMNS = ["n", "mean", "std", "median", "q1", "q3"]
+
+
+# A prediction file that cannot be read (corrupt, cut short, not an image) scores 0/0, like a missing one.
+BROKEN_PREDICTION = "broken_prediction"
 
 
 class CaseError(Exception):
@@ -153,8 +159,11 @@ def _read(path: Path) -> sitk.Image:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
-        detail = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-        raise CaseError(f"{path}: cannot be read ({detail[:200]})") from None
+        raise CaseError(f"{path}: cannot be read ({sitk_reason(str(error))})") from None
+    try:
+        check_nifti_data_length(path)  # ITK reads a cut-short NIfTI as if the missing voxels were zeros
+    except EngineCaseError as error:
+        raise CaseError(str(error)) from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(f"{path}: not a 3D single-channel image "
                         f"(dimension {image.GetDimension()}, "
@@ -197,7 +206,13 @@ def evaluate_case(case: str, gt_path: Path, pred_paths: list[Path], tolerance_mm
                             + ", ".join(p.name for p in pred_paths))
         pred_path = pred_paths[0]
         gt_image = _read(gt_path)
-        pred_image = _read(pred_path)
+        try:
+            pred_image = _read(pred_path)
+        except CaseError as error:
+            # As the organisers score a missing output: 0/0, counted in the means (a broken file must not
+            # score better than no file); the reason stays in `error`.
+            row.update(Lesion_DSC=0.0, Lesion_NSD=0.0, rule=BROKEN_PREDICTION, error=str(error))
+            return row
         mismatch = geometry_mismatch(gt_image, pred_image)
         if mismatch:
             raise CaseError(f"{pred_path}: geometry differs from {gt_path.name}: {mismatch}")
@@ -226,7 +241,8 @@ def evaluate_folders(gt_dir, pred_dir, tolerance: float = 2.0, workers: int | No
     """Score every GT case in `gt_dir` against `pred_dir`; returns (per_case, summary) DataFrames.
 
     per_case: one row per GT case, columns PER_CASE_COLUMNS, sorted by case; rows with a non-empty
-    `error` have NaN metrics and are left out of the summary. Predictions without a GT file are reported
+    `error` have NaN metrics and are left out of the summary, except an unreadable prediction, which scores
+    0/0 like a missing one (rule `broken_prediction`, the reason in `error`). Predictions without a GT file are reported
     through `log` (default: print to stderr) and listed in per_case.attrs["unmatched_predictions"].
     """
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -275,7 +291,12 @@ def summarize(per_case: pd.DataFrame) -> pd.DataFrame:
     is the fraction of healthy cases (GT empty, prediction present) with any predicted lesion voxel:
     n = number of such healthy cases, mean = the rate.
     """
-    valid = per_case[per_case["error"].fillna("") == ""] if "error" in per_case else per_case
+    valid = per_case
+    if "error" in per_case:
+        scored = per_case["error"].fillna("") == ""
+        if "rule" in per_case:
+            scored |= per_case["rule"] == BROKEN_PREDICTION
+        valid = per_case[scored]
     table = {}
     for metric in SUMMARY_METRICS:
         values = pd.to_numeric(valid[metric], errors="coerce").dropna().to_numpy(np.float64)

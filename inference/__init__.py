@@ -3,10 +3,18 @@
     from inference import load_model, predict_image
     model = load_model("models/default")
     mask = predict_image(sitk.ReadImage("case_0000.nii.gz"), model)
-"""
-from .errors import CaseError, ModelError
-from .model import LoadedModel, load_model
-from .pipeline import PredictionSettings, predict_array, predict_image
 
-__all__ = ["CaseError", "ModelError", "LoadedModel", "PredictionSettings", "load_model",
-           "predict_array", "predict_image"]
+The names below are imported on first use, so that `inference.io` and `inference.errors` (file checks the
+evaluation harness shares) can be imported without torch.
+"""
+import importlib
+
+_EXPORTS = {"CaseError": ".errors", "ModelError": ".errors", "LoadedModel": ".model", "load_model": ".model",
+            "PredictionSettings": ".pipeline", "predict_array": ".pipeline", "predict_image": ".pipeline"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'inference' has no attribute {name!r}")

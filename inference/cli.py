@@ -8,10 +8,12 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
+import SimpleITK as sitk
 from tqdm import tqdm
 
 from . import io
@@ -94,6 +96,27 @@ def format_timings(timings: dict) -> str:
     return ", ".join(f"{s} {timings[s]:.2f}" for s in STAGE_ORDER if s in timings)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (`docker stop`), raised where Python is so that every `finally` runs: the partial mask of the
+    case being written is removed. A KeyboardInterrupt, so that the per-case `except Exception` lets it by."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+def case_error_line(path: Path, err: Exception) -> str:
+    """One line naming the case's file: the message itself when it already does."""
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if not isinstance(err, (CaseError, ModelError, ValueError)):
+        message = f"{type(err).__name__}: {message}"
+    return message if message.startswith(str(path)) else f"{path}: {message}"
+
+
 def main(argv: list[str] | None = None) -> int:
     imports_done_at = time.time()  # this module's imports (torch among them) are the start-up's bulk
     args = build_parser().parse_args(argv)
@@ -101,9 +124,25 @@ def main(argv: list[str] | None = None) -> int:
     # 192^3 ResEnc-L window, with it 1.26x (results/gpu_forward_memory.md), and the whole device is what counts.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    output_dir = Path(args.output)
+    # ITK prints multi-line warnings of its own; io.py checks what matters and says it in one line.
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    signal.signal(signal.SIGTERM, _stop)
+    done: list[str] = []
     try:
-        cases = io.find_cases(args.input)
+        return run(args, imports_done_at, done)
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        log.error("error: stopped by %s after %d case(s); no partial mask left", signal.Signals(signum).name,
+                  len(done))
+        return 128 + signum
+
+
+def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> int:
+    """The CLI's work; `done` receives the name of each case whose mask is written."""
+    try:
+        scan = io.find_cases(args.input)
+        outputs = io.output_paths(scan.cases, args.output)
+        io.prepare_output_folder(args.output)
         load_start = time.perf_counter()
         model = load_model(args.model, args.folds, args.checkpoint, args.device,
                            args.configuration, args.backend)
@@ -112,38 +151,40 @@ def main(argv: list[str] | None = None) -> int:
     except (CaseError, ModelError, ValueError) as err:
         log.error("error: %s", err)
         return 2
-    output_dir.mkdir(parents=True, exist_ok=True)
+    for path, reason in scan.skipped:
+        log.warning("skipped: %s: %s", path, reason)
     settings = settings_from_args(args)
     settings.progress = not args.quiet
+    total = len(scan.cases) + len(scan.broken)
     log.info("model %s (folds %s, %s on %s) loaded in %.2f s; %d case(s)", args.model,
-             ",".join(model.folds), model.backend, model.device, load_seconds, len(cases))
+             ",".join(model.folds), model.backend, model.device, load_seconds, total)
     # Absolute times (seconds since the epoch) of the start-up, for timelines drawn beside the container's
     # own start and end (evaluation/run_efficiency.py); each case adds its stages' [start, end] under "at".
     startup = {"process_start": process_start_time(), "imports_done": imports_done_at,
                "model_loaded": model_loaded_at}
     report = {"model": str(args.model), "device": str(model.device), "backend": model.backend,
               "folds": list(model.folds), "model_load_s": load_seconds, "startup": startup, "cases": {}}
-    failures = 0
-    for path in tqdm(cases, desc="cases", unit="case", disable=args.quiet or len(cases) < 2):
-        output_path = output_dir / f"{io.case_id(path)}.nii.gz"
+    failures = len(scan.broken)
+    for path, reason in scan.broken:
+        log.error("error: %s: %s", path, reason)
+        report["cases"][path.name] = {"error": reason}
+    for path in tqdm(scan.cases, desc="cases", unit="case", disable=args.quiet or len(scan.cases) < 2):
+        output_path = outputs[path]
         if args.skip_existing and output_path.exists():
             continue
         try:
             timings = predict_case(path, output_path, model, settings)
-        except (CaseError, ModelError, ValueError) as err:
-            failures += 1
-            log.error("error: %s", err)
-            report["cases"][path.name] = {"error": str(err)}
-            continue
         except Exception as err:  # one broken case must not stop the others
             failures += 1
-            log.error("error: %s: %s: %s", path, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-            report["cases"][path.name] = {"error": f"{type(err).__name__}: {err}"}
+            line = case_error_line(path, err)
+            log.error("error: %s", line)
+            report["cases"][path.name] = {"error": line}
             continue
+        done.append(path.name)
         report["cases"][path.name] = timings
         log.info("%s: %.2f s (%s)", io.case_id(path), timings["total"], format_timings(timings))
     if args.timings:
         Path(args.timings).write_text(json.dumps(report, indent=2))
     if failures:
-        log.error("error: %d of %d case(s) failed", failures, len(cases))
+        log.error("error: %d of %d case(s) failed", failures, total)
     return 1 if failures else 0

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
+import shutil
 import struct
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +17,22 @@ import SimpleITK as sitk
 
 from .errors import CaseError
 
+log = logging.getLogger("inference")
+
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 CHANNEL_SUFFIX = "_0000"
+# Masks are written into a hidden folder of this prefix inside the output folder, then renamed into place:
+# a scorer listing `*.nii.gz` never sees a partial mask, even one a killed run left behind.
+PARTIAL_PREFIX = ".flare-partial-"
+STALE_PARTIAL_S = 600  # a mask is written in seconds: a partial folder this old was left by a killed run
 
 
 def split_suffix(name: str) -> tuple[str, str]:
+    """(stem, suffix) for an image file name; the suffix is matched case-insensitively (`.NII.GZ`)."""
+    lower = name.lower()
     for suffix in IMAGE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)], suffix
+        if lower.endswith(suffix):
+            return name[: -len(suffix)], name[-len(suffix):]
     return name, ""
 
 
@@ -30,20 +42,80 @@ def case_id(path: Path) -> str:
     return stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) else stem
 
 
-def find_cases(input_dir: str | Path) -> list[Path]:
-    """Image files of the first channel, sorted; other channels (_0001, ...) are not cases."""
+@dataclass
+class CaseScan:
+    """What an input folder holds: the cases, image-like entries that are not cases (and why), and
+    image-like entries that should be cases but cannot be read (each a failed case)."""
+
+    cases: list[Path]
+    skipped: list[tuple[Path, str]]
+    broken: list[tuple[Path, str]]
+
+
+def find_cases(input_dir: str | Path) -> CaseScan:
+    """Image files of the first channel, sorted. Every entry with an image suffix is a case, skipped with a
+    reason (hidden, another channel) or broken (a dangling link, a folder); a folder with no case at all is
+    an error."""
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise CaseError(f"{input_dir}: input folder not found")
-    cases = []
+    scan = CaseScan([], [], [])
     for path in sorted(input_dir.iterdir()):
         stem, suffix = split_suffix(path.name)
-        if not suffix or not path.is_file() or path.name.startswith("."):
+        if not suffix:
             continue
-        if stem[-5:-4] == "_" and stem[-4:].isdigit() and not stem.endswith(CHANNEL_SUFFIX):
-            continue
-        cases.append(path)
-    return cases
+        if path.name.startswith("."):
+            scan.skipped.append((path, "hidden file"))
+        elif stem[-5:-4] == "_" and stem[-4:].isdigit() and not stem.endswith(CHANNEL_SUFFIX):
+            scan.skipped.append((path, f"channel {stem[-4:]} of a multi-channel case (only {CHANNEL_SUFFIX} is read)"))
+        elif path.is_symlink() and not path.exists():
+            scan.broken.append((path, f"dangling symbolic link to {os.readlink(path)}"))
+        elif not path.is_file():
+            scan.broken.append((path, "not a file"))
+        else:
+            scan.cases.append(path)
+    if not scan.cases and not scan.broken:
+        raise CaseError(f"{input_dir}: no case in it (no {', '.join(IMAGE_SUFFIXES)} file"
+                        + (f"; {len(scan.skipped)} skipped" if scan.skipped else "") + ")")
+    return scan
+
+
+def output_paths(cases: list[Path], output_dir: str | Path) -> dict[Path, Path]:
+    """Each case's mask path, `<output_dir>/<case>.nii.gz`. Refuses (CaseError) before any work when two
+    cases would write the same mask, or a mask would replace an input."""
+    output_dir = Path(output_dir)
+    planned: dict[Path, Path] = {}
+    writers: dict[Path, Path] = {}
+    inputs = {path.resolve() for path in cases}
+    for path in cases:
+        output = output_dir / f"{case_id(path)}.nii.gz"
+        key = output.resolve()
+        if key in writers:
+            raise CaseError(f"{writers[key]} and {path} would both be written to {output}; rename one")
+        if key in inputs:
+            raise CaseError(f"{output}: the mask of {path.name} would replace an input image; use another "
+                            "output folder")
+        writers[key], planned[path] = path, output
+    return planned
+
+
+def prepare_output_folder(output_dir: str | Path) -> None:
+    """Create the output folder, check it is writable (before any case runs the network), and remove
+    partial masks that a killed run left in it."""
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.TemporaryDirectory(prefix=PARTIAL_PREFIX, dir=output_dir)
+        probe.cleanup()
+    except OSError as err:
+        raise CaseError(f"{output_dir}: output folder cannot be written ({err.strerror or err})") from None
+    now = time.time()
+    for stale in output_dir.glob(f"{PARTIAL_PREFIX}*"):
+        try:
+            if now - stale.stat().st_mtime > STALE_PARTIAL_S:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def read_image(path: str | Path) -> sitk.Image:
@@ -51,7 +123,7 @@ def read_image(path: str | Path) -> sitk.Image:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
-        raise CaseError(f"{path}: cannot read image ({_sitk_reason(str(err))})") from None
+        raise CaseError(f"{path}: cannot read image ({sitk_reason(str(err))})") from None
     check_nifti_data_length(path)
     if image.GetDimension() != 3:
         raise CaseError(f"{path}: expected a 3D image, got {image.GetDimension()}D")
@@ -60,7 +132,52 @@ def read_image(path: str | Path) -> sitk.Image:
                         f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
     if min(image.GetSize()) < 1 or min(image.GetSpacing()) <= 0:
         raise CaseError(f"{path}: empty image or non-positive spacing {image.GetSpacing()}")
-    return image
+    warn_if_skewed_nifti(path)
+    return replace_non_finite(image, path)
+
+
+def replace_non_finite(image: sitk.Image, path: Path) -> sitk.Image:
+    """NaN and infinite voxels (float .mha/.nrrd; ITK's NIfTI reader already zeroes them) set to the lowest
+    finite value, with a warning: left in, they turn every window that touches them into background."""
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return image
+    array = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(array)
+    if finite.all():
+        return image
+    if not finite.any():
+        raise CaseError(f"{path}: no voxel has a finite value")
+    fill = array[finite].min()
+    repaired = sitk.GetImageFromArray(np.where(finite, array, fill).astype(array.dtype))
+    repaired.CopyInformation(image)
+    log.warning("warning: %s: %d NaN or infinite voxel(s) set to the lowest finite value, %g",
+                path, finite.size - np.count_nonzero(finite), fill)
+    return repaired
+
+
+def warn_if_skewed_nifti(path: Path) -> None:
+    """Warn (one line) when a NIfTI-1 sform's axes are not perpendicular: ITK then silently reads the
+    qform instead, so the mask is written on ITK's orthonormal reading of the geometry."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    try:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+            header = f.read(348)
+        endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+        if struct.unpack(endian + "i", header[:4])[0] != 348 or struct.unpack(endian + "h", header[254:256])[0] <= 0:
+            return
+        rows = np.array([struct.unpack(endian + "4f", header[offset:offset + 16]) for offset in (280, 296, 312)])
+    except (OSError, EOFError, struct.error):
+        return
+    axes = rows[:, :3]
+    lengths = np.linalg.norm(axes, axis=0)
+    if not np.all(lengths > 0):
+        return
+    cosines = (axes / lengths).T @ (axes / lengths)
+    worst = float(np.abs(cosines - np.eye(3)).max())
+    if worst > 1e-4:
+        log.warning("warning: %s: the header's sform axes are not perpendicular (cosine %.4f); ITK reads the "
+                    "qform instead, and the mask is written on that geometry", path, worst)
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:
@@ -103,6 +220,10 @@ def check_nifti_data_length(path: Path) -> None:
                 (stored_size,) = struct.unpack("<I", f.read(4))
             expected = _nifti_expected_bytes(header)
             complete = expected is None or stored_size == expected % 2 ** 32
+            if not complete:
+                # The trailer holds only the last member's size: a multi-member (bgzip) file, or one padded
+                # with zeros after the stream, ends otherwise. Count the data itself (rare, so not slow).
+                complete = _gzip_data_length(path) >= expected
         else:
             with open(path, "rb") as f:
                 header = f.read(544)
@@ -114,7 +235,16 @@ def check_nifti_data_length(path: Path) -> None:
         raise CaseError(f"{path}: truncated or corrupt NIfTI file (less voxel data than its header declares)")
 
 
-def _sitk_reason(message: str) -> str:
+def _gzip_data_length(path: Path) -> int:
+    """Uncompressed bytes of every gzip member of `path` (trailing zero padding ignored, as by gzip)."""
+    total = 0
+    with gzip.open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            total += len(chunk)
+    return total
+
+
+def sitk_reason(message: str) -> str:
     """The informative part of a SimpleITK/ITK exception, which starts with source file locations."""
     for line in message.splitlines():
         if "ERROR:" in line:
@@ -126,15 +256,42 @@ def _sitk_reason(message: str) -> str:
 
 
 def write_image_atomically(image: sitk.Image, path: str | Path) -> None:
-    """Write to a temporary file beside the target, then rename: no partial output ever exists."""
+    """Write into a hidden partial folder beside the target, check what was written, then rename: no partial
+    or cut-short mask ever exists under its final name.
+
+    ITK reports some write failures (a full disk among them) only on stderr and returns normally, so the
+    written file is checked: complete voxel data (check_nifti_data_length) and a readable header with the
+    image's size. A failed check is a CaseError and nothing is left behind.
+    """
     path = Path(path)
-    _, suffix = split_suffix(path.name)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp_", suffix=suffix or ".nii.gz", dir=path.parent)
-    os.close(fd)
+    partial = None
     try:
-        sitk.WriteImage(image, tmp_name, useCompression=True)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; the organisers read outputs as another user
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        partial = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=path.parent))
+        written = partial / path.name
+        try:
+            sitk.WriteImage(image, str(written), useCompression=True)
+        except RuntimeError as err:
+            raise CaseError(f"{path}: cannot write the mask ({sitk_reason(str(err))})") from None
+        verify_written(written, image, path)
+        os.chmod(written, 0o644)  # the organisers read outputs as another user
+        os.replace(written, path)
+    except OSError as err:
+        raise CaseError(f"{path}: cannot write the mask ({err.strerror or err})") from None
+    finally:
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def verify_written(written: Path, image: sitk.Image, target: Path) -> None:
+    """CaseError naming `target` unless `written` holds the whole image (see write_image_atomically)."""
+    try:
+        size_ok = written.stat().st_size > 0
+        check_nifti_data_length(written)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(written))
+        reader.ReadImageInformation()
+        header_ok = reader.GetSize() == image.GetSize()
+    except (CaseError, RuntimeError, OSError):
+        size_ok = header_ok = False
+    if not (size_ok and header_ok):
+        raise CaseError(f"{target}: the mask was not written completely (disk full or write error)")

@@ -7,6 +7,7 @@ on the device.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,6 +45,10 @@ class PredictionSettings:
     min_lesion_ml: float | None = None  # None: the model's lesion_filter.json (see lesion_filter.py)
     min_lesion_probability: float | None = None
     gpu_memory_budget_mb: float = 4096.0  # whole-device peak the inference patch must respect (FLARE)
+    # Bounds on a case's grid at the model's spacing (check_model_grid): a whole-body CT at 1 mm is ~10^8.5
+    # voxels; 2^28 (~268 M) leaves room and refuses a header in the wrong unit before it allocates terabytes.
+    max_model_voxels: int = 2 ** 28
+    max_upsampling: float = 64.0  # 4x per axis: 12 mm voxels to a 3 mm model; 60 mm voxels are refused
     progress: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -55,6 +60,27 @@ def crop_box(array: np.ndarray, spacing: tuple[float, ...], settings: Prediction
         return no_crop(array, spacing)
     return body_bounding_box(array, spacing, threshold_hu=settings.crop_threshold_hu,
                              margin_mm=settings.crop_margin_mm)
+
+
+def check_model_grid(cropped_shape: tuple[int, ...], spacing: tuple[float, ...], model: LoadedModel,
+                     settings: PredictionSettings) -> None:
+    """Refuse (CaseError) a case whose grid at the model's spacing is unreasonably large: a bogus header
+    (spacing in the wrong unit, 60 mm voxels) turns a small file into hours of network time or an
+    allocation of terabytes."""
+    config = model.config
+    shape = tuple(cropped_shape[a] for a in config.transpose_forward)
+    target = shape_at_spacing(shape, tuple(spacing[a] for a in config.transpose_forward), config.spacing)
+    voxels, source = math.prod(target), math.prod(shape)
+    grid = "x".join(map(str, target))
+    if voxels > settings.max_model_voxels:
+        gigabytes = voxels * (config.num_classes + 1) * 4 / 1e9
+        raise CaseError(f"{'x'.join(map(str, shape))} voxels of {spacing} mm would be {grid} voxels at the "
+                        f"model's spacing (about {gigabytes:,.0f} GB), over the limit of "
+                        f"{settings.max_model_voxels:,}: is the header's spacing in mm?")
+    if voxels > settings.max_upsampling * source:
+        raise CaseError(f"voxels of {spacing} mm would be up-sampled {voxels / source:,.0f}x to the model's "
+                        f"{config.spacing} mm ({grid}), over the limit of {settings.max_upsampling:g}x: "
+                        "is the header's spacing right?")
 
 
 def to_model_space(cropped: np.ndarray, spacing: tuple[float, ...], model: LoadedModel) -> torch.Tensor:
@@ -115,6 +141,8 @@ def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedMo
     config = model.config
     with timer("crop"):
         box = crop_box(array, spacing, settings)
+        check_model_grid(tuple(len(range(*s.indices(n))) for s, n in zip(box, array.shape)), spacing, model,
+                         settings)
         cropped = array[box].copy()  # contiguous, writable: torch needs both
     with timer("resample"):
         volume = to_model_space(cropped, spacing, model)

@@ -135,6 +135,7 @@ def test_cli_predicts_every_case_and_survives_a_bad_one(tmp_path, toy_model_dir)
 
 def test_cli_bad_model_folder_is_one_line(tmp_path):
     (tmp_path / "in").mkdir()
+    sitk.WriteImage(make_ct_image(shape_zyx=(8, 16, 16)), str(tmp_path / "in" / "case_0000.nii.gz"))
     result = run_cli("-i", tmp_path / "in", "-o", tmp_path / "out", "-m", tmp_path / "nope")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error:") and "model folder not found" in result.stderr

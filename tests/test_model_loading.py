@@ -88,7 +88,7 @@ def test_plans_cannot_import_arbitrary_code(tmp_path):
     plans = json.loads((model_dir / "plans.json").read_text())
     plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "os.system"
     (model_dir / "plans.json").write_text(json.dumps(plans))
-    with pytest.raises(ModelError, match="refusing to import 'os.system'"):
+    with pytest.raises(ModelError, match="network_class_name: refusing 'os.system'"):
         load_model(model_dir, device="cpu")
 
 

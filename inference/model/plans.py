@@ -61,16 +61,44 @@ class ModelConfig:
 def read_json(path: Path) -> dict:
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except FileNotFoundError:
         raise ModelError(f"{path}: file not found") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+_KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
+
+
+def field(mapping: dict, key: str, kind: type, source: Path, where: str = "", default=None, required=True):
+    """`mapping[key]` checked to be of `kind` (ModelError naming the file and the key's path otherwise).
+    Lists of numbers are checked for that too, with `kind=(list, int)` or `(list, float)`."""
+    name = f"{where}.{key}" if where else key
+    if key not in mapping:
+        if required:
+            raise ModelError(f"{source}: '{name}' is missing")
+        return default
+    value = mapping[key]
+    outer, inner = kind if isinstance(kind, tuple) else (kind, None)
+    numeric = (int, float) if outer is float else outer
+    if not isinstance(value, numeric) or isinstance(value, bool):
+        raise ModelError(f"{source}: '{name}' must be {_KINDS[outer]}, got {type(value).__name__}")
+    if inner is not None:
+        allowed = (int, float) if inner is float else inner
+        if not value or any(not isinstance(v, allowed) or isinstance(v, bool) for v in value):
+            raise ModelError(f"{source}: '{name}' must be a non-empty list of {_KINDS[inner][3:]}s")
+    return value
 
 
 def resolve_configuration(plans: dict, name: str, plans_path: Path) -> dict:
     """Return configuration `name` with its `inherits_from` chain applied (parent first)."""
-    configurations = plans.get("configurations", {})
+    configurations = field(plans, "configurations", dict, plans_path)
     chain, current = [], name
     while current is not None:
         if current not in configurations:
@@ -79,7 +107,8 @@ def resolve_configuration(plans: dict, name: str, plans_path: Path) -> dict:
         if current in chain:
             raise ModelError(f"{plans_path}: configuration '{name}' has an inherits_from cycle")
         chain.append(current)
-        current = configurations[current].get("inherits_from")
+        entry = field(configurations, current, dict, plans_path, "configurations")
+        current = field(entry, "inherits_from", str, plans_path, f"configurations.{current}", required=False)
     resolved: dict = {}
     for config_name in reversed(chain):
         resolved.update(configurations[config_name])
@@ -125,32 +154,57 @@ def read_model_config(model_dir: str | Path, configuration: str | None = None) -
     if configuration is None:
         configuration = _configuration_from_folder_name(model_dir, plans)
     config = resolve_configuration(plans, configuration, plans_path)
+    where = f"configurations.{configuration}"
+    spacing = field(config, "spacing", (list, float), plans_path, where)
+    patch_size = field(config, "patch_size", (list, int), plans_path, where)
+    if len(spacing) != len(patch_size) or min(spacing) <= 0 or min(patch_size) <= 0:
+        raise ModelError(f"{plans_path}: '{where}.spacing' and '.patch_size' must be positive and of one length")
     if "architecture" in config:
-        arch = config["architecture"]
-        class_name, kwargs = arch["network_class_name"], dict(arch["arch_kwargs"])
-        requires_import = tuple(arch.get("_kw_requires_import", ()))
+        arch = field(config, "architecture", dict, plans_path, where)
+        class_name = field(arch, "network_class_name", str, plans_path, f"{where}.architecture")
+        kwargs = dict(field(arch, "arch_kwargs", dict, plans_path, f"{where}.architecture"))
+        requires_import = tuple(field(arch, "_kw_requires_import", (list, str), plans_path,
+                                      f"{where}.architecture", default=[], required=False))
+        field(kwargs, "strides", list, plans_path, f"{where}.architecture.arch_kwargs")
     elif "UNet_class_name" in config:
-        class_name, kwargs, requires_import = architecture_from_old_plans(config, plans_path)
+        try:
+            class_name, kwargs, requires_import = architecture_from_old_plans(config, plans_path)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelError(f"{plans_path}: '{where}' is not a valid old-format configuration "
+                             f"({type(err).__name__}: {err})") from None
     else:
         raise ModelError(f"{plans_path}: configuration '{configuration}' has neither "
                          "'architecture' nor 'UNet_class_name'")
-    labels = dataset.get("labels")
-    if not labels or any(not isinstance(v, int) for v in labels.values()):
+    labels = field(dataset, "labels", dict, dataset_path)
+    if not labels or any(not isinstance(v, int) or isinstance(v, bool) for v in labels.values()):
         raise ModelError(f"{dataset_path}: 'labels' must map names to integers "
                          "(region-based models are not supported)")
     channels = dataset.get("channel_names") or dataset.get("modality")
-    if not channels:
-        raise ModelError(f"{dataset_path}: no 'channel_names'")
-    schemes = config.get("normalization_schemes", ["CTNormalization"])
-    props = plans.get("foreground_intensity_properties_per_channel", {}).get("0", {})
-    dim = len(config["patch_size"])
+    if not channels or not isinstance(channels, dict):
+        raise ModelError(f"{dataset_path}: 'channel_names' must be a non-empty object")
+    schemes = field(config, "normalization_schemes", (list, str), plans_path, where,
+                    default=["CTNormalization"], required=False)
+    properties = field(plans, "foreground_intensity_properties_per_channel", dict, plans_path, default={},
+                       required=False)
+    props = field(properties, "0", dict, plans_path, "foreground_intensity_properties_per_channel",
+                  default={}, required=False)
+    if schemes[0] == "CTNormalization":
+        for key in ("mean", "std", "percentile_00_5", "percentile_99_5"):
+            field(props, key, float, plans_path, "foreground_intensity_properties_per_channel.0")
+    dim = len(patch_size)
+    transposes = {}
+    for key in ("transpose_forward", "transpose_backward"):
+        transposes[key] = tuple(field(plans, key, (list, int), plans_path, default=list(range(dim)), required=False))
+        if sorted(transposes[key]) != list(range(dim)):
+            raise ModelError(f"{plans_path}: '{key}' must be a permutation of 0..{dim - 1}")
+    file_ending = field(dataset, "file_ending", str, dataset_path, default=".nii.gz", required=False)
     return ModelConfig(
         model_dir=model_dir,
         configuration=configuration,
-        spacing=tuple(float(s) for s in config["spacing"]),
-        patch_size=tuple(int(p) for p in config["patch_size"]),
-        transpose_forward=tuple(plans.get("transpose_forward", range(dim))),
-        transpose_backward=tuple(plans.get("transpose_backward", range(dim))),
+        spacing=tuple(float(s) for s in spacing),
+        patch_size=tuple(int(p) for p in patch_size),
+        transpose_forward=transposes["transpose_forward"],
+        transpose_backward=transposes["transpose_backward"],
         normalization_scheme=schemes[0],
         intensity_properties=props,
         num_input_channels=len(channels),
@@ -158,19 +212,20 @@ def read_model_config(model_dir: str | Path, configuration: str | None = None) -
         network_class_name=class_name,
         arch_kwargs=kwargs,
         kw_requires_import=requires_import,
-        file_ending=dataset.get("file_ending", ".nii.gz"),
+        file_ending=file_ending,
     )
 
 
 def _configuration_from_folder_name(model_dir: Path, plans: dict) -> str:
     """`Trainer__Plans__3d_fullres` folders name their configuration; otherwise prefer 3d_fullres."""
     parts = model_dir.resolve().name.split("__")
-    configurations = plans.get("configurations", {})
+    configurations = field(plans, "configurations", dict, model_dir / "plans.json")
     if len(parts) == 3 and parts[2] in configurations:
         return parts[2]
     if "3d_fullres" in configurations:
         return "3d_fullres"
-    three_d = [name for name, c in configurations.items() if len(c.get("patch_size", ())) == 3]
+    three_d = [name for name, c in configurations.items()
+               if isinstance(c, dict) and isinstance(c.get("patch_size"), list) and len(c["patch_size"]) == 3]
     if len(three_d) == 1:
         return three_d[0]
     raise ModelError(f"{model_dir / 'plans.json'}: cannot tell which configuration to use "

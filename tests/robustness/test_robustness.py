@@ -1,0 +1,99 @@
+"""Every scenario of the robustness corpus (corpus.py), one test each, plus the in-process checks a fresh
+process cannot make: the mask away from NaN voxels, the partial file of a write that is interrupted, and the
+scores run_metrics gives a broken prediction."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+
+from corpus import SCENARIOS, ct_image, make_reference, run_scenario, toy_model, write
+from inference import io, load_model, predict_image
+from inference.backends import TorchNetwork
+from inference.errors import CaseError
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    torch.manual_seed(0)
+    return make_reference(tmp_path_factory.mktemp("robustness"))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_scenario(scenario, reference, tmp_path):
+    outcome = run_scenario(scenario, tmp_path / scenario.name, reference)
+    if outcome.skipped:
+        pytest.skip(outcome.skipped)
+    assert not outcome.problems, f"{outcome.problems}\nstderr:\n{outcome.stderr[-3000:]}"
+
+
+def test_broken_prediction_scores_zero_in_the_mean(reference, tmp_path):
+    scenario = next(s for s in SCENARIOS if s.name == "metrics-broken-prediction")
+    outcome = run_scenario(scenario, tmp_path, reference)
+    assert not outcome.problems, outcome.problems
+    per_case = pd.read_csv(tmp_path / "metrics.csv").set_index("case")
+    assert per_case.loc["a", "Lesion_DSC"] == 1.0 and per_case.loc["b", "Lesion_DSC"] == 0.0
+    assert per_case.loc["b", "rule"] == "broken_prediction"
+    summary = pd.read_csv(tmp_path / "metrics_summary.csv").set_index("metric")
+    assert summary.loc["Lesion_DSC", "n"] == 2 and summary.loc["Lesion_DSC", "mean"] == 0.5
+
+
+class Threshold(torch.nn.Module):
+    """Lesion logit grows with (normalised) intensity: voxel-wise, so only NaNs could change the mask far away."""
+
+    def forward(self, x):
+        return torch.cat([torch.zeros_like(x), x * 10], dim=1)
+
+
+def test_nan_block_leaves_the_mask_away_from_it_unchanged(tmp_path, caplog):
+    model = load_model(toy_model(tmp_path / "model"), device="cpu")
+    model.networks = [TorchNetwork(Threshold(), torch.device("cpu"))]
+    clean = ct_image(shape_zyx=(24, 48, 48), spacing_xyz=(3.0, 3.0, 3.0), dtype=np.float32)
+    array = sitk.GetArrayFromImage(clean)
+    array[10:13, 20:24, 20:24] = np.nan
+    damaged = sitk.GetImageFromArray(array)
+    damaged.CopyInformation(clean)
+    path = write(damaged, tmp_path / "nan_0000.mha")
+    with caplog.at_level(logging.WARNING, logger="inference"):
+        repaired = io.read_image(path)
+    assert "nan_0000.mha: 48 NaN or infinite voxel(s) set to the lowest finite value" in caplog.text
+    expected = sitk.GetArrayFromImage(predict_image(clean, model))
+    got = sitk.GetArrayFromImage(predict_image(repaired, model))
+    away = np.ones(expected.shape, bool)
+    away[8:15, 18:26, 18:26] = False  # the block and a voxel around it (the body's blob lies elsewhere)
+    assert expected[away].sum() > 100  # the mask is not empty where it is compared
+    assert np.array_equal(got[away], expected[away])
+
+
+def test_an_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    mask = sitk.GetImageFromArray(np.ones((4, 5, 6), np.uint8))
+    real_write = sitk.WriteImage
+
+    def write_then_stop(image, name, *args, **kwargs):
+        real_write(image, name, *args, **kwargs)
+        raise KeyboardInterrupt  # SIGTERM arrives once the partial file exists
+
+    monkeypatch.setattr(sitk, "WriteImage", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        io.write_image_atomically(mask, tmp_path / "case.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cut_short_write_is_a_case_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """ITK reports a full disk only on stderr and returns: what was written is checked."""
+    mask = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 2, (20, 30, 40)).astype(np.uint8))
+    real_write = sitk.WriteImage
+
+    def write_cut_short(image, name, *args, **kwargs):
+        real_write(image, name, *args, **kwargs)
+        with open(name, "r+b") as f:
+            f.truncate(200)
+
+    monkeypatch.setattr(sitk, "WriteImage", write_cut_short)
+    with pytest.raises(CaseError, match="case.nii.gz: the mask was not written completely"):
+        io.write_image_atomically(mask, tmp_path / "case.nii.gz")
+    assert list(tmp_path.iterdir()) == []
