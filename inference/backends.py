@@ -17,6 +17,10 @@ class TorchNetwork:
         self.device = device
         self.module = module.to(device).eval()
 
+    def on(self, device: torch.device) -> "TorchNetwork":
+        """The same module moved (in place) to `device`: the last resort after the GPU ran out of memory."""
+        return TorchNetwork(self.module, device)
+
     def __call__(self, patch: torch.Tensor) -> torch.Tensor:
         autocast = (torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda"
                     else contextlib.nullcontext())

@@ -24,7 +24,7 @@ from .normalize import NORMALIZERS
 from .postprocess import lesion_label_ids, lesion_mask_at_shape
 from .resample import resample_channels, shape_at_spacing
 from .gpu_memory import choose_patch, device_used_mb, forward_allocation_mb
-from .sliding_window import enlarged_patch_size, sliding_window_logits_with_fallback
+from .sliding_window import enlarged_patch_size, sliding_window_logits
 from .timing import StageTimer
 
 log = logging.getLogger("inference")
@@ -123,14 +123,70 @@ def inference_patch_size(volume: torch.Tensor, model: LoadedModel, settings: Pre
     return patch
 
 
+@dataclass
+class Attempt:
+    """One way to run the sliding window; the next one is tried when the GPU runs out of memory."""
+
+    label: str
+    patch: tuple[int, ...]
+    accumulate_on: torch.device | None = None  # None: where the volume is
+    networks_on_cpu: bool = False
+
+
+def smaller_patch(patch: tuple[int, ...], model: LoadedModel) -> tuple[int, ...]:
+    """The training patch where `patch` is larger, else half of it (rounded up to the network's stride)."""
+    config = model.config
+    return tuple(train if size > train else max(stride, math.ceil(train / 2 / stride) * stride)
+                 for size, train, stride in zip(patch, config.patch_size, config.total_stride))
+
+
+def out_of_memory_attempts(patch: tuple[int, ...], model: LoadedModel) -> list[Attempt]:
+    """On CUDA: the chosen patch; then its logits accumulated on the CPU; then a smaller patch; then the
+    network on the CPU (torch models). Elsewhere only the first: a CPU out of memory has no fallback."""
+    attempts = [Attempt("", patch)]
+    if model.device.type != "cuda":
+        return attempts
+    cpu, smaller = torch.device("cpu"), smaller_patch(patch, model)
+    attempts += [Attempt("the logits accumulated on the CPU", patch, cpu),
+                 Attempt(f"the smaller patch {'x'.join(map(str, smaller))}", smaller, cpu)]
+    if all(hasattr(network, "on") for network in model.networks):
+        attempts.append(Attempt("the network on the CPU", smaller, cpu, networks_on_cpu=True))
+    return attempts
+
+
 def model_space_logits(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,
                        timings: dict | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Sliding-window logits [K, z, y, x] of a model-space volume, and the inference patch used."""
+    """Sliding-window logits [K, z, y, x] of a model-space volume, and the inference patch used.
+
+    Out of GPU memory, each of `out_of_memory_attempts` is tried in turn (a warning says which)."""
     patch = settings.patch_size or inference_patch_size(volume, model, settings, timings)
-    logits = sliding_window_logits_with_fallback(
-        volume, model.networks, patch, model.config.num_classes, step_size=settings.step_size,
-        mirror_axes=model.mirror_axes if settings.tta else (), progress=settings.progress)
-    return logits, patch
+    attempts = out_of_memory_attempts(patch, model)
+    for number, attempt in enumerate(attempts):
+        try:
+            return run_attempt(volume, model, settings, attempt), attempt.patch
+        except torch.OutOfMemoryError:
+            if number + 1 == len(attempts):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("warning: out of GPU memory; retrying with %s", attempts[number + 1].label)
+    raise AssertionError("unreachable")
+
+
+def run_attempt(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,
+                attempt: Attempt) -> torch.Tensor:
+    networks = model.networks
+    if attempt.networks_on_cpu:
+        networks, volume = [network.on(attempt.accumulate_on) for network in networks], volume.cpu().float()
+    try:
+        return sliding_window_logits(volume, networks, attempt.patch, model.config.num_classes,
+                                     step_size=settings.step_size, accumulate_on=attempt.accumulate_on,
+                                     mirror_axes=model.mirror_axes if settings.tta else (),
+                                     progress=settings.progress)
+    finally:
+        if attempt.networks_on_cpu:  # back where the next case expects them
+            for network in model.networks:
+                network.on(model.device)
 
 
 def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedModel,

@@ -100,20 +100,6 @@ def sliding_window_logits(volume: torch.Tensor, networks: Sequence[PatchPredicto
     return logits_sum[unpad]
 
 
-def sliding_window_logits_with_fallback(volume: torch.Tensor, networks: Sequence[PatchPredictor],
-                                        patch_size: Sequence[int], num_classes: int,
-                                        **kwargs) -> torch.Tensor:
-    """As `sliding_window_logits`; if the GPU runs out of memory, accumulate on the CPU instead."""
-    try:
-        return sliding_window_logits(volume, networks, patch_size, num_classes, **kwargs)
-    except torch.OutOfMemoryError:
-        if volume.device.type != "cuda":
-            raise
-        torch.cuda.empty_cache()
-        kwargs["accumulate_on"] = torch.device("cpu")
-        return sliding_window_logits(volume, networks, patch_size, num_classes, **kwargs)
-
-
 def enlarged_patch_size(training_patch: Sequence[int], total_stride: Sequence[int],
                         volume_shape: Sequence[int], scale: float = 1.2) -> tuple[int, ...]:
     """An inference patch `scale` times the training patch (a fully convolutional net accepts it;
