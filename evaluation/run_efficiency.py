@@ -24,6 +24,7 @@ cases/<case>.log (the run's stdout/stderr) and predictions/<case>.nii.gz. See do
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -183,6 +184,38 @@ class Settings:
     timeline: bool = False
 
 
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def become_subreaper() -> bool:
+    """Make this process the one that orphans of its runs are re-parented to, instead of init: a process a
+    run left behind (a daemon, a double fork into a new session) stays our descendant, and `kill_leftovers`
+    finds it. Linux only; False where it is not possible."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def kill_leftovers(keep: set[int]) -> list[int]:
+    """SIGKILL every descendant of this process but those in `keep` (the sampler), and reap them; returns
+    their pids. With become_subreaper, that includes whatever a run left behind, in any session."""
+    killed = []
+    for child in psutil.Process().children(recursive=True):
+        if child.pid in keep:
+            continue
+        try:
+            if any(parent.pid in keep for parent in child.parents()):
+                continue
+            child.kill()
+            killed.append(child.pid)
+        except psutil.Error:
+            pass
+    psutil.wait_procs([psutil.Process(pid) for pid in killed if psutil.pid_exists(pid)], timeout=10)
+    return killed
+
+
 def kill_run(process: subprocess.Popen, container: str | None, docker: str) -> None:
     """Kill a run: the container (docker kill), then the launched process group and any descendant."""
     if container:
@@ -298,12 +331,15 @@ def run_case(case: str, image: Path, settings: Settings, out_dir: Path) -> dict:
     finally:
         if follower is not None:
             follower.join(timeout=10)
+    # Whatever the run left behind (escaped from its session, re-parented to us) must not outlive it.
+    leftovers = kill_leftovers({sampler.process.pid})
     with lock:
         try:
             samples = sampler.stop()
         except SamplerError as error:
             samples = {"sampler_error": str(error)}
-    record.update(time=end - start, launch_time=start, end_time=end, container_pid=found.get("container_pid"))
+    record.update(time=end - start, launch_time=start, end_time=end, container_pid=found.get("container_pid"),
+                  leftover_processes_killed=len(leftovers))
     if timings_dir is not None:
         record["timeline"] = engine_timeline(timings_dir / TIMINGS_NAME, start, end)
     for key in ("gpu_memory", "cpu_list", "RAM_list", "timestamps", "tree_cpu_percent", "tree_rss_mb",
@@ -471,6 +507,7 @@ def main(argv=None) -> int:
     # `kill` (SIGTERM/SIGHUP) ends the harness like Ctrl-C: the run's own session would outlive it otherwise.
     for number in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, _interrupt)
+    subreaper = become_subreaper()
     from tqdm import tqdm
     from evaluation import efficiency_report as report
 
@@ -507,6 +544,7 @@ def main(argv=None) -> int:
     out_dir = args.out.resolve()
     (out_dir / "cases").mkdir(parents=True, exist_ok=True)
     info = run_info(settings, gpu_info, gpu_note, args)
+    info["subreaper"] = subreaper  # False: a process that escapes a run's session can outlive it
     report.write_json(info, out_dir / "run_info.json")
 
     records = []

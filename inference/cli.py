@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -63,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-lesion-probability", type=non_negative, default=None,
                         help="drop predicted lesions whose most confident voxel is below this lesion "
                              "probability (default: lesion_filter.json, else 0 = keep all)")
+    parser.add_argument("--time-budget", type=non_negative, default=None, metavar="SECONDS",
+                        help="per-case time budget: when the network is predicted (windows x the measured time "
+                             "of one) to overrun it, take a larger step (0.75, then 1.0) and say so")
+    parser.add_argument("--on-error", choices=["fail", "empty"], default="fail",
+                        help="a case that fails: no mask (fail, default) or an all-zero mask on the input's "
+                             "grid (empty: challenge mode, since a missing output scores zero anyway); the "
+                             "exit code is non-zero either way")
     parser.add_argument("--timings", default=None, help="write per-case stage timings to this JSON")
     parser.add_argument("--skip-existing", action="store_true", help="keep masks already written")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -76,7 +84,7 @@ def settings_from_args(args: argparse.Namespace) -> PredictionSettings:
         crop_threshold_hu=args.crop_threshold, crop_margin_mm=args.crop_margin,
         lesion_labels=tuple(args.lesion_labels) if args.lesion_labels else None,
         resample_back=args.resample_back, min_lesion_ml=args.min_lesion_ml,
-        min_lesion_probability=args.min_lesion_probability)
+        min_lesion_probability=args.min_lesion_probability, time_budget_s=args.time_budget)
 
 
 def predict_case(path: Path, output_path: Path, model, settings: PredictionSettings) -> dict:
@@ -85,6 +93,8 @@ def predict_case(path: Path, output_path: Path, model, settings: PredictionSetti
     start = time.perf_counter()
     with timer("read"):
         image = io.read_image(path)
+    if settings.time_budget_s is not None:  # the budget is the whole case's: the read has used some
+        settings = replace(settings, time_budget_s=settings.time_budget_s - timings["read"])
     mask = predict_image(image, model, settings, timings)
     with timer("write"):
         io.write_image_atomically(mask, output_path)
@@ -107,6 +117,15 @@ class Stopped(KeyboardInterrupt):
 
 def _stop(signum, frame):
     raise Stopped(signum)
+
+
+def write_empty_mask(path: Path, output_path: Path) -> None:
+    """--on-error empty: the all-zero mask of a failed case, said in one line (or why there is none)."""
+    try:
+        io.write_empty_mask(path, output_path)
+        log.warning("warning: %s: wrote an empty mask %s (--on-error empty)", path, output_path.name)
+    except CaseError as err:
+        log.error("error: %s", err)
 
 
 def case_error_line(path: Path, err: Exception) -> str:
@@ -141,7 +160,7 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
     """The CLI's work; `done` receives the name of each case whose mask is written."""
     try:
         scan = io.find_cases(args.input)
-        outputs = io.output_paths(scan.cases, args.output)
+        outputs = io.output_paths(scan.cases + [path for path, _ in scan.broken], args.output)
         io.prepare_output_folder(args.output)
         load_start = time.perf_counter()
         model = load_model(args.model, args.folds, args.checkpoint, args.device,
@@ -168,6 +187,8 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
     for path, reason in scan.broken:
         log.error("error: %s: %s", path, reason)
         report["cases"][path.name] = {"error": reason}
+        if args.on_error == "empty":
+            write_empty_mask(path, outputs[path])
     for path in tqdm(scan.cases, desc="cases", unit="case", disable=args.quiet or len(scan.cases) < 2):
         output_path = outputs[path]
         if args.skip_existing and output_path.exists():
@@ -179,6 +200,8 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
             line = case_error_line(path, err)
             log.error("error: %s", line)
             report["cases"][path.name] = {"error": line}
+            if args.on_error == "empty":
+                write_empty_mask(path, output_path)
             continue
         done.append(path.name)
         report["cases"][path.name] = timings

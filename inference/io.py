@@ -282,6 +282,29 @@ def write_image_atomically(image: sitk.Image, path: str | Path) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
+MAX_EMPTY_MASK_VOXELS = 2 ** 31  # an empty mask is written only for a plausible header (2 GB of uint8)
+
+
+def write_empty_mask(source: Path, path: Path) -> None:
+    """An all-zero mask on `source`'s grid (read from its header only), written as a mask is: for a case
+    that failed, in challenge mode, since a missing output scores zero anyway. CaseError if the header
+    cannot be read."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(source))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise CaseError(f"{source}: no empty mask either: header unreadable ({sitk_reason(str(err))})") from None
+    size = reader.GetSize()
+    if len(size) != 3 or np.prod(size, dtype=np.float64) > MAX_EMPTY_MASK_VOXELS:
+        raise CaseError(f"{source}: no empty mask either: implausible size {size}")
+    empty = sitk.Image([int(n) for n in size], sitk.sitkUInt8)
+    empty.SetSpacing(reader.GetSpacing())
+    empty.SetOrigin(reader.GetOrigin())
+    empty.SetDirection(reader.GetDirection())
+    write_image_atomically(empty, path)
+
+
 def verify_written(written: Path, image: sitk.Image, target: Path) -> None:
     """CaseError naming `target` unless `written` holds the whole image (see write_image_atomically)."""
     try:

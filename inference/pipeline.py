@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +25,7 @@ from .normalize import NORMALIZERS
 from .postprocess import lesion_label_ids, lesion_mask_at_shape
 from .resample import resample_channels, shape_at_spacing
 from .gpu_memory import choose_patch, device_used_mb, forward_allocation_mb
-from .sliding_window import enlarged_patch_size, sliding_window_logits
+from .sliding_window import enlarged_patch_size, predict_window, sliding_window_logits, window_slices
 from .timing import StageTimer
 
 log = logging.getLogger("inference")
@@ -49,6 +50,9 @@ class PredictionSettings:
     # voxels; 2^28 (~268 M) leaves room and refuses a header in the wrong unit before it allocates terabytes.
     max_model_voxels: int = 2 ** 28
     max_upsampling: float = 64.0  # 4x per axis: 12 mm voxels to a 3 mm model; 60 mm voxels are refused
+    # Seconds a case may take from the start of predict_array (the CLI takes the read off): when the network
+    # is predicted to overrun what is left, a larger step is taken (step_for_time_budget). None: no budget.
+    time_budget_s: float | None = None
     progress: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -154,12 +158,53 @@ def out_of_memory_attempts(patch: tuple[int, ...], model: LoadedModel) -> list[A
     return attempts
 
 
+CHEAPER_STEPS = (0.75, 1.0)  # tried in turn when the time budget is short: fewer windows, less overlap
+BUDGET_RESERVE = 0.1  # of the time budget, kept for what follows the network (export, write)
+
+
+def seconds_per_window(volume: torch.Tensor, model: LoadedModel, patch: tuple[int, ...], tta: bool) -> float:
+    """Wall time of one window (every fold, every flip), measured on a window of zeros."""
+    window = torch.zeros((1, volume.shape[0], *patch), dtype=volume.dtype, device=volume.device)
+    predict_window(model.networks, window, model.mirror_axes if tta else ())  # the first call pays set-up
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    start = time.perf_counter()
+    predict_window(model.networks, window, model.mirror_axes if tta else ())
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter() - start
+
+
+def step_for_time_budget(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,
+                         patch: tuple[int, ...], seconds_left: float) -> float:
+    """`settings.step_size`, or the first larger step of CHEAPER_STEPS whose predicted network time (windows
+    x the measured time of one) fits `seconds_left`; the largest when none fits. A switch is logged."""
+    per_window = seconds_per_window(volume, model, patch, settings.tta)
+    padded = tuple(max(size, p) for size, p in zip(volume.shape[1:], patch))
+    steps = [settings.step_size] + [step for step in CHEAPER_STEPS if step > settings.step_size]
+    predicted = {step: len(window_slices(padded, patch, step)) * per_window for step in steps}
+    chosen = next((step for step in steps if predicted[step] <= seconds_left), steps[-1])
+    if chosen != settings.step_size:
+        first = len(window_slices(padded, patch, settings.step_size))
+        log.warning("warning: predicted network time %.1f s (%d windows x %.3f s) over the %.1f s left of the "
+                    "time budget: step %g -> %g (%d windows, %.1f s predicted)", predicted[settings.step_size],
+                    first, per_window, seconds_left, settings.step_size, chosen,
+                    len(window_slices(padded, patch, chosen)), predicted[chosen])
+    return chosen
+
+
 def model_space_logits(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,
-                       timings: dict | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
+                       timings: dict | None = None, seconds_left: float | None = None
+                       ) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Sliding-window logits [K, z, y, x] of a model-space volume, and the inference patch used.
 
-    Out of GPU memory, each of `out_of_memory_attempts` is tried in turn (a warning says which)."""
+    With `seconds_left` (a time budget), the step may be enlarged to fit it (step_for_time_budget). Out of
+    GPU memory, each of `out_of_memory_attempts` is tried in turn (a warning says which)."""
     patch = settings.patch_size or inference_patch_size(volume, model, settings, timings)
+    if seconds_left is not None:
+        settings = replace(settings, step_size=step_for_time_budget(volume, model, settings, patch, seconds_left))
+        if timings is not None:
+            timings["step_size"] = settings.step_size
     attempts = out_of_memory_attempts(patch, model)
     for number, attempt in enumerate(attempts):
         try:
@@ -193,6 +238,7 @@ def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedMo
                   settings: PredictionSettings | None = None, timings: dict | None = None) -> np.ndarray:
     """Lesion mask (uint8 0/1, same shape) for a (z, y, x) CT array with (z, y, x) spacing in mm."""
     settings = settings or PredictionSettings()
+    started = time.perf_counter()
     timer = StageTimer(model.device, timings)
     config = model.config
     with timer("crop"):
@@ -203,7 +249,10 @@ def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedMo
     with timer("resample"):
         volume = to_model_space(cropped, spacing, model)
     with timer("network"):
-        logits, patch = model_space_logits(volume, model, settings, timings)
+        seconds_left = None
+        if settings.time_budget_s is not None:
+            seconds_left = settings.time_budget_s * (1 - BUDGET_RESERVE) - (time.perf_counter() - started)
+        logits, patch = model_space_logits(volume, model, settings, timings, seconds_left)
         del volume
     lesion_ids = lesion_label_ids(config.labels, settings.lesion_labels)
     lesion_filter = model.lesion_filter.with_overrides(settings.min_lesion_ml, settings.min_lesion_probability)

@@ -38,8 +38,11 @@ JOB = textwrap.dedent(f"""
     name = names[0]
     if "slow" in name:
         child = subprocess.Popen(["sleep", "120"])
+        # and one that escapes: a new session, its parent gone at once (re-parented away from the job)
+        escaped = subprocess.run(["sh", "-c", "setsid sleep 121 > /dev/null 2>&1 & echo $!"],
+                                 capture_output=True, text=True).stdout.strip()
         with open(os.environ["PID_FILE"], "w") as f:
-            f.write(f"{{os.getpid()}} {{child.pid}}")
+            f.write(f"{{os.getpid()}} {{child.pid}} {{escaped}}")
         time.sleep(120)
     block = b"x" * ({ALLOCATED_MB} << 20)
     start = time.process_time()
@@ -324,7 +327,7 @@ def test_failed_and_timed_out_cases(tmp_path):
     assert slow["status"] == "timeout" and "killed after 5 s" in slow["error"]
     assert 5 <= float(slow["Time"]) < 60  # killed, not waited for (the job sleeps 120 s)
     assert slow["MaxGPU_Mem"] == ""  # --no-gpu
-    for pid in map(int, pid_file.read_text().split()):  # the job and its child are gone
+    for pid in map(int, pid_file.read_text().split()):  # the job, its child and the escaped one are gone
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert "2 case(s) failed" in result.stderr
     assert json.loads((out / "run_info.json").read_text())["n_failed"] == 2

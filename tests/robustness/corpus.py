@@ -308,6 +308,13 @@ def bogus_spacing(spacing_xyz, shape_zyx=(8, 8, 8)) -> Callable[[Path, Reference
     return build
 
 
+def on_error_empty(root: Path, ref: Reference) -> Setup:
+    setup = bogus_spacing((60.0, 60.0, 60.0))(root, ref)
+    setup.args.extend(["--on-error", "empty"])
+    setup.expected_outputs.append("bogus.nii.gz")
+    return setup
+
+
 def skewed_sform(root: Path, ref: Reference) -> Setup:
     plain = root / "plain" / "skewed_0000.nii"
     write(sitk.ReadImage(str(ref.good_image)), plain)
@@ -449,6 +456,10 @@ SCENARIOS = [
              bogus_spacing((800.0, 800.0, 800.0), (16, 16, 16)), 1,
              [r"bogus_0000\.nii\.gz: .* voxels at the model's spacing \(about [\d,]+ GB\), over the limit"],
              error_lines=2),
+    Scenario("on-error-empty", "challenge mode",
+             "the 60 mm case again, with `--on-error empty`", on_error_empty, 1,
+             [r"bogus_0000\.nii\.gz: wrote an empty mask bogus\.nii\.gz \(--on-error empty\)",
+              r"1 of 2 case\(s\) failed"], error_lines=2),
     # 9. geometry
     Scenario("skewed-sform", "9. geometry changed silently", "a NIfTI whose sform axes are not perpendicular",
              skewed_sform, 0, [r"skewed_0000\.nii\.gz: the header's sform axes are not perpendicular"],
@@ -573,6 +584,19 @@ def table(outcomes: list[tuple[Outcome, Path]]) -> str:
         message = first_line(outcome, root).replace("|", "\\|")
         rows.append(f"| {scenario.defect} | {scenario.fault} | {outcome.returncode} | `{message}` | {outputs} | "
                     f"{verdict} |")
+    rows += ["", "Beyond the table (in-process tests in `tests/robustness/test_robustness.py` and "
+             "`tests/test_out_of_memory.py`):", "",
+             "- NaN voxels: the mask away from the repaired block is identical to the mask of the clean image "
+             "(a voxel-wise network).",
+             "- A write interrupted after the partial file exists, and a write that ITK cuts short without an "
+             "error, leave nothing in the output folder; the second is a failed case.",
+             "- Out of GPU memory: logits accumulated on the CPU, then a smaller patch, then the network on the "
+             "CPU, each taken when the error is injected at the step before, with a warning; at every step: "
+             "the error.",
+             "- `--time-budget SECONDS`: when windows x the measured time of one overrun what is left of the "
+             "budget, the step grows (0.75, then 1.0) and a warning says so.",
+             "- `evaluation.run_efficiency`: a process a run leaves behind in a session of its own (a double "
+             "fork) is killed at the end of the run (the harness is a child subreaper), also after a timeout."]
     return "\n".join(rows) + "\n"
 
 

@@ -97,3 +97,46 @@ def test_a_cut_short_write_is_a_case_error_and_leaves_nothing(tmp_path, monkeypa
     with pytest.raises(CaseError, match="case.nii.gz: the mask was not written completely"):
         io.write_image_atomically(mask, tmp_path / "case.nii.gz")
     assert list(tmp_path.iterdir()) == []
+
+
+class SlowNetwork(torch.nn.Module):
+    """A fixed cost per window, so that the engine's prediction of the network time is predictable."""
+
+    def forward(self, x):
+        import time
+        time.sleep(0.02)
+        return torch.cat([torch.zeros_like(x), x], dim=1)
+
+
+def test_time_budget_takes_a_larger_step_and_says_so(tmp_path, caplog):
+    from inference import PredictionSettings
+    model = load_model(toy_model(tmp_path / "model"), device="cpu")
+    model.networks = [TorchNetwork(SlowNetwork(), torch.device("cpu"))]
+    image = ct_image(shape_zyx=(40, 200, 200), spacing_xyz=(3.0, 3.0, 3.0))
+    relaxed, tight = {}, {}
+    predict_image(image, model, PredictionSettings(time_budget_s=600), relaxed)
+    assert relaxed["step_size"] == 0.5 and "time budget" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="inference"):
+        predict_image(image, model, PredictionSettings(time_budget_s=0.5), tight)
+    assert tight["step_size"] == 1.0
+    assert "over the" in caplog.text and "time budget: step 0.5 -> 1" in caplog.text
+    assert tight["network"] < relaxed["network"] * 0.6  # 25 windows of 40^3 instead of 64 over the body
+
+
+def test_on_error_empty_writes_an_empty_mask_on_the_inputs_grid(tmp_path):
+    import subprocess
+    import sys
+    from corpus import REPO, engine_args
+    model = toy_model(tmp_path / "model")
+    bogus = write(ct_image(shape_zyx=(8, 8, 8), spacing_xyz=(60.0, 60.0, 60.0)), tmp_path / "in" / "bogus_0000.nii.gz")
+    (tmp_path / "in" / "gone_0000.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    result = subprocess.run([sys.executable, "-m", "inference", *engine_args(tmp_path / "in", tmp_path / "out", model),
+                             "--on-error", "empty"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "bogus_0000.nii.gz: wrote an empty mask bogus.nii.gz (--on-error empty)" in result.stderr
+    assert "gone_0000.nii.gz: no empty mask either" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bogus.nii.gz"]
+    mask, source = sitk.ReadImage(str(tmp_path / "out" / "bogus.nii.gz")), sitk.ReadImage(str(bogus))
+    assert mask.GetSize() == source.GetSize() and mask.GetSpacing() == source.GetSpacing()
+    assert mask.GetOrigin() == source.GetOrigin() and mask.GetDirection() == source.GetDirection()
+    assert mask.GetPixelID() == sitk.sitkUInt8 and not sitk.GetArrayViewFromImage(mask).any()
