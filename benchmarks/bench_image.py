@@ -23,7 +23,6 @@ timeline, summary.png; no masks) under results/image_<machine>_<date>/.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -160,8 +159,8 @@ def docker_client_env(env, socket: Path) -> dict:
     """`env` with DOCKER_HOST at podman's Docker API for this store (a service of its own on `socket`:
     one serving the machine's store would not see this store's image)."""
     env = {**env, "PODMAN_DOCKER_SOCKET": str(socket)}
-    started = subprocess.run(["bash", "-c", '. scripts/container/podman_env.sh && start_docker_api && echo "$DOCKER_HOST"'],
-                             env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    script = '. scripts/container/podman_env.sh && start_docker_api && echo "$DOCKER_HOST"'
+    started = subprocess.run(["bash", "-c", script], env=env, cwd=REPO, capture_output=True, text=True, check=True)
     return {**env, "DOCKER_HOST": started.stdout.strip().splitlines()[-1]}
 
 

@@ -25,7 +25,9 @@ from .normalize import NORMALIZERS
 from .postprocess import lesion_label_ids, lesion_mask_at_shape
 from .resample import resample_channels, shape_at_spacing
 from .gpu_memory import choose_patch, device_used_mb, forward_allocation_mb
-from .sliding_window import enlarged_patch_size, predict_window, sliding_window_logits, window_slices
+from .out_of_memory import out_of_memory_attempts, run_attempt
+from .sliding_window import enlarged_patch_size
+from .time_budget import BUDGET_RESERVE, step_for_time_budget
 from .timing import StageTimer
 
 log = logging.getLogger("inference")
@@ -127,72 +129,6 @@ def inference_patch_size(volume: torch.Tensor, model: LoadedModel, settings: Pre
     return patch
 
 
-@dataclass
-class Attempt:
-    """One way to run the sliding window; the next one is tried when the GPU runs out of memory."""
-
-    label: str
-    patch: tuple[int, ...]
-    accumulate_on: torch.device | None = None  # None: where the volume is
-    networks_on_cpu: bool = False
-
-
-def smaller_patch(patch: tuple[int, ...], model: LoadedModel) -> tuple[int, ...]:
-    """The training patch where `patch` is larger, else half of it (rounded up to the network's stride)."""
-    config = model.config
-    return tuple(train if size > train else max(stride, math.ceil(train / 2 / stride) * stride)
-                 for size, train, stride in zip(patch, config.patch_size, config.total_stride))
-
-
-def out_of_memory_attempts(patch: tuple[int, ...], model: LoadedModel) -> list[Attempt]:
-    """On CUDA: the chosen patch; then its logits accumulated on the CPU; then a smaller patch; then the
-    network on the CPU (torch models). Elsewhere only the first: a CPU out of memory has no fallback."""
-    attempts = [Attempt("", patch)]
-    if model.device.type != "cuda":
-        return attempts
-    cpu, smaller = torch.device("cpu"), smaller_patch(patch, model)
-    attempts += [Attempt("the logits accumulated on the CPU", patch, cpu),
-                 Attempt(f"the smaller patch {'x'.join(map(str, smaller))}", smaller, cpu)]
-    if all(hasattr(network, "on") for network in model.networks):
-        attempts.append(Attempt("the network on the CPU", smaller, cpu, networks_on_cpu=True))
-    return attempts
-
-
-CHEAPER_STEPS = (0.75, 1.0)  # tried in turn when the time budget is short: fewer windows, less overlap
-BUDGET_RESERVE = 0.1  # of the time budget, kept for what follows the network (export, write)
-
-
-def seconds_per_window(volume: torch.Tensor, model: LoadedModel, patch: tuple[int, ...], tta: bool) -> float:
-    """Wall time of one window (every fold, every flip), measured on a window of zeros."""
-    window = torch.zeros((1, volume.shape[0], *patch), dtype=volume.dtype, device=volume.device)
-    predict_window(model.networks, window, model.mirror_axes if tta else ())  # the first call pays set-up
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    start = time.perf_counter()
-    predict_window(model.networks, window, model.mirror_axes if tta else ())
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    return time.perf_counter() - start
-
-
-def step_for_time_budget(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,
-                         patch: tuple[int, ...], seconds_left: float) -> float:
-    """`settings.step_size`, or the first larger step of CHEAPER_STEPS whose predicted network time (windows
-    x the measured time of one) fits `seconds_left`; the largest when none fits. A switch is logged."""
-    per_window = seconds_per_window(volume, model, patch, settings.tta)
-    padded = tuple(max(size, p) for size, p in zip(volume.shape[1:], patch))
-    steps = [settings.step_size] + [step for step in CHEAPER_STEPS if step > settings.step_size]
-    predicted = {step: len(window_slices(padded, patch, step)) * per_window for step in steps}
-    chosen = next((step for step in steps if predicted[step] <= seconds_left), steps[-1])
-    if chosen != settings.step_size:
-        first = len(window_slices(padded, patch, settings.step_size))
-        log.warning("warning: predicted network time %.1f s (%d windows x %.3f s) over the %.1f s left of the "
-                    "time budget: step %g -> %g (%d windows, %.1f s predicted)", predicted[settings.step_size],
-                    first, per_window, seconds_left, settings.step_size, chosen,
-                    len(window_slices(padded, patch, chosen)), predicted[chosen])
-    return chosen
-
-
 def model_space_logits(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,
                        timings: dict | None = None, seconds_left: float | None = None
                        ) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -206,32 +142,14 @@ def model_space_logits(volume: torch.Tensor, model: LoadedModel, settings: Predi
         if timings is not None:
             timings["step_size"] = settings.step_size
     attempts = out_of_memory_attempts(patch, model)
-    for number, attempt in enumerate(attempts):
+    for attempt, following in zip(attempts, attempts[1:]):
         try:
             return run_attempt(volume, model, settings, attempt), attempt.patch
         except torch.OutOfMemoryError:
-            if number + 1 == len(attempts):
-                raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            log.warning("warning: out of GPU memory; retrying with %s", attempts[number + 1].label)
-    raise AssertionError("unreachable")
-
-
-def run_attempt(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,
-                attempt: Attempt) -> torch.Tensor:
-    networks = model.networks
-    if attempt.networks_on_cpu:
-        networks, volume = [network.on(attempt.accumulate_on) for network in networks], volume.cpu().float()
-    try:
-        return sliding_window_logits(volume, networks, attempt.patch, model.config.num_classes,
-                                     step_size=settings.step_size, accumulate_on=attempt.accumulate_on,
-                                     mirror_axes=model.mirror_axes if settings.tta else (),
-                                     progress=settings.progress)
-    finally:
-        if attempt.networks_on_cpu:  # back where the next case expects them
-            for network in model.networks:
-                network.on(model.device)
+            log.warning("warning: out of GPU memory; retrying with %s", following.label)
+    return run_attempt(volume, model, settings, attempts[-1]), attempts[-1].patch
 
 
 def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedModel,

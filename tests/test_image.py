@@ -111,7 +111,7 @@ def assert_mask_is_the_engines(workdir: Path, phantom) -> None:
     array = sitk.GetArrayFromImage(mask)
     assert set(np.unique(array)) <= {0, 1}
     host = sitk.GetArrayFromImage(sitk.ReadImage(str(host_mask_path)))
-    assert np.array_equal(array, host), f"container mask differs from the host engine's in {(array != host).sum()} voxels"
+    assert np.array_equal(array, host), f"differs from the host engine's mask in {(array != host).sum()} voxels"
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path))) > 0
     assert dice(array > 0, truth) > 0.5  # the default model finds this phantom's lesions (0.72 on the host)
     assert sorted(p.name for p in (workdir / "inputs").iterdir()) == [image_path.name]
