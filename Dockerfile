@@ -48,11 +48,12 @@ ENV PYTHONPATH=/opt/flare/site-packages \
 COPY --from=deps /opt/flare/site-packages /opt/flare/site-packages
 WORKDIR /workspace
 COPY inference/ /workspace/inference/
+COPY flare_common/ /workspace/flare_common/
 COPY ${MODEL_SRC}/ /workspace/models/default/
 COPY predict.sh /workspace/predict.sh
 # Compile the engine now (the first case must not pay for it) and fail the build, not the first case, if
 # an import or the model folder is broken: import everything the engine needs and parse the CLI.
-RUN python3 -m compileall -q /workspace/inference \
+RUN python3 -m compileall -q /workspace/inference /workspace/flare_common \
     && python3 -c "import torch, numpy, SimpleITK, cc3d, onnxruntime, dynamic_network_architectures; \
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'numpy', numpy.__version__)" \
     && python3 -m inference --help > /dev/null \

@@ -22,6 +22,11 @@ import time
 from pathlib import Path
 
 # nnU-Net reads its thread/process count from the environment at import time.
+import torch
+import nnunetv2
+from nnunetv2.inference.export_prediction import export_prediction_from_logits
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
 _THREADS = "1"
 for i, arg in enumerate(sys.argv):
     if arg == "--threads" and i + 1 < len(sys.argv):
@@ -31,10 +36,6 @@ os.environ.setdefault("nnUNet_raw", "/nonexistent/nnUNet_raw")  # silence the "n
 os.environ.setdefault("nnUNet_preprocessed", "/nonexistent/nnUNet_preprocessed")
 os.environ.setdefault("nnUNet_results", "/nonexistent/nnUNet_results")
 
-import torch  # noqa: E402
-import nnunetv2  # noqa: E402
-from nnunetv2.inference.export_prediction import export_prediction_from_logits  # noqa: E402
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor  # noqa: E402
 
 TORCHRES_KWARGS = {"force_separate_z": False, "memefficient_seg_resampling": False}
 

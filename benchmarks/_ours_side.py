@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from inference import cli  # noqa: E402
+from inference import cli
 
 _predict_case = cli.predict_case
 

@@ -29,19 +29,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from inference.model.folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,  # noqa: E402
+from inference.model.folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
                                     plain_unet_arch_kwargs, write_random_model_folder)
-from inference.timing import STAGE_ORDER as STAGES  # noqa: E402
+from inference.timing import STAGE_ORDER as STAGES
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def ensure_phantoms(data: Path) -> Path:
     images = data / "images"
     if not images.is_dir() or len(list(images.glob("*_0000.nii.gz"))) < 8:
-        subprocess.run([sys.executable, "-m", "evaluation.phantoms", "--out", str(data), "--cases", "0",
+        subprocess.run([sys.executable, "-m", "phantoms", "--out", str(data), "--cases", "0",
                         "--seed", "0", "--flare-sizes"], cwd=REPO, check=True)
     return images
 

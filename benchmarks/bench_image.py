@@ -34,12 +34,11 @@ import time
 from pathlib import Path
 
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from phantoms import generate_flare_case, write_case
+from flare_common.machine import machine_facts
 
-from evaluation.phantoms import generate_flare_case, write_case  # noqa: E402
-from evaluation.run_efficiency import machine_facts  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+
 
 NAME = "flare-bench"
 PHANTOM_SEED = 0

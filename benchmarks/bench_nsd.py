@@ -28,10 +28,9 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from evaluation.run_efficiency import machine_facts  # noqa: E402
-from evaluation.run_metrics import score_case  # noqa: E402
-from evaluation.surface_dice import surface_dice  # noqa: E402
+from flare_common.machine import machine_facts
+from evaluation.run_metrics import score_case
+from evaluation.surface_dice import surface_dice
 
 SHAPE_ZYX = (554, 512, 512)
 SPACING_ZYX = (2.0, 0.78, 0.78)

@@ -6,7 +6,7 @@ windows, same run (windows alternate between the backends, so that load from oth
 
 Models measured:
   * `-m` (default models/default) when it exists, at its inference patch (training patch x 1.2, rounded
-    to the stride), else a model of the same architecture as models/train_default.py builds (random
+    to the stride), else a model of the same architecture as training/train_default.py builds (random
     weights: latency does not depend on them);
   * a representative nnU-Net-like PlainConvUNet (5 stages, 32..320 features) at its 96^3 training
     patch, unless --no-representative.
@@ -29,18 +29,18 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from evaluation.run_efficiency import machine_facts  # noqa: E402
-from inference.export_onnx import export_fold  # noqa: E402
-from inference.model import load_model  # noqa: E402
-from inference.model.folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,  # noqa: E402
+from flare_common.machine import machine_facts
+from inference.export_onnx import export_fold
+from inference.model import load_model
+from inference.model.folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
                                     plain_unet_arch_kwargs, write_random_model_folder)
-from inference.sliding_window import enlarged_patch_size  # noqa: E402
+from inference.sliding_window import enlarged_patch_size
+
+REPO = Path(__file__).resolve().parent.parent
+
 
 RESULTS = REPO / "results"
-# the architecture of models/train_default.py, for when models/default has not been trained yet
+# the architecture of training/train_default.py, for when models/default has not been trained yet
 DEFAULT_ARCHITECTURE = dict(n_stages=5, base_features=12, max_features=192, patch=(64, 64, 64))
 REPRESENTATIVE = dict(n_stages=5, base_features=32, max_features=320, patch=(96, 96, 96))
 
@@ -174,7 +174,7 @@ def main() -> None:
             source = copy_model_folder(model_dir, tmp / "default")
         else:
             print(f"{model_dir} has no fold_all/checkpoint_final.pth; measuring its architecture "
-                  "(models/train_default.py) with random weights", flush=True)
+                  "(training/train_default.py) with random weights", flush=True)
             label = "default architecture (random weights)"
             source = random_model_folder(tmp / "default", **DEFAULT_ARCHITECTURE)
         report["models"].append(measure(label, source, patch, args.windows, args.warmup))

@@ -27,9 +27,8 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from evaluation.phantoms import generate_flare_case, generate_phantom, write_case  # noqa: E402
-from evaluation.run_efficiency import machine_facts  # noqa: E402
+from phantoms import generate_flare_case, generate_phantom, write_case
+from flare_common.machine import machine_facts
 
 GOAL_S = 30.0
 SMALL_SHAPE = (96, 160, 160)

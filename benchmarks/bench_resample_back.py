@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,11 +18,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluation.phantoms import generate_phantom  # noqa: E402
-from evaluation.run_efficiency import machine_facts  # noqa: E402
-from inference import PredictionSettings, load_model, predict_image  # noqa: E402
+from phantoms import generate_phantom
+from flare_common.machine import machine_facts
+from inference import PredictionSettings, load_model, predict_image
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 

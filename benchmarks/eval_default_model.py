@@ -3,13 +3,13 @@
     python benchmarks/eval_default_model.py quality [--seed 7] [--cases 20] [--healthy 10] [--device cpu]
     python benchmarks/eval_default_model.py cpu554  [--seed 7]
 
-quality: generates `--cases` phantoms with lesions and `--healthy` healthy ones (evaluation.phantoms, an
+quality: generates `--cases` phantoms with lesions and `--healthy` healthy ones (phantoms, an
     evaluation seed, never the training seed 1000; realistic 512x512xN geometry unless --shape), predicts
     them with the real CLI (`python -m inference -i ... -o ... -m MODEL --device DEVICE --timings ...`),
     scores them with evaluation.run_metrics (FLARE DSC, NSD at 2 mm, lesion-wise metrics) and writes
     results/default_model_quality.{json,md}. Goals: mean lesion DSC >= 0.85 and mean NSD >= 0.80 on the
     lesion cases, healthy false-positive rate (any predicted voxel) <= 0.1.
-cpu554: the 512x512x554 FLARE efficiency case (`evaluation.phantoms.generate_flare_case`), predicted on
+cpu554: the 512x512x554 FLARE efficiency case (`phantoms.generate_flare_case`), predicted on
     the CPU under /usr/bin/time -v; wall time, stage timings and peak RAM into
     results/default_model_cpu_554.{json,md}.
 """
@@ -31,38 +31,20 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from phantoms import generate_flare_case, generate_phantom, write_case
+from flare_common.machine import machine_facts
+from evaluation.run_metrics import evaluate_folders
+from flare_common.files import write_text_atomically
+from flare_common.machine import cpu_label
+from flare_common.results import display
+from inference.lesion_filter import FILTER_FILE
 
-from evaluation.phantoms import generate_flare_case, generate_phantom, write_case  # noqa: E402
-from evaluation.run_efficiency import machine_facts  # noqa: E402
-from evaluation.run_metrics import evaluate_folders  # noqa: E402
-from inference.lesion_filter import FILTER_FILE  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+
 
 RESULTS = Path(os.environ.get("EVAL_DEFAULT_RESULTS", REPO / "results"))
 GOALS = {"lesion_dsc": 0.85, "lesion_nsd": 0.80, "healthy_fp_rate": 0.10}
 HEALTHY_INDEX_BASE = 5000  # phantom index of healthy_0000: apart from the lesion cases' 0, 1, ...
-
-
-def cpu_label(machine_info: dict) -> str:
-    """"AMD EPYC, torch CPU capability AVX512"; results from before the capability was recorded show the name only."""
-    capability = machine_info.get("cpu_capability")
-    return f"{machine_info['cpu']}, torch CPU capability {capability}" if capability else machine_info["cpu"]
-
-
-def display(path) -> str:
-    """A path relative to the repository when inside it (results are committed)."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def run_engine(images: Path, predictions: Path, model: Path, device: str, timings: Path,
@@ -99,7 +81,7 @@ def generate_eval_set(out: Path, seed: int, n_lesion: int, n_healthy: int, shape
         phantom = generate_phantom(seed, index, shape_zyx=shape, healthy=healthy, name=name)
         entries.append(write_case(phantom, out))
         del phantom
-    write_atomically(manifest_path, json.dumps({"arguments": wanted, "cases": entries}, indent=1))
+    write_text_atomically(manifest_path, json.dumps({"arguments": wanted, "cases": entries}, indent=1))
     return entries
 
 
@@ -194,8 +176,8 @@ def quality(args) -> int:
     }
     if result["training"]:
         result["training"].pop("loss_curve", None)
-    write_atomically(RESULTS / "default_model_quality.json", json.dumps(result, indent=2))
-    write_atomically(RESULTS / "default_model_quality.md", quality_markdown(result, cases, summary))
+    write_text_atomically(RESULTS / "default_model_quality.json", json.dumps(result, indent=2))
+    write_text_atomically(RESULTS / "default_model_quality.md", quality_markdown(result, cases, summary))
     print(json.dumps({"metrics": metrics, "goals_met": met, "detection_by_type": by_type}, indent=2))
     return 0
 
@@ -274,14 +256,14 @@ def cpu554(args) -> int:
     result = {
         "benchmark": "default model, whole 512x512x554 case on the CPU", "model": display(args.model),
         "case": {"size_xyz": list(image.GetSize()), "spacing_xyz": list(image.GetSpacing()),
-                 "generator": f"evaluation.phantoms.generate_flare_case(seed={args.seed}, slices=554)"},
+                 "generator": f"phantoms.generate_flare_case(seed={args.seed}, slices=554)"},
         "machine": machine_facts(), "torch_threads": torch.get_num_threads(),
         "command": best["command"] + "  (under /usr/bin/time -v)",
         "process_wall_s": [r["wall_s"] for r in runs], "peak_rss_mib": [r["peak_rss_mib"] for r in runs],
         "best_run_stage_timings_s": {k: round(v, 2) for k, v in case.items() if isinstance(v, (int, float))},
         "patch_size": case.get("patch_size"), "model_load_s": round(best["timings"]["model_load_s"], 2),
     }
-    write_atomically(RESULTS / "default_model_cpu_554.json", json.dumps(result, indent=2))
+    write_text_atomically(RESULTS / "default_model_cpu_554.json", json.dumps(result, indent=2))
     stages = result["best_run_stage_timings_s"]
     md = [
         "# Default model: one whole 512x512x554 case on the CPU",
@@ -302,7 +284,7 @@ def cpu554(args) -> int:
         f"| inference patch | {result['patch_size']} |",
     ]
     md += [f"| stage `{k}` (s) | {v} |" for k, v in stages.items()]
-    write_atomically(RESULTS / "default_model_cpu_554.md", "\n".join(md) + "\n")
+    write_text_atomically(RESULTS / "default_model_cpu_554.md", "\n".join(md) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 

@@ -22,6 +22,9 @@ if compgen -G ".whl/*.tar.xz" >/dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 PYTHON=${PYTHON:-python3}
+# The device machine has the project's files but not its installation (pip install -e . here): the
+# repository root on the import path stands for it.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHON  # predict.sh runs the engine with it
 PEER_CASES="flare_z055 flare_z215 flare_z554"
 
@@ -34,7 +37,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 "$PYTHON" -c "import torch, SimpleITK, cc3d, nnunetv2; print(torch.__version__, torch.cuda.get_device_name())" \
   || exit 1
 start=$(date +%s)
-"$PYTHON" -m evaluation.phantoms --out data/flare_sizes --cases 0 --seed 0 --flare-sizes --no-progress || exit 1
+"$PYTHON" -m phantoms --out data/flare_sizes --cases 0 --seed 0 --flare-sizes --no-progress || exit 1
 echo "phantoms: $(($(date +%s) - start)) s"
 # shellcheck disable=SC2086
 timeout 240 "$PYTHON" benchmarks/bench_flare_sizes.py --backends torch --device cuda --timeout 120 \

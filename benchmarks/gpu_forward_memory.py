@@ -27,12 +27,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from inference.model.network import build_network
+from inference.model.plans import read_model_config
 
-from inference.model.network import build_network  # noqa: E402
-from inference.model.plans import read_model_config  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def nvml_used_mb() -> float:

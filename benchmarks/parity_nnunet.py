@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/parity_nnunet.py           # -> results/parity_nnunet.{json,md}
 
 What runs, on the CPU, one after the other, with the same number of torch threads:
-  * the model: benchmarks/make_blob_model.py trains it if the model folder does not exist yet;
+  * the model: training/make_blob_model.py trains it if the model folder does not exist yet;
   * N synthetic CT cases (int16, anisotropic spacings, flipped directions, offset origins);
   * nnU-Net 2.8.1 (`.venv-nnunet`, benchmarks/_nnunet_side.py): step 0.5, Gaussian weighting, no
     mirroring, everything on the CPU; once with the model's plans as written (scikit-image resampling,
@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(REPO))
-from make_blob_model import DEFAULT_FOLDER, PATCH_SIZE, dice, synthesize_case  # noqa: E402
+from training.make_blob_model import DEFAULT_FOLDER, PATCH_SIZE, dice, synthesize_case
+from flare_common.machine import machine_facts
+from flare_common.files import write_text_atomically
 
-from evaluation.run_efficiency import machine_facts  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+
 
 # (z, y, x) spacing in mm, (z, y, x) size, direction flips (x, y, z) as SimpleITK orders axes.
 CASE_GEOMETRIES = [
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if not (model / "fold_all" / "checkpoint_final.pth").exists():
         print(f"training the blob model into {model} ...", flush=True)
-        run_timed([sys.executable, "benchmarks/make_blob_model.py", "--out", str(model),
+        run_timed([sys.executable, "training/make_blob_model.py", "--out", str(model),
                    "--steps", str(args.train_steps), "--seed", str(args.seed),
                    "--threads", str(args.threads)], env, work / "train.log")
 
@@ -278,8 +278,8 @@ def main(argv=None) -> int:
     }
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(results_dir / "parity_nnunet.json", json.dumps(summary, indent=2, default=str))
-    _write_atomically(results_dir / "parity_nnunet.md", markdown(summary))
+    write_text_atomically(results_dir / "parity_nnunet.json", json.dumps(summary, indent=2, default=str))
+    write_text_atomically(results_dir / "parity_nnunet.md", markdown(summary))
     print(markdown(summary))
     return 0
 
@@ -294,12 +294,6 @@ def _read_json(path: Path, exclude=()) -> dict | None:
 def _means(table: list[dict]) -> dict:
     keys = [k for k in table[0] if k.startswith(("dsc_", "speedup_", "cpu_speedup_")) or k.endswith(("_seconds", "_truth"))]
     return {k: float(np.mean([row[k] for row in table])) for k in keys}
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def markdown(summary: dict) -> str:
@@ -318,7 +312,7 @@ def markdown(summary: dict) -> str:
         f"{versions_['nnunet_env'].get('nnunetv2')}, torch {versions_['nnunet_env'].get('torch')}",
         "",
         f"Model: `{summary['model']['folder']}` (PlainConvUNet, 4 stages, patch {summary['model']['patch_size']} "
-        "at 2 mm, trained on synthetic blobs by `benchmarks/make_blob_model.py`). How to reproduce and how to "
+        "at 2 mm, trained on synthetic blobs by `training/make_blob_model.py`). How to reproduce and how to "
         "read this: docs/parity.md.",
         "",
         "- **nnU-Net**: " + summary["settings"]["nnunet"],

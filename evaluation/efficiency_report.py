@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from flare_common.files import atomic_path, write_json_atomically
 
 OFFICIAL_COLUMNS = ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "MaxCPU_Utilization", "AUC_CPU_Time",
                     "MaxRAM", "AUC_RAM_Time"]
@@ -116,11 +117,8 @@ def json_safe(value):
 
 
 def write_json(data, path: Path) -> None:
-    """Atomic JSON write (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(json_safe(data), indent=1, allow_nan=False))
-    os.replace(temporary, path)
+    """Atomic JSON write, NaN as null."""
+    write_json_atomically(path, json_safe(data))
 
 
 # ---------------------------------------------------------------------------------------------- CSV, table
@@ -132,10 +130,8 @@ def rows_frame(rows: list[dict]):
 
 def write_csv(rows: list[dict], path: Path) -> None:
     """The efficiency CSV (official columns first), written atomically; NaN/None are empty cells."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    rows_frame(rows).to_csv(temporary, index=False)
-    os.replace(temporary, path)
+    with atomic_path(path) as written:
+        rows_frame(rows).to_csv(written, index=False)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -285,10 +281,8 @@ def plot_summary(rows: list[dict], path: Path, time_limit_s: float = DEFAULT_TIM
 
 
 def _save(figure, path: Path) -> None:
-    path = Path(path)
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=100)
-    os.replace(temporary, path)
+    with atomic_path(path) as written:
+        figure.savefig(written, dpi=100)
 
 
 # -------------------------------------------------------------------------------------------- regenerate

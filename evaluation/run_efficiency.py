@@ -28,7 +28,6 @@ import ctypes
 import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -44,7 +43,8 @@ from pathlib import Path
 
 import psutil
 
-from evaluation.resource_sampler import (MIB, REPO_ROOT, GpuUnavailable, SamplerError, SamplerProcess, close_gpu,
+from flare_common.machine import machine_facts
+from evaluation.resource_sampler import (REPO_ROOT, GpuUnavailable, SamplerError, SamplerProcess, close_gpu,
                                          open_gpu)
 
 CASE_SUFFIX = "_0000.nii.gz"
@@ -376,38 +376,6 @@ def run_case(case: str, image: Path, settings: Settings, out_dir: Path) -> dict:
 
 # -------------------------------------------------------------------------------------------------- info
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), stored with every timing we publish."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def machine_facts(**extra) -> dict:
-    """The machine a benchmark ran on, stored with its numbers: CPU model and torch's vector level (the model
-    name alone, "AMD EPYC", hid a 2.5x difference in speed between two of our machines), cores, memory,
-    versions, date (UTC) and the load average at the start; `extra` adds the benchmark's own facts."""
-    try:
-        import torch
-        capability, torch_version = torch.backends.cpu.get_cpu_capability(), torch.__version__
-    except ImportError:
-        capability = torch_version = None
-    try:
-        import numpy
-        numpy_version = numpy.__version__
-    except ImportError:
-        numpy_version = None
-    return {"cpu": cpu_model(), "cpu_capability": capability, "cores": os.cpu_count(),
-            "memory_gb": round(psutil.virtual_memory().total / 2 ** 30, 1), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch_version, "numpy": numpy_version,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, **extra}
-
-
 def _git_commit() -> str | None:
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -431,11 +399,7 @@ def run_info(settings: Settings, gpu_info: dict | None, gpu_note: str | None, ar
     return {
         "started_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "ram_total_mb": round(psutil.virtual_memory().total / MIB),
+        "machine": machine_facts(),
         "gpu_index": settings.gpu,
         "gpu": gpu_info,
         "gpu_name": gpu_info["name"] if gpu_info else None,

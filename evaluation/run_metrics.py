@@ -24,17 +24,14 @@ import dataclasses
 import multiprocessing
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a script (python evaluation/run_metrics.py): make the package importable, here and in
-    # the worker processes, which unpickle functions by their module path.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    if __name__ == "__main__":
-        from evaluation.run_metrics import main as _package_main
+if __name__ == "__main__" and __package__ in (None, ""):
+    # Run as a script (python evaluation/run_metrics.py): run the installed package's module instead, whose
+    # functions the worker processes can unpickle by their module path.
+    from evaluation.run_metrics import main as _package_main
 
-        sys.exit(_package_main())
+    sys.exit(_package_main())
 
 import numpy as np
 import pandas as pd
@@ -42,6 +39,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from evaluation.lesion_metrics import LESION_COLUMNS, lesion_metrics
+from flare_common.files import atomic_path
 from inference.errors import CaseError as EngineCaseError
 from inference.io import check_nifti_data_length, sitk_reason
 from evaluation.surface_dice import surface_dice, union_bounding_box
@@ -326,17 +324,8 @@ def summary_path(output: Path) -> Path:
 
 
 def _write_atomically(frame: pd.DataFrame, path: Path, **to_csv) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            frame.to_csv(handle, **to_csv)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as written:
+        frame.to_csv(written, **to_csv)
 
 
 def write_results(per_case: pd.DataFrame, summary: pd.DataFrame, output) -> tuple[Path, Path]:

@@ -15,6 +15,8 @@ import numpy as np
 
 import SimpleITK as sitk
 
+from flare_common.files import atomic_path
+
 from .errors import CaseError
 
 log = logging.getLogger("inference")
@@ -264,22 +266,16 @@ def write_image_atomically(image: sitk.Image, path: str | Path) -> None:
     image's size. A failed check is a CaseError and nothing is left behind.
     """
     path = Path(path)
-    partial = None
     try:
-        partial = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=path.parent))
-        written = partial / path.name
-        try:
-            sitk.WriteImage(image, str(written), useCompression=True)
-        except RuntimeError as err:
-            raise CaseError(f"{path}: cannot write the mask ({sitk_reason(str(err))})") from None
-        verify_written(written, image, path)
-        os.chmod(written, 0o644)  # the organisers read outputs as another user
-        os.replace(written, path)
+        with atomic_path(path, prefix=PARTIAL_PREFIX) as written:
+            try:
+                sitk.WriteImage(image, str(written), useCompression=True)
+            except RuntimeError as err:
+                raise CaseError(f"{path}: cannot write the mask ({sitk_reason(str(err))})") from None
+            verify_written(written, image, path)
+            os.chmod(written, 0o644)  # the organisers read outputs as another user
     except OSError as err:
         raise CaseError(f"{path}: cannot write the mask ({err.strerror or err})") from None
-    finally:
-        if partial is not None:
-            shutil.rmtree(partial, ignore_errors=True)
 
 
 MAX_EMPTY_MASK_VOXELS = 2 ** 31  # an empty mask is written only for a plausible header (2 GB of uint8)

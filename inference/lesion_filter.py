@@ -4,7 +4,7 @@ most confident voxel is not confident enough.
 A segmentation network trained on few steps marks many small, low-confidence blobs in normal tissue;
 in FLARE's scoring one such blob turns a healthy case from DSC 1 into DSC 0. Thresholds are per model
 (a `lesion_filter.json` in the model folder, tuned on validation cases by
-`benchmarks/tune_lesion_filter.py`), so a model folder without one is left as it predicts.
+`training/tune_lesion_filter.py`), so a model folder without one is left as it predicts.
 
 Components are found on the argmax mask at model resolution, before resampling back: the volume is then
 small whatever the input's size, and dropping a component only raises its background logit, so the

@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-data/demo}
 PY=.venv/bin/python
 rm -rf "$DATA"
-"$PY" -m evaluation.phantoms --out "$DATA" --cases "${CASES:-4}" --seed "${SEED:-7}"
+"$PY" -m phantoms --out "$DATA" --cases "${CASES:-4}" --seed "${SEED:-7}"
 INPUT_DIR="$DATA/images" OUTPUT_DIR="$DATA/predictions" DEVICE="${DEVICE:-auto}" sh predict.sh
 "$PY" -m evaluation.run_metrics --gt "$DATA/labels" --pred "$DATA/predictions" -o "$DATA/metrics.csv"

@@ -13,6 +13,9 @@ $PIP install -q --upgrade pip
 $PIP install -q torch==2.13.0
 $PIP install -q -r requirements-dev.txt
 $PIP install -q --no-deps -r requirements-nodeps.txt
+# The project itself, editable: `inference`, `evaluation`, `phantoms`, ... import from any folder, and the
+# flare-* commands exist. --no-deps: its dependencies are the pinned ones above.
+$PIP install -q --no-deps --no-build-isolation -e .
 if .venv/bin/python -m pip list 2>/dev/null | grep -qiE '^nvidia-(cu|nccl|nvjit)'; then
   echo "setup.sh: a CUDA package was pulled into .venv; refusing to continue" >&2
   exit 1

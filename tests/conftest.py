@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +9,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inference.model.folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,  # noqa: E402
+from inference.model.folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,
                                     write_model_folder)
-from inference.model.network import build_network  # noqa: E402
-from inference.model.plans import read_model_config  # noqa: E402
+from inference.model.network import build_network
+from inference.model.plans import read_model_config
 
 CT_INTENSITIES = {"mean": 50.0, "std": 150.0, "percentile_00_5": -900.0, "percentile_99_5": 900.0,
                   "median": 40.0, "min": -1000.0, "max": 1500.0}

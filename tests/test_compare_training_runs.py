@@ -1,9 +1,9 @@
-"""benchmarks/compare_training_runs.py: training runs and their validation scores side by side."""
+"""experiments/compare_training_runs.py: training runs and their validation scores side by side."""
 import json
 
 import pytest
 
-from benchmarks.compare_training_runs import main
+from experiments.compare_training_runs import main
 
 
 def write_run(folder, name, dsc, seed=8, steps=100, per_case=()):

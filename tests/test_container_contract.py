@@ -211,7 +211,7 @@ def test_build_context_holds_only_what_the_image_needs():
     unwanted = [".git/HEAD", ".venv/bin/python", ".venv-nnunet/bin/python", "tests/test_engine.py",
                 "results/nsd_benchmark.json", "data/case_0000.nii.gz", "evaluation/run_metrics.py",
                 "docs/docker.md", "benchmarks/bench_nsd.py", "scripts/setup.sh", "Dockerfile", "README.md",
-                "models/train_default.py", "inference/__pycache__/cli.cpython-312.pyc",
+                "training/train_default.py", "inference/__pycache__/cli.cpython-312.pyc",
                 "models/default/fold_all/checkpoint_latest.pth", "models/default/training_state.pth",
                 "models/default/fold_0/validation/a.nii.gz"]
     assert [p for p in wanted if not in_build_context(p, rules)] == []

@@ -3,7 +3,6 @@ weights really segment lesions in phantoms they were not trained on."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +10,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from evaluation.phantoms import generate_phantom
+from phantoms import generate_phantom
 from evaluation.surface_dice import dice
 from inference import PredictionSettings, load_model, predict_image
 from inference.model.network import build_network
 from inference.model.plans import read_model_config
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "models"))
+from training import train_default
 
-import train_default  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+
 
 DEFAULT_MODEL = REPO / "models" / "default"
 # evaluation seed 7 (training used 1000): small scans around a lesion-bearing trunk, 3 mm like the model

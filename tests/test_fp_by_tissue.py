@@ -1,9 +1,9 @@
-"""benchmarks/fp_by_tissue.py: false-positive components matched to the phantoms' tissue map."""
+"""experiments/fp_by_tissue.py: false-positive components matched to the phantoms' tissue map."""
 import numpy as np
 import pytest
 
-from benchmarks.fp_by_tissue import eval_set_job, false_positive_components
-from evaluation.phantoms import BOWEL, LIVER, TISSUE_NAMES
+from experiments.fp_by_tissue import eval_set_job, false_positive_components
+from phantoms import BOWEL, LIVER, TISSUE_NAMES
 
 
 def test_false_positives_are_named_by_their_majority_tissue():

@@ -76,7 +76,7 @@ def image_exists():
 def phantom(tmp_path_factory):
     """(image path, label path, the host engine's mask) of the test phantom."""
     data = tmp_path_factory.mktemp("phantom")
-    subprocess.run([sys.executable, "-m", "evaluation.phantoms", "--out", str(data), *PHANTOM_ARGS], cwd=REPO,
+    subprocess.run([sys.executable, "-m", "phantoms", "--out", str(data), *PHANTOM_ARGS], cwd=REPO,
                    check=True, capture_output=True, timeout=RUN_TIMEOUT_S)
     image = data / "images" / f"{PHANTOM_CASE}_0000.nii.gz"
     single = data / "single"
@@ -184,15 +184,17 @@ def test_a_run_writes_nothing_inside_the_image(tmp_path, phantom):
 
 def test_the_image_holds_the_engine_the_model_and_nothing_else():
     listing = run(podman("run", "--rm", "--network", "none", f"{IMAGE}:latest", "/bin/bash", "-c",
-                         "cd /workspace && find . -mindepth 1 -not -path './inference/*' | sort"))
+                         "cd /workspace && find . -mindepth 1 -not -path './inference/*' "
+                         "-not -path './flare_common/*' | sort"))
     assert listing.returncode == 0, listing.stderr
     files = set(listing.stdout.split())
-    assert {"./inference", "./models", "./predict.sh"} <= files
+    assert {"./inference", "./flare_common", "./models", "./predict.sh"} <= files
     model = {"./models/default/plans.json", "./models/default/dataset.json",
              "./models/default/fold_all/checkpoint_final.pth"}
     assert model <= files, f"model folder incomplete: {sorted(model - files)}"
     assert not {p for p in files if p.split("/")[1] in (".venv", "tests", ".git", "data", "results", "evaluation",
-                                                         "benchmarks", "scripts")}
+                                                         "benchmarks", "scripts", "training", "experiments",
+                                                         "phantoms")}
     assert not {p for p in files if p.endswith((".py", "training_state.pth", "checkpoint_latest.pth"))}
 
 

@@ -141,7 +141,7 @@ def test_cli_reports_a_broken_filter_file_in_one_line(tmp_path, toy_model_dir):
     assert done.stderr.strip().count("\n") == 0 and FILTER_FILE in done.stderr
 
 
-# ---- benchmarks/tune_lesion_filter.py: scoring without predicting again --------------------------------
+# ---- training/tune_lesion_filter.py: scoring without predicting again --------------------------------
 
 def tuning_cases():
     """One lesion case (a true 10-voxel lesion at p 0.95, a 2-voxel false positive at p 0.7) and one
@@ -155,7 +155,7 @@ def tuning_cases():
 
 
 def test_tuning_scores_and_picks_the_mildest_best_filter():
-    from benchmarks.tune_lesion_filter import best_filter, score_filter, score_grid
+    from training.tune_lesion_filter import best_filter, score_filter, score_grid
     none = score_filter(tuning_cases(), LesionFilter())
     assert none["lesion_dsc"] == pytest.approx(2 * 8 / (12 + 10))
     assert none["healthy_fp_rate"] == 1.0 and none["all_cases_dsc"] == pytest.approx(16 / 22 / 2)
@@ -179,14 +179,14 @@ def test_tuning_scores_and_picks_the_mildest_best_filter():
 
 
 def test_tuning_refuses_the_evaluation_seed():
-    from benchmarks.tune_lesion_filter import main
+    from training.tune_lesion_filter import main
     with pytest.raises(SystemExit) as exit_info:
         main(["--seed", "7"])
     assert exit_info.value.code == 2
 
 
 def test_tuning_records_each_predicted_lesion_against_the_truth(toy_model_dir):
-    from benchmarks.tune_lesion_filter import case_components
+    from training.tune_lesion_filter import case_components
     from test_engine import THRESHOLD_HU, threshold_model
     image = make_ct_image(shape_zyx=(24, 64, 64), spacing_xyz=(0.8, 0.8, 2.5))
     label = sitk.GetImageFromArray((sitk.GetArrayFromImage(image) > THRESHOLD_HU).astype(np.uint8))
@@ -203,7 +203,7 @@ def test_tuning_records_each_predicted_lesion_against_the_truth(toy_model_dir):
 
 def test_tuning_writes_the_best_filter_and_reuses_statistics_of_the_same_weights_only(
         tmp_path, toy_model_dir, monkeypatch):
-    import benchmarks.tune_lesion_filter as tune
+    import training.tune_lesion_filter as tune
     from conftest import make_toy_model
     monkeypatch.setattr(tune, "generate_eval_set",
                         lambda *args: [{"case": "phantom_0000", "lesions": [{"type": "liver"}]},

@@ -94,7 +94,7 @@ def test_onnx_masks_match_torch_on_a_ct_volume(exported_model):
 
 
 def test_onnx_masks_match_torch_on_a_phantom(exported_model):
-    phantoms = pytest.importorskip("evaluation.phantoms")
+    phantoms = pytest.importorskip("phantoms")
     # a partial field of view at a coarse spacing keeps the model-space volume small (48 x 48 x 48)
     image = phantoms.generate_phantom(5, 0, shape_zyx=(24, 48, 48), spacing_zyx=(6.0, 3.0, 3.0),
                                       healthy=False).image

@@ -13,8 +13,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from evaluation import phantoms
-from evaluation.phantoms import PhantomError, generate_phantom, write_dataset
+import phantoms
+from phantoms import PhantomError, anatomy, cli, generate_phantom, write_dataset, writing
+from phantoms.case import PADDING_HU
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(shape_zyx=(32, 96, 96), spacing_zyx=(6.0, 4.0, 4.0))
@@ -68,7 +69,7 @@ def test_tissue_intensities_are_ct_like_and_lesions_lie_inside_the_body():
         return hu[tissue == cls].mean()
 
     # air inside the reconstruction circle, away from the blurred edges of the body and the table
-    outside = ndimage.binary_erosion(tissue == phantoms.AIR, iterations=2) & (hu > phantoms.PADDING_HU)
+    outside = ndimage.binary_erosion(tissue == phantoms.AIR, iterations=2) & (hu > PADDING_HU)
     assert abs(hu[outside].mean() + 1000) < 5 and hu[outside].std() < 25
     assert -130 < mean(phantoms.SUBCUT) < -40  # mostly fat, with skin
     assert -125 < mean(phantoms.FAT) < -60
@@ -125,7 +126,7 @@ def test_manifest_lesion_volumes_match_the_written_labels(tmp_path):
 
 def test_cli_writes_the_flare_layout(tmp_path):
     out = tmp_path / "data"
-    result = subprocess.run([sys.executable, "-m", "evaluation.phantoms", "--out", str(out), "--cases", "2",
+    result = subprocess.run([sys.executable, "-m", "phantoms", "--out", str(out), "--cases", "2",
                              "--seed", "4", "--shape", "32", "96", "96", "--spacing", "6", "4", "4",
                              "--healthy-fraction", "0.5", "--no-progress"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -145,10 +146,10 @@ def test_cli_writes_the_flare_layout(tmp_path):
 
 
 def test_cli_rejects_bad_arguments_in_one_line(tmp_path, capsys):
-    assert phantoms.main(["--out", str(tmp_path / "x"), "--healthy-fraction", "1.5", "--no-progress"]) == 2
+    assert cli.main(["--out", str(tmp_path / "x"), "--healthy-fraction", "1.5", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "healthy fraction" in err
-    assert phantoms.main(["--out", str(tmp_path / "y"), "--cases", "1", "--shape", "0", "8", "8"]) == 2
+    assert cli.main(["--out", str(tmp_path / "y"), "--cases", "1", "--shape", "0", "8", "8"]) == 2
     assert not (tmp_path / "y" / "manifest.json").exists()
     with pytest.raises(PhantomError):
         generate_phantom(0, 0, direction=(0, 1, 0, 1, 0, 0, 0, 0, 1), **SMALL)
@@ -179,8 +180,8 @@ def test_flipped_directions_are_written_and_show_the_same_anatomy(tmp_path, dire
 def test_default_geometry_looks_like_real_scans():
     for index in range(40):
         streams = np.random.SeedSequence([0, index]).spawn(6)
-        patient = phantoms._make_patient(np.random.default_rng(streams[0]))
-        shape, spacing, direction, origin, t_first = phantoms._choose_geometry(
+        patient = anatomy.make_patient(np.random.default_rng(streams[0]))
+        shape, spacing, direction, origin, t_first = anatomy.choose_geometry(
             np.random.default_rng(streams[1]), patient, None, None, None, None)
         assert shape[1:] == (512, 512)
         assert 0.6 <= spacing[1] == spacing[2] <= 1.0
@@ -204,7 +205,7 @@ def test_flare_efficiency_case_has_the_fixed_size():
 
 
 def test_parallel_gzip_stream_reads_back_exactly(tmp_path, monkeypatch):
-    monkeypatch.setattr(phantoms, "GZIP_CHUNK", 1 << 16)  # many chunks, deflated on two threads
+    monkeypatch.setattr(writing, "GZIP_CHUNK", 1 << 16)  # many chunks, deflated on two threads
     phantom = generate_phantom(1, 1, **SMALL)
     entry = phantoms.write_case(phantom, tmp_path)
     sitk.WriteImage(phantom.image, str(tmp_path / "raw.nii"), useCompression=False)

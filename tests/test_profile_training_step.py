@@ -1,9 +1,9 @@
-"""benchmarks/profile_training_step.py: operator and resolution breakdown of a training step."""
+"""experiments/profile_training_step.py: operator and resolution breakdown of a training step."""
 import json
 
 import torch
 
-from benchmarks.profile_training_step import main, operator_kind, resolution_level, training_setup, training_step
+from experiments.profile_training_step import main, operator_kind, resolution_level, training_setup, training_step
 from conftest import CT_INTENSITIES
 from inference.model.folder import make_dataset_json, make_plans, plain_unet_arch_kwargs, write_model_folder
 from inference.model.network import build_network

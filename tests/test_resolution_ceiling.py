@@ -1,10 +1,10 @@
-"""benchmarks/resolution_ceiling.py: what a perfect model at a given spacing scores through the engine."""
+"""experiments/resolution_ceiling.py: what a perfect model at a given spacing scores through the engine."""
 import json
 
 import numpy as np
 import pytest
 
-from benchmarks.resolution_ceiling import main, perfect_predictions
+from experiments.resolution_ceiling import main, perfect_predictions
 from evaluation.surface_dice import dice
 
 

@@ -10,8 +10,9 @@ from scipy import ndimage
 
 from evaluation import surface_dice as sd
 
+from surface_distance import lookup_tables as oracle_tables
+
 oracle = pytest.importorskip("surface_distance")
-from surface_distance import lookup_tables as oracle_tables  # noqa: E402
 
 METHODS = ("offsets", "edt")
 

@@ -1,0 +1,49 @@
+"""What a phantom case is: its tissue classes, lesion types, the FLARE efficiency sizes, and the
+Phantom it is returned as."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+
+GENERATOR_VERSION = 1
+FLARE_SLICE_COUNTS = (55, 100, 150, 215, 334, 448, 499, 554)
+# slice spacing of each efficiency case: the scan covers a plausible extent, from a 275 mm abdomen
+# (55 slices) to ~830 mm from the lung apices to the thighs (554 slices)
+FLARE_SLICE_SPACING = {55: 5.0, 100: 5.0, 150: 3.0, 215: 2.5, 334: 2.0, 448: 1.5, 499: 1.5, 554: 1.5}
+FLARE_INDEX_BASE = 90000  # RNG index of the efficiency cases, away from the regular case indices
+DEFAULT_HEALTHY_FRACTION = 0.2
+HU_MIN, HU_MAX = -1024, 3071
+PADDING_HU = -1024  # outside the circular reconstruction field of view (no noise there)
+
+# tissue classes of the internal map (lesion hosts are sampled from it)
+AIR, SUBCUT, MUSCLE, FAT, LUNG, LIVER, SPLEEN, KIDNEY, MARROW, CORTEX, VESSEL, BOWEL, ORGAN, TABLE, \
+    AIRWAY, CSF, LESION = range(17)
+TISSUE_NAMES = ("air", "skin_subcutaneous_fat", "muscle", "visceral_fat", "lung", "liver", "spleen",
+                "kidney", "bone_marrow", "cortical_bone", "vessel", "bowel", "organ", "table", "airway",
+                "csf", "lesion")
+
+LESION_TYPES = {
+    # host tissue classes, diameter range (mm), how often the type is drawn
+    "liver": dict(hosts=(LIVER,), diameter=(5.0, 80.0), weight=0.30),
+    "lung": dict(hosts=(LUNG,), diameter=(3.0, 45.0), weight=0.20),
+    "lymph_node": dict(hosts=(FAT,), diameter=(8.0, 45.0), weight=0.20),
+    "kidney": dict(hosts=(KIDNEY,), diameter=(10.0, 65.0), weight=0.12),
+    "bone": dict(hosts=(MARROW,), diameter=(6.0, 35.0), weight=0.10),
+    "spleen": dict(hosts=(SPLEEN,), diameter=(6.0, 45.0), weight=0.08),
+}
+
+
+@dataclass
+class Phantom:
+    """One generated case: the CT (int16 HU), its lesion label (uint8 0/1) and its manifest entry."""
+    image: sitk.Image
+    label: sitk.Image
+    info: dict
+    tissue: np.ndarray | None = field(default=None, repr=False)  # (z, y, x) TISSUE_NAMES classes, on request
+
+
+class PhantomError(ValueError):
+    """Bad generator arguments (the CLI reports them as one line)."""
