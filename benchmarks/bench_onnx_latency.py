@@ -34,7 +34,7 @@ from inference.export_onnx import export_fold
 from inference.model import load_model
 from inference.model.folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
                                     plain_unet_arch_kwargs, write_random_model_folder)
-from inference.sliding_window import enlarged_patch_size
+from inference.patch_policy import enlarged_patch_size
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -24,6 +24,7 @@ from .pipeline import PredictionSettings, predict_image
 from .timing import STAGE_ORDER, StageTimer, process_start_time
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
+DEFAULTS = PredictionSettings()  # the flags' defaults are the API's
 log = logging.getLogger("inference")
 
 
@@ -46,18 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plans configuration (default: from the folder name, else 3d_fullres)")
     parser.add_argument("-device", "--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--backend", default="torch", choices=["torch", "onnx", "tensorrt"])
-    parser.add_argument("-step_size", "--step-size", type=float, default=0.5,
+    parser.add_argument("-step_size", "--step-size", type=float, default=DEFAULTS.step_size,
                         help="window step as a fraction of the patch (0.5 = half overlap)")
     parser.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None,
                         help="inference patch (default: training patch x --patch-scale)")
-    parser.add_argument("--patch-scale", type=float, default=1.2)
+    parser.add_argument("--patch-scale", type=float, default=DEFAULTS.patch_scale)
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
     parser.add_argument("--no-crop", action="store_true", help="skip the body crop")
-    parser.add_argument("--crop-threshold", type=float, default=-500.0, help="body threshold (HU)")
-    parser.add_argument("--crop-margin", type=float, default=10.0, help="margin around the body (mm)")
+    parser.add_argument("--crop-threshold", type=float, default=DEFAULTS.crop_threshold_hu, help="body threshold (HU)")
+    parser.add_argument("--crop-margin", type=float, default=DEFAULTS.crop_margin_mm,
+                        help="margin around the body (mm)")
     parser.add_argument("--lesion-labels", type=int, nargs="+", default=None,
                         help="model labels mapped to 1 (default: every non-background label)")
-    parser.add_argument("--resample-back", choices=["logits", "labels"], default="logits")
+    parser.add_argument("--resample-back", choices=["logits", "labels"], default=DEFAULTS.resample_back)
     parser.add_argument("--min-lesion-ml", type=non_negative, default=None,
                         help="drop predicted lesions smaller than this (default: the model folder's "
                              "lesion_filter.json, else 0 = keep all)")

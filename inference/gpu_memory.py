@@ -23,48 +23,10 @@ import torch
 # on the H200 for the ResEnc-L at 128^3-192^3; the default allocator reached 1.53 at 192^3.
 ALLOCATOR_OVERHEAD = 1.3
 UNTRACKED_MB = 640.0
-# A network's deepest stage needs more than one voxel (instance norm); total stride x 2 guarantees it.
-MIN_STRIDES = 2
 
 
 def voxels(patch: Sequence[int]) -> int:
     return math.prod(int(p) for p in patch)
-
-
-def round_to_stride(size: float, stride: int) -> int:
-    """Nearest multiple of `stride` (halves up), at least one stride."""
-    return max(stride, int(size / stride + 0.5) * stride)
-
-
-def smallest_patch(training: Sequence[int], total_stride: Sequence[int], scale: float) -> tuple[int, ...]:
-    """`scale` of the training patch rounded to the stride, never under MIN_STRIDES strides nor over the
-    training patch."""
-    return tuple(min(t, max(MIN_STRIDES * s, round_to_stride(t * scale, s))) for t, s in zip(training, total_stride))
-
-
-def candidate_patches(enlarged: Sequence[int], training: Sequence[int], total_stride: Sequence[int],
-                      smallest_scale: float = 0.5) -> list[tuple[int, ...]]:
-    """Patches to try, largest first: the enlarged patch, the training patch, then the training patch
-    one total stride smaller along every axis at a time, down to `smallest_scale` of it."""
-    candidates = [tuple(enlarged), tuple(training)]
-    floor = smallest_patch(training, total_stride, smallest_scale)
-    patch = list(training)
-    while True:
-        smaller = [max(lo, p - s) for p, lo, s in zip(patch, floor, total_stride)]
-        if smaller == patch:
-            break
-        patch = smaller
-        candidates.append(tuple(patch))
-    return list(dict.fromkeys(candidates))  # the enlarged patch may be the training patch
-
-
-def probe_patches(training: Sequence[int], total_stride: Sequence[int]) -> tuple[tuple[int, ...], ...]:
-    """Two patches, about half and three quarters of the training patch, to fit the memory line on."""
-    small = smallest_patch(training, total_stride, 0.5)
-    large = smallest_patch(training, total_stride, 0.75)
-    if large == small:
-        large = tuple(p + s for p, s in zip(small, total_stride))
-    return small, large
 
 
 @dataclass(frozen=True)
@@ -87,36 +49,6 @@ def accumulators_mb(volume_shape: Sequence[int], patch: Sequence[int], num_class
     """fp16 logits and weight sums over the volume padded to the patch, plus the Gaussian map."""
     padded = math.prod(max(size, p) for size, p in zip(volume_shape, patch))
     return ((num_classes + 1) * padded + voxels(patch)) * 2 / 2 ** 20
-
-
-def largest_fitting_patch(candidates: Sequence[tuple[int, ...]], peak_mb: Callable[[tuple[int, ...]], float],
-                          budget_mb: float) -> tuple[tuple[int, ...], float, bool]:
-    """The first (largest) candidate whose predicted peak is within budget, else the last (smallest):
-    (patch, its predicted peak, whether it fits)."""
-    for patch in candidates:
-        predicted = peak_mb(patch)
-        if predicted <= budget_mb:
-            return patch, predicted, True
-    return candidates[-1], peak_mb(candidates[-1]), False
-
-
-def choose_patch(enlarged: Sequence[int], training: Sequence[int], total_stride: Sequence[int],
-                 volume_shape: Sequence[int], num_classes: int, budget_mb: float,
-                 forward_mb: Callable[[tuple[int, ...]], float],
-                 device_used_mb: Callable[[], float]) -> tuple[tuple[int, ...], float, bool]:
-    """The largest candidate patch predicted to keep the whole device within `budget_mb`.
-
-    `forward_mb(patch)` runs a probe pass and returns what it allocated; `device_used_mb()` is called
-    after the probes (drop their cached blocks first) and returns the whole device's used memory.
-    Returns (patch, predicted peak MB, whether it fits)."""
-    forward = ForwardMemory.fit([(probe, forward_mb(probe)) for probe in probe_patches(training, total_stride)])
-    used_mb = device_used_mb()
-
-    def peak_mb(patch):
-        return (used_mb + UNTRACKED_MB
-                + ALLOCATOR_OVERHEAD * (accumulators_mb(volume_shape, patch, num_classes) + forward.predict_mb(patch)))
-
-    return largest_fitting_patch(candidate_patches(enlarged, training, total_stride), peak_mb, budget_mb)
 
 
 def forward_allocation_mb(network: Callable[[torch.Tensor], torch.Tensor], patch: Sequence[int],

@@ -2,13 +2,13 @@
 less of the GPU than the one before, tried in turn by pipeline.model_space_logits."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from .model import LoadedModel
+from .patch_policy import smaller_patch
 from .sliding_window import sliding_window_logits
 
 if TYPE_CHECKING:
@@ -23,13 +23,6 @@ class Attempt:
     patch: tuple[int, ...]
     accumulate_on: torch.device | None = None  # None: where the volume is
     networks_on_cpu: bool = False
-
-
-def smaller_patch(patch: tuple[int, ...], model: LoadedModel) -> tuple[int, ...]:
-    """The training patch where `patch` is larger, else half of it (rounded up to the network's stride)."""
-    config = model.config
-    return tuple(train if size > train else max(stride, math.ceil(train / 2 / stride) * stride)
-                 for size, train, stride in zip(patch, config.patch_size, config.total_stride))
 
 
 def out_of_memory_attempts(patch: tuple[int, ...], model: LoadedModel) -> list[Attempt]:

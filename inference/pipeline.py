@@ -24,9 +24,8 @@ from .model import LoadedModel, load_model
 from .normalize import NORMALIZERS
 from .postprocess import lesion_label_ids, lesion_mask_at_shape
 from .resample import resample_channels, shape_at_spacing
-from .gpu_memory import choose_patch, device_used_mb, forward_allocation_mb
 from .out_of_memory import out_of_memory_attempts, run_attempt
-from .sliding_window import enlarged_patch_size
+from .patch_policy import PATCH_SCALE, inference_patch_size
 from .time_budget import BUDGET_RESERVE, step_for_time_budget
 from .timing import StageTimer
 
@@ -37,7 +36,7 @@ log = logging.getLogger("inference")
 class PredictionSettings:
     step_size: float = 0.5
     patch_size: tuple[int, int, int] | None = None  # None: training patch x patch_scale
-    patch_scale: float = 1.2
+    patch_scale: float = PATCH_SCALE
     tta: bool = False
     crop: bool = True
     crop_threshold_hu: float = -500.0
@@ -104,29 +103,6 @@ def to_model_space(cropped: np.ndarray, spacing: tuple[float, ...], model: Loade
     volume = normalize(volume, config.intensity_properties)
     volume = resample_channels(volume, shape_at_spacing(volume.shape[1:], spacing, config.spacing))
     return volume.half() if model.device.type == "cuda" else volume
-
-
-def inference_patch_size(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,
-                         timings: dict | None = None) -> tuple[int, ...]:
-    """The training patch enlarged by `patch_scale`; on CUDA the largest of that, the training patch and
-    smaller ones whose predicted whole-device peak stays within `gpu_memory_budget_mb` (gpu_memory.py)."""
-    config = model.config
-    patch = enlarged_patch_size(config.patch_size, config.total_stride, volume.shape[1:],
-                                settings.patch_scale)
-    if model.device.type != "cuda" or model.backend != "torch":
-        return patch
-    device, network = model.device, model.networks[0]
-    patch, predicted, fits = choose_patch(
-        patch, config.patch_size, config.total_stride, volume.shape[1:], config.num_classes,
-        settings.gpu_memory_budget_mb, lambda probe: forward_allocation_mb(network, probe, volume.shape[0], device),
-        lambda: device_used_mb(device))
-    if timings is not None:
-        timings["predicted_gpu_peak_mb"] = round(predicted)
-    if not fits:
-        log.warning("warning: %s: even the %s patch is predicted to need %.0f MB of GPU memory, over the "
-                    "%.0f MB budget", config.model_dir, "x".join(map(str, patch)), predicted,
-                    settings.gpu_memory_budget_mb)
-    return patch
 
 
 def model_space_logits(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,

@@ -98,16 +98,3 @@ def sliding_window_logits(volume: torch.Tensor, networks: Sequence[PatchPredicto
         weight_sum[window] += gaussian
     logits_sum /= weight_sum
     return logits_sum[unpad]
-
-
-def enlarged_patch_size(training_patch: Sequence[int], total_stride: Sequence[int],
-                        volume_shape: Sequence[int], scale: float = 1.2) -> tuple[int, ...]:
-    """An inference patch `scale` times the training patch (a fully convolutional net accepts it;
-    fewer windows, less overlap: Bai et al. train at 160^3 and infer at 192^3), rounded to the network's
-    total stride, but never larger than needed to cover the volume in one window along an axis."""
-    patch = []
-    for train, stride, size in zip(training_patch, total_stride, volume_shape):
-        wanted = int(math.ceil(train * scale / stride) * stride)
-        cover = int(math.ceil(size / stride) * stride)
-        patch.append(max(train, min(wanted, cover)))
-    return tuple(patch)

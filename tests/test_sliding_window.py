@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from inference.sliding_window import (enlarged_patch_size, gaussian_importance_map, pad_to_patch,
-                                      predict_window, sliding_window_logits, window_slices,
-                                      window_starts)
+from inference.patch_policy import enlarged_patch_size
+from inference.sliding_window import (gaussian_importance_map, pad_to_patch, predict_window, sliding_window_logits,
+                                      window_slices, window_starts)
 
 
 def pointwise_network(seed=0, classes=3):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from ..backends import OnnxRuntimeNetwork
+from ..patch_policy import PATCH_SCALE, scaled_patch
 from ..errors import ModelError
 from .plans import ModelConfig
 
@@ -109,10 +109,9 @@ def trt_profile_shapes(config: ModelConfig, scale: float | None = None) -> dict[
     """One TensorRT optimisation profile covering every window the pipeline makes by default: from the
     training patch to the training patch x `scale` (the pipeline's patch_scale), optimised for the
     largest. Outside it TensorRT cannot run the patch (see OnnxRuntimeNetwork.patch_range)."""
-    scale = float(os.environ.get(TRT_PATCH_SCALE_ENV, 1.2)) if scale is None else scale
+    scale = float(os.environ.get(TRT_PATCH_SCALE_ENV, PATCH_SCALE)) if scale is None else scale
     smallest = tuple(config.patch_size)
-    largest = tuple(max(p, int(math.ceil(p * scale / s) * s))
-                    for p, s in zip(config.patch_size, config.total_stride))
+    largest = scaled_patch(config.patch_size, config.total_stride, scale)
 
     def shape(patch):
         return f"{INPUT_NAME}:1x{config.num_input_channels}x" + "x".join(map(str, patch))
