@@ -73,7 +73,9 @@ def run_harness(images: Path, command: str, out: Path, max_cases: int | None, ti
             continue
         report = json.loads(path.read_text())
         for stage, seconds in next(iter(report["cases"].values()), {}).items():
-            if isinstance(seconds, (int, float)):
+            if stage == "step_size":
+                table.loc[i, stage] = seconds
+            elif isinstance(seconds, (int, float)):
                 table.loc[i, stage if stage.endswith("_mb") else f"{stage}_s"] = seconds
             elif stage in ("patch_size", "preprocessed_shape"):
                 table.loc[i, stage] = "x".join(map(str, seconds))

@@ -26,7 +26,7 @@ import SimpleITK as sitk
 import torch
 
 from evaluation.run_efficiency import machine_facts
-from inference import PredictionSettings, load_model, predict_image
+from inference import PredictionSettings, load_model, predict_image, predict_image_with_report
 from inference.model.folder import make_dataset_json, make_plans, plain_unet_arch_kwargs, write_model_folder
 from inference.model.network import build_network
 from inference.model.plans import read_model_config
@@ -103,12 +103,11 @@ def _measure(repeats: int) -> dict:
         pipeline_times, calibration_times = [], []
         for _ in range(repeats):  # interleaved, so drifts in machine speed hit both alike
             calibration_times.append(median_seconds(calibration_workload, 1))
-            timings: dict = {}
             start = time.perf_counter()
-            predict_image(image, model, settings, timings)
+            _, report = predict_image_with_report(image, model, settings)
             pipeline_times.append(time.perf_counter() - start)
             for stage in STAGES:
-                stage_times[stage].append(timings[stage])
+                stage_times[stage].append(report.seconds[stage])
     calibration = statistics.median(calibration_times)
     return {
         "calibration_s": calibration,

@@ -10,7 +10,8 @@ evaluation harness shares) can be imported without torch.
 import importlib
 
 _EXPORTS = {"CaseError": ".errors", "ModelError": ".errors", "LoadedModel": ".model", "load_model": ".model",
-            "PredictionSettings": ".pipeline", "predict_array": ".pipeline", "predict_image": ".pipeline"}
+            "PredictionSettings": ".pipeline", "predict_array": ".pipeline", "predict_image": ".pipeline",
+            "predict_image_with_report": ".pipeline", "CaseReport": ".timing"}
 __all__ = sorted(_EXPORTS)
 
 

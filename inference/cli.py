@@ -20,8 +20,8 @@ from tqdm import tqdm
 from . import io
 from .errors import CaseError, ModelError
 from .model import load_model
-from .pipeline import PredictionSettings, predict_image
-from .timing import STAGE_ORDER, StageTimer, process_start_time
+from .pipeline import PredictionSettings, predict_image_with_report
+from .timing import STAGE_ORDER, CaseReport, StageTimer, process_start_time
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 DEFAULTS = PredictionSettings()  # the flags' defaults are the API's
@@ -89,23 +89,23 @@ def settings_from_args(args: argparse.Namespace) -> PredictionSettings:
         min_lesion_probability=args.min_lesion_probability, time_budget_s=args.time_budget)
 
 
-def predict_case(path: Path, output_path: Path, model, settings: PredictionSettings) -> dict:
-    timings: dict = {}
-    timer = StageTimer(timings=timings)  # read and write are host-side: nothing to synchronise
+def predict_case(path: Path, output_path: Path, model, settings: PredictionSettings) -> CaseReport:
+    report = CaseReport()
+    timer = StageTimer(report)  # read and write are host-side: nothing to synchronise
     start = time.perf_counter()
     with timer("read"):
         image = io.read_image(path)
     if settings.time_budget_s is not None:  # the budget is the whole case's: the read has used some
-        settings = replace(settings, time_budget_s=settings.time_budget_s - timings["read"])
-    mask = predict_image(image, model, settings, timings)
+        settings = replace(settings, time_budget_s=settings.time_budget_s - report.seconds["read"])
+    mask, report = predict_image_with_report(image, model, settings, report)
     with timer("write"):
         io.write_image_atomically(mask, output_path)
-    timings["total"] = time.perf_counter() - start
-    return timings
+    report.seconds["total"] = time.perf_counter() - start
+    return report
 
 
-def format_timings(timings: dict) -> str:
-    return ", ".join(f"{s} {timings[s]:.2f}" for s in STAGE_ORDER if s in timings)
+def format_timings(seconds: dict) -> str:
+    return ", ".join(f"{s} {seconds[s]:.2f}" for s in STAGE_ORDER if s in seconds)
 
 
 class Stopped(KeyboardInterrupt):
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
         if args.skip_existing and output_path.exists():
             continue
         try:
-            timings = predict_case(path, output_path, model, settings)
+            case_report = predict_case(path, output_path, model, settings)
         except Exception as err:  # one broken case must not stop the others
             failures += 1
             line = case_error_line(path, err)
@@ -206,8 +206,9 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
                 write_empty_mask(path, output_path)
             continue
         done.append(path.name)
-        report["cases"][path.name] = timings
-        log.info("%s: %.2f s (%s)", io.case_id(path), timings["total"], format_timings(timings))
+        report["cases"][path.name] = case_report.as_dict()
+        log.info("%s: %.2f s (%s)", io.case_id(path), case_report.seconds["total"],
+                 format_timings(case_report.seconds))
     if args.timings:
         Path(args.timings).write_text(json.dumps(report, indent=2))
     if failures:

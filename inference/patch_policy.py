@@ -109,27 +109,26 @@ def choose_patch(enlarged: Sequence[int], training: Sequence[int], total_stride:
     return largest_fitting_patch(candidate_patches(enlarged, training, total_stride), peak_mb, budget_mb)
 
 
-def inference_patch_size(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,
-                         timings: dict | None = None) -> tuple[int, ...]:
+def inference_patch_size(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings
+                         ) -> tuple[tuple[int, ...], float | None]:
     """The training patch enlarged by `patch_scale`; on CUDA the largest of that, the training patch and
-    smaller ones whose predicted whole-device peak stays within `gpu_memory_budget_mb` (gpu_memory.py)."""
+    smaller ones whose predicted whole-device peak stays within `gpu_memory_budget_mb` (gpu_memory.py).
+    Returns (patch, predicted peak in MB, None where nothing was predicted)."""
     config = model.config
     patch = enlarged_patch_size(config.patch_size, config.total_stride, volume.shape[1:],
                                 settings.patch_scale)
     if model.device.type != "cuda" or model.backend != "torch":
-        return patch
+        return patch, None
     device, network = model.device, model.networks[0]
     patch, predicted, fits = choose_patch(
         patch, config.patch_size, config.total_stride, volume.shape[1:], config.num_classes,
         settings.gpu_memory_budget_mb, lambda probe: forward_allocation_mb(network, probe, volume.shape[0], device),
         lambda: device_used_mb(device))
-    if timings is not None:
-        timings["predicted_gpu_peak_mb"] = round(predicted)
     if not fits:
         log.warning("warning: %s: even the %s patch is predicted to need %.0f MB of GPU memory, over the "
                     "%.0f MB budget", config.model_dir, "x".join(map(str, patch)), predicted,
                     settings.gpu_memory_budget_mb)
-    return patch
+    return patch, round(predicted)
 
 
 def smaller_patch(patch: tuple[int, ...], model: LoadedModel) -> tuple[int, ...]:

@@ -27,7 +27,7 @@ from .resample import resample_channels, shape_at_spacing
 from .out_of_memory import out_of_memory_attempts, run_attempt
 from .patch_policy import PATCH_SCALE, inference_patch_size
 from .time_budget import BUDGET_RESERVE, step_for_time_budget
-from .timing import StageTimer
+from .timing import CaseReport, StageTimer
 
 log = logging.getLogger("inference")
 
@@ -105,35 +105,50 @@ def to_model_space(cropped: np.ndarray, spacing: tuple[float, ...], model: Loade
     return volume.half() if model.device.type == "cuda" else volume
 
 
+@dataclass
+class NetworkResult:
+    """The sliding window's logits [K, z, y, x] and how they were made."""
+
+    logits: torch.Tensor
+    patch_size: tuple[int, ...]
+    step_size: float
+    predicted_gpu_peak_mb: float | None = None
+
+
 def model_space_logits(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,
-                       timings: dict | None = None, seconds_left: float | None = None
-                       ) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Sliding-window logits [K, z, y, x] of a model-space volume, and the inference patch used.
+                       seconds_left: float | None = None) -> NetworkResult:
+    """Sliding-window logits of a model-space volume, with the patch and step used.
 
     With `seconds_left` (a time budget), the step may be enlarged to fit it (step_for_time_budget). Out of
     GPU memory, each of `out_of_memory_attempts` is tried in turn (a warning says which)."""
-    patch = settings.patch_size or inference_patch_size(volume, model, settings, timings)
+    predicted = None
+    patch = settings.patch_size
+    if patch is None:
+        patch, predicted = inference_patch_size(volume, model, settings)
     if seconds_left is not None:
         settings = replace(settings, step_size=step_for_time_budget(volume, model, settings, patch, seconds_left))
-        if timings is not None:
-            timings["step_size"] = settings.step_size
     attempts = out_of_memory_attempts(patch, model)
     for attempt, following in zip(attempts, attempts[1:]):
         try:
-            return run_attempt(volume, model, settings, attempt), attempt.patch
+            logits = run_attempt(volume, model, settings, attempt)
+            return NetworkResult(logits, attempt.patch, settings.step_size, predicted)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log.warning("warning: out of GPU memory; retrying with %s", following.label)
-    return run_attempt(volume, model, settings, attempts[-1]), attempts[-1].patch
+    last = attempts[-1]
+    return NetworkResult(run_attempt(volume, model, settings, last), last.patch, settings.step_size, predicted)
 
 
-def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedModel,
-                  settings: PredictionSettings | None = None, timings: dict | None = None) -> np.ndarray:
-    """Lesion mask (uint8 0/1, same shape) for a (z, y, x) CT array with (z, y, x) spacing in mm."""
+def predict_array_with_report(array: np.ndarray, spacing: tuple[float, ...], model: LoadedModel,
+                              settings: PredictionSettings | None = None, report: CaseReport | None = None
+                              ) -> tuple[np.ndarray, CaseReport]:
+    """Lesion mask (uint8 0/1, same shape) for a (z, y, x) CT array with (z, y, x) spacing in mm, and the
+    case's report (`report`, if given, is the one filled: the CLI's, which already holds the read)."""
     settings = settings or PredictionSettings()
+    report = report if report is not None else CaseReport()
     started = time.perf_counter()
-    timer = StageTimer(model.device, timings)
+    timer = StageTimer(report, model.device)
     config = model.config
     with timer("crop"):
         box = crop_box(array, spacing, settings)
@@ -146,15 +161,18 @@ def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedMo
         seconds_left = None
         if settings.time_budget_s is not None:
             seconds_left = settings.time_budget_s * (1 - BUDGET_RESERVE) - (time.perf_counter() - started)
-        logits, patch = model_space_logits(volume, model, settings, timings, seconds_left)
+        network = model_space_logits(volume, model, settings, seconds_left)
         del volume
+    logits = network.logits
+    report.patch_size, report.step_size = network.patch_size, network.step_size
+    report.predicted_gpu_peak_mb = network.predicted_gpu_peak_mb
+    del network  # the logits are freed with their last name, in the export
     lesion_ids = lesion_label_ids(config.labels, settings.lesion_labels)
     lesion_filter = model.lesion_filter.with_overrides(settings.min_lesion_ml, settings.min_lesion_probability)
     if lesion_filter.active:
         with timer("filter"):
             logits, found, dropped = filter_lesions(logits, lesion_ids, config.voxel_ml, lesion_filter)
-        if timings is not None:
-            timings["lesions_dropped"] = [dropped, found]
+        report.lesions_dropped = (dropped, found)
     with timer("export"):
         cropped_shape = tuple(cropped.shape[a] for a in config.transpose_forward)
         mask = lesion_mask_at_shape(logits, cropped_shape, lesion_ids, settings.resample_back)
@@ -162,15 +180,21 @@ def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedMo
         mask = mask.permute(*config.transpose_backward).cpu().numpy()
         full = np.zeros(array.shape, dtype=np.uint8)
         full[box] = mask
-    if timings is not None:
-        timings["patch_size"] = list(patch)
-    return full
+    return full, report
 
 
-def predict_image(image: sitk.Image, model: LoadedModel | str | Path,
-                  settings: PredictionSettings | None = None, timings: dict | None = None) -> sitk.Image:
+def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedModel,
+                  settings: PredictionSettings | None = None) -> np.ndarray:
+    """Lesion mask (uint8 0/1, same shape) for a (z, y, x) CT array with (z, y, x) spacing in mm."""
+    return predict_array_with_report(array, spacing, model, settings)[0]
+
+
+def predict_image_with_report(image: sitk.Image, model: LoadedModel | str | Path,
+                              settings: PredictionSettings | None = None, report: CaseReport | None = None
+                              ) -> tuple[sitk.Image, CaseReport]:
     """Lesion mask for a CT already in memory: SimpleITK image in, uint8 0/1 SimpleITK image out, with
-    exactly the input's size, spacing, origin and direction. `model` is a LoadedModel or a model folder.
+    exactly the input's size, spacing, origin and direction; and the case's report. `model` is a
+    LoadedModel or a model folder.
     """
     if not isinstance(model, LoadedModel):
         model = load_model(model)
@@ -179,7 +203,13 @@ def predict_image(image: sitk.Image, model: LoadedModel | str | Path,
                         "channels; only single-channel CT models are supported")
     array = sitk.GetArrayViewFromImage(image)
     spacing = tuple(image.GetSpacing())[::-1]
-    mask = predict_array(array, spacing, model, settings, timings)
+    mask, report = predict_array_with_report(array, spacing, model, settings, report)
     output = sitk.GetImageFromArray(mask)
     output.CopyInformation(image)
-    return output
+    return output, report
+
+
+def predict_image(image: sitk.Image, model: LoadedModel | str | Path,
+                  settings: PredictionSettings | None = None) -> sitk.Image:
+    """Lesion mask for a CT already in memory (see predict_image_with_report)."""
+    return predict_image_with_report(image, model, settings)[0]

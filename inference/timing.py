@@ -1,11 +1,13 @@
-"""Per-stage wall-clock timings that are honest on CUDA (synchronise before reading the clock), and the
-absolute timestamps of a process's start-up, so that a case's timeline can be laid beside a container's
-start and end as measured outside it (evaluation/run_efficiency.py)."""
+"""What one case took and chose (CaseReport), per-stage wall-clock timings that are honest on CUDA
+(synchronise before reading the clock), and the absolute timestamps of a process's start-up, so that a
+case's timeline can be laid beside a container's start and end as measured outside it
+(evaluation/run_efficiency.py)."""
 from __future__ import annotations
 
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,13 +33,38 @@ def process_start_time() -> float | None:
         return None
 
 
-class StageTimer:
-    """Adds each stage's seconds to `timings[stage]` and its [start, end] wall-clock times (seconds since
-    the epoch) to `timings["at"][stage]`."""
+@dataclass
+class CaseReport:
+    """One case: each stage's seconds and its [start, end] wall-clock times (seconds since the epoch), the
+    inference patch and step used, the whole-device GPU peak predicted for the patch (CUDA), and the lesions
+    the lesion filter dropped out of those it found (when a filter is active)."""
 
-    def __init__(self, device: torch.device | None = None, timings: dict | None = None):
+    seconds: dict[str, float] = field(default_factory=dict)
+    spans: dict[str, list[float]] = field(default_factory=dict)
+    patch_size: tuple[int, ...] | None = None
+    step_size: float | None = None
+    predicted_gpu_peak_mb: float | None = None
+    lesions_dropped: tuple[int, int] | None = None  # (dropped, found)
+
+    def as_dict(self) -> dict:
+        """A case's entry of the CLI's --timings JSON: stage seconds at the top, the spans under "at"."""
+        entry: dict = dict(self.seconds)
+        if self.spans:
+            entry["at"] = dict(self.spans)
+        for key in ("patch_size", "step_size", "predicted_gpu_peak_mb", "lesions_dropped"):
+            value = getattr(self, key)
+            if value is not None:
+                entry[key] = list(value) if isinstance(value, tuple) else value
+        return entry
+
+
+class StageTimer:
+    """Adds each stage's seconds to `report.seconds[stage]` and its [start, end] wall-clock times to
+    `report.spans[stage]`."""
+
+    def __init__(self, report: CaseReport, device: torch.device | None = None):
         self.device = device
-        self.timings = timings if timings is not None else {}
+        self.report = report
 
     def _sync(self):
         if self.device is not None and self.device.type == "cuda":
@@ -51,5 +78,5 @@ class StageTimer:
             yield
         finally:
             self._sync()
-            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
-            self.timings.setdefault("at", {})[stage] = [started_at, time.time()]
+            self.report.seconds[stage] = self.report.seconds.get(stage, 0.0) + time.perf_counter() - start
+            self.report.spans[stage] = [started_at, time.time()]

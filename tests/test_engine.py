@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import make_ct_image, make_toy_model
-from inference import PredictionSettings, load_model, predict_image
+from inference import PredictionSettings, load_model, predict_image, predict_image_with_report
 from inference.backends import TorchNetwork
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,12 +99,16 @@ def test_crop_does_not_change_the_mask_inside_the_body(toy_model_dir):
     assert np.array_equal(cropped, full)
 
 
-def test_timings_report_every_stage(toy_model_dir):
-    timings = {}
-    predict_image(make_ct_image(), load_model(toy_model_dir, device="cpu"), timings=timings)
-    assert {"crop", "resample", "network", "export"} <= set(timings)
-    assert all(timings[k] >= 0 for k in ("crop", "resample", "network", "export"))
-    assert timings["patch_size"] == [32, 32, 32]  # training patch, volume too small to enlarge
+def test_the_case_report_has_every_stage_the_patch_and_the_step(toy_model_dir):
+    _, report = predict_image_with_report(make_ct_image(), load_model(toy_model_dir, device="cpu"))
+    assert {"crop", "resample", "network", "export"} <= set(report.seconds)
+    assert all(report.seconds[k] >= 0 for k in ("crop", "resample", "network", "export"))
+    assert all(report.spans[k][0] <= report.spans[k][1] for k in ("crop", "resample", "network", "export"))
+    assert report.patch_size == (32, 32, 32)  # training patch, volume too small to enlarge
+    assert report.step_size == 0.5 and report.predicted_gpu_peak_mb is None and report.lesions_dropped is None
+    entry = report.as_dict()
+    assert entry["patch_size"] == [32, 32, 32] and entry["network"] == report.seconds["network"]
+    assert "predicted_gpu_peak_mb" not in entry and set(entry["at"]) == set(report.spans)
 
 
 def run_cli(*args):

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import make_ct_image
-from inference import PredictionSettings, load_model, predict_image
+from inference import PredictionSettings, load_model, predict_image, predict_image_with_report
 from inference.backends import TorchNetwork
 from inference.errors import ModelError
 from inference.lesion_filter import (FILTER_FILE, LesionFilter, filter_lesions, lesion_components,
@@ -114,10 +114,10 @@ def test_engine_applies_the_folder_filter_and_settings_override_it(tmp_path, toy
     image = sitk.GetImageFromArray(np.zeros((16, 16, 16), np.int16))
     image.SetSpacing((3.0, 3.0, 3.0))  # the toy model's spacing: no resampling
     settings = PredictionSettings(crop=False, patch_size=(16, 16, 16))
-    timings: dict = {}
-    filtered = sitk.GetArrayFromImage(predict_image(image, model, settings, timings))
+    filtered, report = predict_image_with_report(image, model, settings)
+    filtered = sitk.GetArrayFromImage(filtered)
     assert filtered.sum() == 27 and filtered[3, 3, 3] == 1 and filtered[12, 12, 12] == 0
-    assert timings["lesions_dropped"] == [1, 2] and "filter" in timings
+    assert report.lesions_dropped == (1, 2) and "filter" in report.seconds
     settings.min_lesion_ml = 0.0
     unfiltered = sitk.GetArrayFromImage(predict_image(image, model, settings))
     assert unfiltered.sum() == 28 and unfiltered[12, 12, 12] == 1

@@ -21,7 +21,8 @@ from inference.model.folder import write_model_folder
 from inference.model.onnx_loader import (CPU, CUDA, TENSORRT, choose_providers, float16_model,
                                          has_dynamic_spatial_axes, open_fold, trt_cache_dir,
                                          trt_profile_shapes)
-from inference.pipeline import crop_box, inference_patch_size, to_model_space
+from inference.patch_policy import inference_patch_size
+from inference.pipeline import crop_box, to_model_space
 from inference.sliding_window import sliding_window_logits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +51,7 @@ def calibrate_lesion_bias(model_dir: Path, image: sitk.Image, fraction: float = 
     settings = PredictionSettings()
     box = crop_box(array, spacing, settings)
     volume = to_model_space(array[box].copy(), spacing, model)
-    logits = sliding_window_logits(volume, model.networks, inference_patch_size(volume, model, settings),
+    logits = sliding_window_logits(volume, model.networks, inference_patch_size(volume, model, settings)[0],
                                    model.config.num_classes)
     margin = (logits[1] - logits[0]).flatten()
     shift = torch.quantile(margin, 1 - fraction)

@@ -54,7 +54,8 @@ def test_each_fallback_step_is_taken_in_turn(setup, failures, caplog):
                                           "the network on the CPU"]
 
     with caplog.at_level(logging.WARNING, logger="inference"):
-        logits, patch = model_space_logits(volume, model, settings)
+        result = model_space_logits(volume, model, settings)
+    logits, patch = result.logits, result.patch_size
     warnings = [r.getMessage() for r in caplog.records if "out of GPU memory" in r.getMessage()]
     assert warnings == [f"warning: out of GPU memory; retrying with {a.label}" for a in attempts[1:failures + 1]]
     assert patch == attempts[failures].patch

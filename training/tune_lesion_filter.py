@@ -69,7 +69,7 @@ def case_components(image: sitk.Image, label: sitk.Image, model, settings: Predi
     box = crop_box(array, spacing, settings)
     with torch.inference_mode():
         volume = to_model_space(array[box].copy(), spacing, model)
-        logits, _ = model_space_logits(volume, model, settings)
+        logits = model_space_logits(volume, model, settings).logits
         lesion_ids = lesion_label_ids(config.labels, settings.lesion_labels)
         found = lesion_components(logits, lesion_ids, config.voxel_ml)
         truth = torch.from_numpy(sitk.GetArrayViewFromImage(label)[box] > 0).permute(*config.transpose_forward)

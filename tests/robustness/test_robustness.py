@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from corpus import SCENARIOS, ct_image, make_reference, run_scenario, toy_model, write
-from inference import io, load_model, predict_image
+from inference import io, load_model, predict_image, predict_image_with_report
 from inference.backends import TorchNetwork
 from inference.errors import CaseError
 
@@ -113,14 +113,13 @@ def test_time_budget_takes_a_larger_step_and_says_so(tmp_path, caplog):
     model = load_model(toy_model(tmp_path / "model"), device="cpu")
     model.networks = [TorchNetwork(SlowNetwork(), torch.device("cpu"))]
     image = ct_image(shape_zyx=(40, 200, 200), spacing_xyz=(3.0, 3.0, 3.0))
-    relaxed, tight = {}, {}
-    predict_image(image, model, PredictionSettings(time_budget_s=600), relaxed)
-    assert relaxed["step_size"] == 0.5 and "time budget" not in caplog.text
+    _, relaxed = predict_image_with_report(image, model, PredictionSettings(time_budget_s=600))
+    assert relaxed.step_size == 0.5 and "time budget" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="inference"):
-        predict_image(image, model, PredictionSettings(time_budget_s=0.5), tight)
-    assert tight["step_size"] == 1.0
-    assert "over the" in caplog.text and "time budget: step 0.5 -> 1" in caplog.text
-    assert tight["network"] < relaxed["network"] * 0.6  # 25 windows of 40^3 instead of 64 over the body
+        _, tight = predict_image_with_report(image, model, PredictionSettings(time_budget_s=0.5))
+    assert tight.step_size == 1.0
+    # 64 windows of 40^3 over the body at step 0.5, 25 at step 1 (each sleeps 0.02 s: 0.5 s > the 0.45 s left)
+    assert "(64 windows x" in caplog.text and "time budget: step 0.5 -> 1 (25 windows" in caplog.text
 
 
 def test_on_error_empty_writes_an_empty_mask_on_the_inputs_grid(tmp_path):
