@@ -7,13 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
-
-from inference.model.folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,
-                                    write_model_folder)
-from inference.model.network import build_network
-from inference.model.plans import read_model_config
+from inference.model.folder import make_dataset_json, make_plans, plain_unet_arch_kwargs, write_random_model_folder
 
 CT_INTENSITIES = {"mean": 50.0, "std": 150.0, "percentile_00_5": -900.0, "percentile_99_5": 900.0,
                   "median": 40.0, "min": -1000.0, "max": 1500.0}
@@ -25,14 +20,7 @@ def make_toy_model(out_dir: Path, folds=("all",), residual: bool = False, seed: 
     arch = plain_unet_arch_kwargs(n_stages=3, base_features=4, residual=residual)
     plans = make_plans(spacing=list(spacing), patch_size=list(patch_size), arch_kwargs=arch,
                        intensity_properties=CT_INTENSITIES, residual=residual)
-    dataset = make_dataset_json(labels)
-    write_model_folder(out_dir, plans, dataset, {})
-    config = read_model_config(out_dir)
-    weights = {}
-    for i, fold in enumerate(folds):
-        torch.manual_seed(seed + i)
-        weights[fold] = build_network(config).state_dict()
-    return write_model_folder(out_dir, plans, dataset, weights)
+    return write_random_model_folder(out_dir, plans, make_dataset_json(labels), seed=seed, folds=folds)
 
 
 def make_ct_image(shape_zyx=(24, 40, 48), spacing_xyz=(1.5, 1.5, 4.0), origin=(10.0, -20.0, 5.0),

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
+
+from flare_common.files import atomic_path
 
 from .loader import fold_dir_name
 from .network import build_network
@@ -112,6 +114,23 @@ def make_dataset_json(labels: Mapping[str, int] | None = None, num_training: int
     }
 
 
+def shared_cpu_weights(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` on the CPU, detached, with the sharing between names kept: dynamic-network-architectures'
+    decoder holds the encoder, so the same tensors appear under two names, and torch.save stores a shared
+    tensor once. Copying each name on its own (clone, or .cpu() of a CUDA tensor) would store them twice
+    and more (the default model's checkpoint was 3.3x its parameters)."""
+    copies: dict[tuple, torch.Tensor] = {}
+    shared = {}
+    for name, tensor in weights.items():
+        tensor = tensor.detach()
+        view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tuple(tensor.stride()), tensor.dtype)
+        if view not in copies:
+            copies[view] = tensor.cpu()
+        shared[name] = copies[view]
+    return shared
+
+
 def write_model_folder(out_dir: str | Path, plans: dict, dataset_json: dict,
                        fold_weights: Mapping[str | int, Mapping[str, torch.Tensor]],
                        configuration: str = "3d_fullres", trainer_name: str = "nnUNetTrainer",
@@ -126,7 +145,7 @@ def write_model_folder(out_dir: str | Path, plans: dict, dataset_json: dict,
         fold_dir = out_dir / fold_dir_name(fold)
         fold_dir.mkdir(exist_ok=True)
         checkpoint = {
-            "network_weights": {k: v.detach().cpu().clone() for k, v in weights.items()},
+            "network_weights": shared_cpu_weights(weights),
             "trainer_name": trainer_name,
             "inference_allowed_mirroring_axes": tuple(mirror_axes),
             "init_args": {"plans": plans, "configuration": configuration,
@@ -134,14 +153,20 @@ def write_model_folder(out_dir: str | Path, plans: dict, dataset_json: dict,
                           "dataset_json": dataset_json},
             "current_epoch": 0,
         }
-        torch.save(checkpoint, fold_dir / checkpoint_name)
+        with atomic_path(fold_dir / checkpoint_name) as written:
+            torch.save(checkpoint, written)
     return out_dir
 
 
-def write_random_model_folder(out_dir: str | Path, plans: dict, dataset_json: dict, seed: int = 0) -> Path:
-    """A fold_all model folder whose network, built from `plans` as the engine builds it, keeps its random
-    initialisation (seeded): for timing and memory, where the masks do not matter."""
+def write_random_model_folder(out_dir: str | Path, plans: dict, dataset_json: dict, seed: int = 0,
+                              folds: Sequence[str | int] = ("all",)) -> Path:
+    """A model folder whose networks, built from `plans` as the engine builds them, keep their random
+    initialisation (seeded: seed + the fold's position): for timing, memory and tests, where the masks do
+    not matter."""
     write_model_folder(out_dir, plans, dataset_json, {})
-    torch.manual_seed(seed)
-    weights = build_network(read_model_config(out_dir)).state_dict()
-    return write_model_folder(out_dir, plans, dataset_json, {"all": weights})
+    config = read_model_config(out_dir)
+    weights = {}
+    for position, fold in enumerate(folds):
+        torch.manual_seed(seed + position)
+        weights[fold] = build_network(config).state_dict()
+    return write_model_folder(out_dir, plans, dataset_json, weights)
