@@ -44,6 +44,8 @@ from pathlib import Path
 import psutil
 
 from flare_common.machine import machine_facts
+from inference import io
+from inference.errors import CaseError
 from evaluation.resource_sampler import (REPO_ROOT, GpuUnavailable, SamplerError, SamplerProcess, close_gpu,
                                          open_gpu)
 
@@ -63,15 +65,19 @@ class HarnessError(Exception):
 # ------------------------------------------------------------------------------------------------- cases
 
 def find_cases(cases_dir: Path) -> list[tuple[str, Path]]:
-    """(case name, image path) of every `<case>_0000.nii.gz` in `cases_dir`, else in `cases_dir/images`."""
+    """(case name, image path) of every `<case>_0000.nii.gz` (the one file the organisers put in inputs/) among
+    the cases the engine finds (inference.io.find_cases) in `cases_dir`, else in `cases_dir/images`."""
     cases_dir = Path(cases_dir)
     if not cases_dir.is_dir():
         raise HarnessError(f"{cases_dir}: not a folder")
     for folder in (cases_dir, cases_dir / "images"):
         if folder.is_dir():
-            images = sorted(p for p in folder.iterdir() if p.name.endswith(CASE_SUFFIX) and p.is_file())
+            try:
+                images = [p for p in io.find_cases(folder).cases if p.name.endswith(CASE_SUFFIX)]
+            except CaseError:  # no case at all in this folder
+                continue
             if images:
-                return [(p.name[:-len(CASE_SUFFIX)], p) for p in images]
+                return [(io.case_id(p), p) for p in images]
     raise HarnessError(f"{cases_dir}: no *{CASE_SUFFIX} file in it or in its images/ folder")
 
 

@@ -40,11 +40,10 @@ from tqdm import tqdm
 
 from evaluation.lesion_metrics import LESION_COLUMNS, lesion_metrics
 from flare_common.files import atomic_path
-from inference.errors import CaseError as EngineCaseError
-from inference.io import check_nifti_data_length, sitk_reason
+from inference.errors import CaseError
+from inference.io import IMAGE_SUFFIXES, check_nifti_data_length, sitk_reason, split_suffix
 from evaluation.surface_dice import surface_dice, union_bounding_box
 
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".nrrd")
 GEOMETRY_TOLERANCE = 1e-3
 OFFICIAL_COLUMNS = ["Name", "Lesion_DSC", "Lesion_NSD"]
 EXTRA_COLUMNS = ["case", "missing", "error", "rule", "gt_volume_ml", "pred_volume_ml", "healthy_fp"]
@@ -56,10 +55,6 @@ SUMMARY_COLUMNS = ["n", "mean", "std", "median", "q1", "q3"]
 
 # A prediction file that cannot be read (corrupt, cut short, not an image) scores 0/0, like a missing one.
 BROKEN_PREDICTION = "broken_prediction"
-
-
-class CaseError(Exception):
-    """Bad input for one case; the message is one line naming the file and the problem."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,20 +130,13 @@ def score_case(gt: np.ndarray, pred: np.ndarray, spacing_zyx, tolerance_mm: floa
 # Folders
 
 
-def case_name(path: Path) -> str | None:
-    """`<case>` for `<case>.nii.gz` (and the other accepted extensions), None for other files."""
-    for ext in IMAGE_EXTENSIONS:
-        if path.name.endswith(ext) and len(path.name) > len(ext):
-            return path.name[: -len(ext)]
-    return None
-
-
-def find_cases(folder) -> dict[str, list[Path]]:
-    """Case name -> image files with that name (normally one) in `folder`."""
+def files_by_case(folder) -> dict[str, list[Path]]:
+    """Case name -> the label or prediction files of that name (normally one) in `folder`: `<case>` and an
+    image suffix the engine reads (inference.io), hidden files left out."""
     cases: dict[str, list[Path]] = {}
     for path in sorted(Path(folder).iterdir()):
-        name = case_name(path)
-        if name is not None and path.is_file():
+        name, suffix = split_suffix(path.name)
+        if suffix and name and not path.name.startswith(".") and path.is_file():
             cases.setdefault(name, []).append(path)
     return cases
 
@@ -158,10 +146,7 @@ def _read(path: Path) -> sitk.Image:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise CaseError(f"{path}: cannot be read ({sitk_reason(str(error))})") from None
-    try:
-        check_nifti_data_length(path)  # ITK reads a cut-short NIfTI as if the missing voxels were zeros
-    except EngineCaseError as error:
-        raise CaseError(str(error)) from None
+    check_nifti_data_length(path)  # ITK reads a cut-short NIfTI as if the missing voxels were zeros
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(f"{path}: not a 3D single-channel image "
                         f"(dimension {image.GetDimension()}, "
@@ -244,7 +229,7 @@ def evaluate_folders(gt_dir, pred_dir, tolerance: float = 2.0, workers: int | No
     through `log` (default: print to stderr) and listed in per_case.attrs["unmatched_predictions"].
     """
     log = log or (lambda message: print(message, file=sys.stderr))
-    gt_cases, pred_cases = find_cases(gt_dir), find_cases(pred_dir)
+    gt_cases, pred_cases = files_by_case(gt_dir), files_by_case(pred_dir)
     unmatched = sorted(set(pred_cases) - set(gt_cases))
     for case in unmatched:
         log(f"warning: {pred_cases[case][0]}: no ground truth for this prediction in {gt_dir}, ignored")
@@ -388,7 +373,7 @@ def main(argv=None) -> int:
                                          connectivity=args.connectivity,
                                          progress=not args.no_progress)
     if per_case.empty:
-        print(f"error: {args.gt}: no ground-truth images ({', '.join(IMAGE_EXTENSIONS)})",
+        print(f"error: {args.gt}: no ground-truth images ({', '.join(IMAGE_SUFFIXES)})",
               file=sys.stderr)
         return 1
     case_file, summary_file = write_results(per_case, summary, args.output)
