@@ -29,9 +29,8 @@ from pathlib import Path
 import cc3d
 import numpy as np
 import SimpleITK as sitk
-from tqdm import tqdm
 
-from phantoms import generate_flare_case, generate_phantom, write_case
+from phantoms import HEALTHY_INDEX_BASE, generate_flare_case, write_case, write_eval_set
 from flare_common.machine import machine_facts
 from evaluation.run_metrics import evaluate_folders
 from flare_common.files import write_text_atomically
@@ -44,7 +43,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 RESULTS = Path(os.environ.get("EVAL_DEFAULT_RESULTS", REPO / "results"))
 GOALS = {"lesion_dsc": 0.85, "lesion_nsd": 0.80, "healthy_fp_rate": 0.10}
-HEALTHY_INDEX_BASE = 5000  # phantom index of healthy_0000: apart from the lesion cases' 0, 1, ...
 
 
 def run_engine(images: Path, predictions: Path, model: Path, device: str, timings: Path,
@@ -65,25 +63,6 @@ def run_engine(images: Path, predictions: Path, model: Path, device: str, timing
 
 
 # ---- quality -------------------------------------------------------------------------------------------
-
-def generate_eval_set(out: Path, seed: int, n_lesion: int, n_healthy: int, shape) -> list[dict]:
-    """Lesion cases phantom_0000.. (healthy=False) and healthy cases healthy_0000.. (own RNG indices)."""
-    manifest_path = out / "manifest.json"
-    wanted = {"seed": seed, "cases": n_lesion, "healthy": n_healthy, "shape": shape}
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("arguments") == wanted:
-            return manifest["cases"]
-    jobs = [(i, False, f"phantom_{i:04d}") for i in range(n_lesion)]
-    jobs += [(HEALTHY_INDEX_BASE + i, True, f"healthy_{i:04d}") for i in range(n_healthy)]
-    entries = []
-    for index, healthy, name in tqdm(jobs, desc="eval phantoms", unit="case"):
-        phantom = generate_phantom(seed, index, shape_zyx=shape, healthy=healthy, name=name)
-        entries.append(write_case(phantom, out))
-        del phantom
-    write_text_atomically(manifest_path, json.dumps({"arguments": wanted, "cases": entries}, indent=1))
-    return entries
-
 
 def detection_by_type(entries: list[dict], labels: Path, predictions: Path) -> dict:
     """Per lesion type: how many GT lesions a prediction overlaps (the component at the lesion's centre)."""
@@ -115,7 +94,7 @@ def detection_by_type(entries: list[dict], labels: Path, predictions: Path) -> d
 def quality(args) -> int:
     work = Path(args.work) / f"quality_seed{args.seed}"
     data, predictions = work / "data", work / "pred"
-    entries = generate_eval_set(data, args.seed, args.cases, args.healthy, args.shape)
+    entries = write_eval_set(data, args.seed, args.cases, args.healthy, args.shape)
     if args.generate_only:
         return 0
     if predictions.exists():
@@ -158,7 +137,7 @@ def quality(args) -> int:
     cases["shape_zyx"] = cases["case"].map(lambda c: "x".join(str(s) for s in geometry[c]["shape_zyx"]))
     cases["spacing_zyx"] = cases["case"].map(lambda c: "x".join(f"{s:g}" for s in geometry[c]["spacing_zyx"]))
     cases["lesion_types"] = cases["case"].map(
-        lambda c: " ".join(f"{l['type']}:{l['diameter_mm']:.0f}mm" for l in geometry[c]["lesions"]))
+        lambda c: " ".join(f"{lesion['type']}:{lesion['diameter_mm']:.0f}mm" for lesion in geometry[c]["lesions"]))
     model_log = Path(args.model) / "training_log.json"
     filter_file = Path(args.model) / FILTER_FILE
     result = {

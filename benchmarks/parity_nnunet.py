@@ -292,7 +292,8 @@ def _read_json(path: Path, exclude=()) -> dict | None:
 
 
 def _means(table: list[dict]) -> dict:
-    keys = [k for k in table[0] if k.startswith(("dsc_", "speedup_", "cpu_speedup_")) or k.endswith(("_seconds", "_truth"))]
+    keys = [k for k in table[0]
+            if k.startswith(("dsc_", "speedup_", "cpu_speedup_")) or k.endswith(("_seconds", "_truth"))]
     return {k: float(np.mean([row[k] for row in table])) for k in keys}
 
 

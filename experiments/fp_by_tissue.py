@@ -6,7 +6,7 @@ tissue it lies in (the phantoms' tissue map).
 
 The predictions are those of `python benchmarks/eval_default_model.py quality` (its `pred` folder); the
 phantoms are generated again with their tissue map, from the same seed and index as eval_default_model's
-`generate_eval_set` uses (phantom_NNNN: index NNNN; healthy_NNNN: index 5000 + NNNN), so the labels
+`phantoms.write_eval_set` uses (phantom_NNNN: index NNNN; healthy_NNNN: index 5000 + NNNN), so the labels
 must match the ones the predictions were scored against (checked voxel by voxel). Writes
 results/fp_by_tissue_<name>.{json,md,png}: false-positive volume and component count per tissue, and
 every component (case, ml, tissue share, median HU, height in the scan).
@@ -24,7 +24,7 @@ import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from benchmarks.eval_default_model import HEALTHY_INDEX_BASE
+from phantoms import HEALTHY_INDEX_BASE
 from flare_common.files import write_text_atomically
 from flare_common.results import EXPERIMENT_RESULTS, display
 from flare_common.machine import machine_facts

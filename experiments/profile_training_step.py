@@ -10,7 +10,8 @@ profiles as many again and groups self CPU time two ways. By operator kind: conv
 convolution backward, normalisation, layout copies, optimiser, other. By resolution level: the spatial
 size of the operator's first 5-D activation input. Writes experiments/results/training_step_profile.{json,md}.
 With --compare-bf16 it instead times fp32 steps against steps whose forward pass runs under bf16 autocast
-(measured so far only on an AVX-512 CPU with bf16 instructions) and writes experiments/results/training_step_bf16.{json,md}.
+(measured so far only on an AVX-512 CPU with bf16 instructions) and writes
+experiments/results/training_step_bf16.{json,md}.
 """
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchmarks.eval_default_model import GOALS, generate_eval_set
+from benchmarks.eval_default_model import GOALS
+from phantoms import write_eval_set
 from flare_common.files import write_text_atomically
 from flare_common.results import EXPERIMENT_RESULTS, RESULTS
 from flare_common.machine import machine_facts
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     if any(s <= 0 for s in args.spacings):
         parser.error("--spacings must be positive")
     data = Path(args.work) / f"quality_seed{args.seed}" / "data"
-    entries = generate_eval_set(data, args.seed, args.cases, args.healthy, args.shape)
+    entries = write_eval_set(data, args.seed, args.cases, args.healthy, args.shape)
     rows = score_perfect_models(data, entries, sorted(args.spacings))
     summary = summarize(rows)
     results = Path(args.results)

@@ -29,7 +29,7 @@ and its renderer), lesions.py, generate.py (a whole case; the FLARE sizes), writ
 cli.py.
 """
 from .case import (AIR, AIRWAY, BOWEL, CORTEX, CSF, FAT, FLARE_SLICE_COUNTS, GENERATOR_VERSION,  # noqa: F401
-                   KIDNEY, LESION, LESION_TYPES, LIVER, LUNG, MARROW, MUSCLE, ORGAN, SPLEEN, SUBCUT, TABLE,
-                   TISSUE_NAMES, VESSEL, Phantom, PhantomError)
+                   HEALTHY_INDEX_BASE, KIDNEY, LESION, LESION_TYPES, LIVER, LUNG, MARROW, MUSCLE, ORGAN, SPLEEN,
+                   SUBCUT, TABLE, TISSUE_NAMES, VESSEL, Phantom, PhantomError)
 from .generate import flare_case_specs, generate_flare_case, generate_phantom  # noqa: F401
-from .writing import write_case, write_dataset  # noqa: F401
+from .writing import write_case, write_dataset, write_eval_set  # noqa: F401

@@ -15,6 +15,7 @@ FLARE_SLICE_COUNTS = (55, 100, 150, 215, 334, 448, 499, 554)
 FLARE_SLICE_SPACING = {55: 5.0, 100: 5.0, 150: 3.0, 215: 2.5, 334: 2.0, 448: 1.5, 499: 1.5, 554: 1.5}
 FLARE_INDEX_BASE = 90000  # RNG index of the efficiency cases, away from the regular case indices
 DEFAULT_HEALTHY_FRACTION = 0.2
+HEALTHY_INDEX_BASE = 5000  # phantom index of an evaluation set's healthy_0000: apart from the lesion cases' 0, 1, ...
 HU_MIN, HU_MAX = -1024, 3071
 PADDING_HU = -1024  # outside the circular reconstruction field of view (no noise there)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from flare_common.files import atomic_path
+from flare_common.files import atomic_path, write_text_atomically
 
-from .case import DEFAULT_HEALTHY_FRACTION, GENERATOR_VERSION, Phantom, PhantomError, TISSUE_NAMES
+from .case import DEFAULT_HEALTHY_FRACTION, GENERATOR_VERSION, HEALTHY_INDEX_BASE, Phantom, PhantomError, TISSUE_NAMES
 from .generate import flare_case_specs, generate_flare_case, generate_phantom
 
 
@@ -104,4 +104,26 @@ def write_dataset(out_dir, cases: int, seed: int, flare_sizes: bool = False,
     with atomic_path(out_dir / "manifest.json") as written:
         written.write_text(json.dumps(manifest, indent=1))
         os.chmod(written, FILE_MODE)
+    return entries
+
+
+def write_eval_set(out: Path, seed: int, n_lesion: int, n_healthy: int, shape) -> list[dict]:
+    """An evaluation set: lesion cases phantom_0000.. (healthy=False) and healthy cases healthy_0000.. (their
+    own RNG indices, from HEALTHY_INDEX_BASE); reused as it is when its manifest holds the same arguments."""
+    manifest_path = out / "manifest.json"
+    wanted = {"seed": seed, "cases": n_lesion, "healthy": n_healthy, "shape": shape}
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("arguments") == wanted:
+            return manifest["cases"]
+    jobs = [(i, False, f"phantom_{i:04d}") for i in range(n_lesion)]
+    jobs += [(HEALTHY_INDEX_BASE + i, True, f"healthy_{i:04d}") for i in range(n_healthy)]
+    entries = []
+    from tqdm import tqdm
+
+    for index, healthy, name in tqdm(jobs, desc="eval phantoms", unit="case"):
+        phantom = generate_phantom(seed, index, shape_zyx=shape, healthy=healthy, name=name)
+        entries.append(write_case(phantom, out))
+        del phantom
+    write_text_atomically(manifest_path, json.dumps({"arguments": wanted, "cases": entries}, indent=1))
     return entries

@@ -205,7 +205,7 @@ def test_tuning_writes_the_best_filter_and_reuses_statistics_of_the_same_weights
         tmp_path, toy_model_dir, monkeypatch):
     import training.tune_lesion_filter as tune
     from conftest import make_toy_model
-    monkeypatch.setattr(tune, "generate_eval_set",
+    monkeypatch.setattr(tune, "write_eval_set",
                         lambda *args: [{"case": "phantom_0000", "lesions": [{"type": "liver"}]},
                                        {"case": "healthy_0000", "lesions": []}])
     monkeypatch.setattr(tune.sitk, "ReadImage", lambda path: path)

@@ -41,7 +41,7 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from benchmarks.eval_default_model import generate_eval_set
+from phantoms import write_eval_set
 from flare_common.files import write_text_atomically
 from flare_common.results import RESULTS, display
 from flare_common.machine import machine_facts
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
         parser.error(f"--seed {args.seed} is the {'evaluation' if args.seed == EVALUATION_SEED else 'training'} "
                      "seed; tune on another one")
     data = Path(args.work) / f"seed{args.seed}"
-    entries = generate_eval_set(data, args.seed, args.cases, args.healthy, None)
+    entries = write_eval_set(data, args.seed, args.cases, args.healthy, None)
     # measure the model as it predicts, without its own filter
     model = load_model(args.model, device=args.device)
     settings = PredictionSettings()
