@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resampler", choices=list(RESAMPLERS), default="plans",
                         help="plans: as plans.json says; torch: the torch resampler throughout; "
                              "torch-input / torch-export: only on the way in / out")
+    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (nnU-Net's default)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: nnU-Net's GPU path (perform_everything_on_device, fp16 autocast)")
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     process_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     on_gpu = args.device == "cuda"
-    predictor = nnUNetPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=False,
+    predictor = nnUNetPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=args.tta,
                                 perform_everything_on_device=on_gpu, device=torch.device(args.device),
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     folds = tuple(f if f == "all" else int(f) for f in args.folds)
@@ -123,6 +124,7 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "resampler": args.resampler,
+        "tta": args.tta,
         "resampling_fn_data": configuration["resampling_fn_data"],
         "resampling_fn_data_kwargs": configuration["resampling_fn_data_kwargs"],
         "resampling_fn_probabilities": configuration["resampling_fn_probabilities"],

@@ -55,19 +55,30 @@ def representative_model(out_dir: Path) -> Path:
     return write_random_model_folder(out_dir, plans, make_dataset_json())
 
 
+# The points of a case's timeline the results list (seconds since launch, from the engine's timestamps; see
+# evaluation.run_efficiency.engine_timeline): start-up, first window, mask written, process gone.
+TIMELINE_POINTS = {"process_start": "python_at", "imports_done": "imports_at", "model_loaded": "model_at",
+                   "read": "image_at", "network_start": "first_window_at", "network": "network_done_at",
+                   "write": "written_at", "ended": "gone_at"}
+
+
 def run_harness(images: Path, command: str, out: Path, max_cases: int | None, timeout: int) -> pd.DataFrame:
     """The efficiency harness over `images`, then each case's stage timings (@TIMINGS@/<case>.json) joined in:
-    our engine writes {"cases": {case: {stage: s}}, "model_load_s"}, the peer {"cases": ..., "model_load_seconds"}."""
+    our engine writes {"cases": {case: {stage: s}}, "model_load_s"}, the peer {"cases": ..., "model_load_seconds"}.
+    The harness's --timeline adds, for our engine, when each point of TIMELINE_POINTS came."""
     timings_dir = out / "timings"
     timings_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "evaluation.run_efficiency", "--cases", str(images),
             "--command", command.replace("@TIMINGS@", str(timings_dir)), "--out", str(out),
-            "--timeout", str(timeout)]
+            "--timeout", str(timeout), "--timeline"]
     if max_cases:
         argv += ["--max-cases", str(max_cases)]
     subprocess.run(argv, cwd=REPO, check=False)
     table = pd.read_csv(out / "efficiency.csv")
     for i, name in enumerate(table["Name"]):
+        record = json.loads((out / "cases" / (name.removesuffix(".nii.gz") + ".json")).read_text())
+        for point, column in TIMELINE_POINTS.items():
+            table.loc[i, column] = (record.get("timeline") or {}).get(point)
         path = timings_dir / f"{name}.json"
         if not path.exists():
             continue
@@ -105,14 +116,35 @@ def case_subset(images: Path, cases: list[str] | None, folder: Path) -> Path:
     return folder
 
 
-def run_peer(images: Path, python: str, device: str, model: Path, out: Path, timeout: int) -> pd.DataFrame:
+def run_peer(images: Path, python: str, device: str, model: Path, out: Path, timeout: int,
+             resampler: str = "torch", tta: bool = False) -> pd.DataFrame:
     peer_device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     command = (f"{shlex.quote(python)} benchmarks/_nnunet_side.py -i \"$INPUT_DIR\" -o \"$OUTPUT_DIR\" "
-               f"-m {shlex.quote(str(model))} --device {peer_device} --resampler torch "
-               f"--threads {os.cpu_count()} --timings \"@TIMINGS@/$(ls \"$INPUT_DIR\").json\"")
+               f"-m {shlex.quote(str(model))} --device {peer_device} --resampler {resampler} "
+               f"{'--tta ' if tta else ''}--threads {os.cpu_count()} "
+               f"--timings \"@TIMINGS@/$(ls \"$INPUT_DIR\").json\"")
     table = run_harness(images, command, out, None, timeout)
-    table.insert(0, "engine", "nnUNetPredictor")
+    table.insert(0, "engine", "nnUNetPredictor" + PEER_MODES[(resampler, tta)])
     return table
+
+
+# nnUNetPredictor as we run it beside ours: (resampler, TTA) -> the label's suffix. Our torch resampler and
+# no TTA (the like-for-like run of the GPU measurements); its own defaults, with and without TTA.
+PEER_MODES = {("torch", False): "", ("plans", False): " (its resampling, TTA off)",
+              ("plans", True): " (its defaults, TTA on)"}
+
+
+def speed_ratios(table: pd.DataFrame) -> pd.DataFrame:
+    """Per case and per other engine: its whole-process time over the first engine's, in the same run."""
+    engines = list(dict.fromkeys(table["engine"]))
+    ours = table[table["engine"] == engines[0]].set_index("Name")["Time"]
+    rows = []
+    for engine in engines[1:]:
+        for name, seconds in table[table["engine"] == engine].set_index("Name")["Time"].items():
+            if name in ours.index:
+                rows.append({"case": name, "engine": engine, "ours_s": ours[name], "theirs_s": seconds,
+                             "theirs_over_ours": seconds / ours[name]})
+    return pd.DataFrame(rows)
 
 
 def plot(table: pd.DataFrame, path: Path, title: str) -> None:
@@ -151,6 +183,9 @@ def main() -> int:
     parser.add_argument("--peer-python", help="python that imports nnunetv2: also run nnUNetPredictor")
     parser.add_argument("--cases", nargs="+", help="case names, e.g. flare_z055 (default: all 8)")
     parser.add_argument("--peer-cases", nargs="+", help="case names for the peer (default: --cases)")
+    parser.add_argument("--peer-modes", nargs="+", default=["torch"], choices=["torch", "plans", "plans-tta"],
+                        help="nnUNetPredictor runs: torch (our torch resampler, TTA off; default), plans (its "
+                             "own resampling, TTA off), plans-tta (its defaults: its resampling, TTA on)")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "flare_sizes")
     parser.add_argument("--out", type=Path, default=REPO / "data" / "flare_sizes_runs")
     parser.add_argument("--results", type=Path, default=REPO / "results")
@@ -166,26 +201,37 @@ def main() -> int:
                           args.timeout) for b in args.backends]
     if args.peer_python:
         peer_images = case_subset(images, args.peer_cases or args.cases, args.out / label / "peer_inputs")
-        tables.append(run_peer(peer_images, args.peer_python, args.device, model, args.out / label / "nnunet",
-                               args.timeout))
+        for mode in args.peer_modes:
+            resampler, tta = mode.removesuffix("-tta"), mode.endswith("-tta")
+            tables.append(run_peer(peer_images, args.peer_python, args.device, model,
+                                   args.out / label / f"nnunet-{mode}", args.timeout, resampler, tta))
     table = pd.concat(tables, ignore_index=True)
     info = json.loads((args.out / label / args.backends[0] / "run_info.json").read_text())
-    device_name = info.get("gpu_name") or info.get("cpu_model") or "unknown"
+    device_name = (info.get("gpu_name") or (info.get("machine") or {}).get("cpu") or info.get("cpu_model")
+                   or "unknown")
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     tag = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
     stem = args.results / f"flare_sizes_{label}_{tag}_{date}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stage_columns = [f"{s}_s" for s in ("preprocess",) + STAGES]
-    columns = ["engine", "Name", "status", "Time", "MaxGPU_Mem", "predicted_gpu_peak_mb", "AUC_GPU_Time",
-               "pass_time", "pass_gpu", "MaxTreeRSS_MB", "model_load_s", "patch_size"] + stage_columns
+    if "network_s" in table:  # what the process spends outside the network: start-up, I/O, pre/post, exit
+        table["outside_network_s"] = table["Time"] - table["network_s"]
+    columns = ["engine", "Name", "status", "Time", "outside_network_s", "MaxGPU_Mem", "predicted_gpu_peak_mb",
+               "AUC_GPU_Time", "pass_time", "pass_gpu", "MaxTreeRSS_MB", "model_load_s", "patch_size"]
+    columns += stage_columns + [c for c in TIMELINE_POINTS.values() if c in table and table[c].notna().any()]
     columns = [c for c in columns if c in table.columns]
+    ratios = speed_ratios(table)
     record = {"device": device_name, "date": date, "model": str(model), "model_label": label,
               "command": " ".join(sys.argv), "run_info": info,
-              "rows": json.loads(table[columns].to_json(orient="records"))}
+              "rows": json.loads(table[columns].to_json(orient="records")),
+              "ratios": json.loads(ratios.to_json(orient="records")) if not ratios.empty else []}
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2))
     header = (f"# predict.sh on the 8 FLARE case sizes: model `{label}`\n\nDevice: **{device_name}**, "
               f"{date}, host {info.get('host', '?')}. Command: `{' '.join(sys.argv)}`.\n\n")
-    stem.with_suffix(".md").write_text(header + table[columns].round(2).to_markdown(index=False) + "\n")
+    ratio_text = ("\n\nWhole process, another engine's time over the first one's, case by case:\n\n"
+                  + ratios.round(2).to_markdown(index=False) if not ratios.empty else "")
+    stem.with_suffix(".md").write_text(header + table[columns].round(2).to_markdown(index=False) + ratio_text
+                                       + "\n")
     plot(table, stem.with_suffix(".png"), f"{label} model on {device_name}, {date}")
     print(table[columns].round(2).to_string(index=False))
     return 0 if (table["status"] == "ok").all() else 1

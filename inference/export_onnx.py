@@ -33,7 +33,7 @@ import torch
 
 from .errors import ModelError
 from .model.loader import available_folds, fold_dir_name, load_model
-from .model.onnx_loader import (FP16_FILE_NAME, INPUT_NAME, ONNX_FILE_NAME, OUTPUT_NAME,
+from .model.onnx_loader import (checkpoint_fingerprint, FP16_FILE_NAME, INPUT_NAME, ONNX_FILE_NAME, OUTPUT_NAME,
                                 float16_model)
 from .model.plans import ModelConfig
 
@@ -137,6 +137,7 @@ def export_fold(model_dir: str | Path, fold: str, output: str | Path | None = No
     metadata = {
         "flare.fold": fold,
         "flare.checkpoint": checkpoint_name,
+        "flare.checkpoint_fingerprint": checkpoint_fingerprint(model_dir / f"fold_{fold}" / checkpoint_name),
         "flare.configuration": config.configuration,
         "flare.num_classes": config.num_classes,
         "flare.num_input_channels": config.num_input_channels,

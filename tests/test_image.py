@@ -83,8 +83,10 @@ def phantom(tmp_path_factory):
     single.mkdir()
     shutil.copy2(image, single / image.name)
     host_out = data / "host"
+    # torch, as in the image (which has no `onnx` to export with: its --backend auto runs torch on the CPU)
     subprocess.run([sys.executable, "-m", "inference", "-i", str(single), "-o", str(host_out), "--device", "cpu",
-                    "--quiet"], cwd=REPO, check=True, capture_output=True, timeout=RUN_TIMEOUT_S)
+                    "--backend", "torch", "--quiet"], cwd=REPO, check=True, capture_output=True,
+                   timeout=RUN_TIMEOUT_S)
     return image, data / "labels" / f"{PHANTOM_CASE}.nii.gz", host_out / f"{PHANTOM_CASE}.nii.gz"
 
 

@@ -1,6 +1,7 @@
 """ONNX export and the ONNX Runtime backend: parity with torch (masks and logits), dynamic and fixed
 patches, both plans formats, float16 variant, provider choice, clear errors."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -278,3 +279,46 @@ def test_cli_backend_onnx_writes_the_same_mask_as_torch(tmp_path, exported_model
     onnx_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case.nii.gz")))
     torch_mask = sitk.GetArrayFromImage(predict_image(image, load_model(exported_model, device="cpu")))
     assert dice(torch_mask, onnx_mask) >= 0.999
+
+
+def test_auto_backend_on_the_cpu_exports_once_into_its_cache_and_writes_torchs_mask(tmp_path, monkeypatch):
+    """`--backend auto`: ONNX Runtime on the CPU from an export cached outside the (read-only) model folder,
+    made once; a changed checkpoint is exported again, never run from the old export."""
+    model_dir = make_toy_model(tmp_path / "model", seed=7)
+    calibrate_lesion_bias(model_dir, ct_volume())  # a mask worth comparing (see the function)
+    monkeypatch.setenv("FLARE_ONNX_CACHE", str(tmp_path / "cache"))
+    model_dir.chmod(0o555)
+    (model_dir / "fold_all").chmod(0o555)
+    try:
+        auto = load_model(model_dir, device="cpu", backend="auto")
+        assert auto.backend == "onnx" and not list(model_dir.rglob("*.onnx"))
+        cached = list((tmp_path / "cache").rglob("model.onnx"))
+        assert len(cached) == 1
+        image = ct_volume()
+        torch_mask = sitk.GetArrayFromImage(predict_image(image, load_model(model_dir, device="cpu")))
+        auto_mask = sitk.GetArrayFromImage(predict_image(image, auto))
+        assert 0.01 < torch_mask.mean() < 0.99 and dice(torch_mask, auto_mask) >= 0.999
+        stamp = cached[0].stat().st_mtime_ns
+        assert load_model(model_dir, device="cpu", backend="auto").backend == "onnx"
+        assert cached[0].stat().st_mtime_ns == stamp  # reused, not exported again
+    finally:
+        (model_dir / "fold_all").chmod(0o755)
+        model_dir.chmod(0o755)
+    checkpoint = model_dir / "fold_all" / "checkpoint_final.pth"
+    os.utime(checkpoint, ns=(stamp, stamp + 10 ** 9))  # another checkpoint, as far as the fingerprint knows
+    assert load_model(model_dir, device="cpu", backend="auto").backend == "onnx"
+    assert len(list((tmp_path / "cache").rglob("model.onnx"))) == 2
+
+
+def test_auto_backend_without_onnxruntime_runs_torch(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("not installed")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    model = load_model(make_toy_model(tmp_path / "model"), device="cpu", backend="auto")
+    assert model.backend == "torch"

@@ -13,6 +13,7 @@ from ..errors import ModelError
 from ..lesion_filter import LesionFilter, read_lesion_filter
 from .checkpoint import load_checkpoint
 from .network import build_network
+from .onnx_loader import current_cpu_networks
 from .plans import ModelConfig, read_model_config
 
 PatchPredictor = Callable[[torch.Tensor], torch.Tensor]
@@ -61,12 +62,22 @@ def select_folds(model_dir: Path, folds: Sequence[str | int] | None) -> list[str
 def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
                checkpoint_name: str = "checkpoint_final.pth", device: str | torch.device = "auto",
                configuration: str | None = None, backend: str = "torch") -> LoadedModel:
-    """Read plans, build the network and load each selected fold's weights onto `device`."""
+    """Read plans, build the network and load each selected fold's weights onto `device`.
+
+    backend: "torch"; "onnx" / "tensorrt" (an export made by inference.export_onnx); "auto" (the CLI's
+    default): torch on CUDA, ONNX Runtime on the CPU with an export of these checkpoints, made here once
+    if there is none (onnx_loader.current_cpu_networks), else torch."""
     model_dir = Path(model_dir)
     config = read_model_config(model_dir, configuration)
     device = resolve_device(device)
     fold_names = select_folds(model_dir, folds)
     lesion_filter = read_lesion_filter(model_dir)
+    if backend == "auto":  # torch (fp16) on CUDA; ONNX Runtime on the CPU where an export is or can be had
+        networks = current_cpu_networks(config, fold_names, checkpoint_name) if device.type == "cpu" else None
+        if networks:
+            return LoadedModel(config, networks, device, tuple(fold_names), "onnx", networks[0].mirror_axes,
+                               lesion_filter)
+        backend = "torch"
     if backend != "torch":
         from .onnx_loader import load_onnx_networks  # optional dependency, imported on demand
         networks = load_onnx_networks(config, fold_names, device, backend)

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -241,6 +242,86 @@ def open_fold(path: Path, config: ModelConfig, device: torch.device, providers: 
     mirror_axes = tuple(int(a) for a in metadata.get("flare.mirror_axes", "0,1,2").split(",") if a)
     return OnnxRuntimeNetwork(session, device, source=path, mirror_axes=mirror_axes,
                               patch_range=patch_range)
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """Size and modification time of the checkpoint an export was made from (stored in its metadata): an
+    export of another checkpoint is never used in its place. Cheap, where hashing a 0.5 GB fold per case
+    would not be."""
+    stat = Path(path).stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def export_is_current(network: OnnxRuntimeNetwork, checkpoint: Path) -> bool:
+    metadata = network.session.get_modelmeta().custom_metadata_map
+    return checkpoint.is_file() and metadata.get("flare.checkpoint_fingerprint") == checkpoint_fingerprint(checkpoint)
+
+
+CACHE_ENV = "FLARE_ONNX_CACHE"
+
+
+def export_cache_path(config: ModelConfig, fold: str, checkpoint: Path) -> Path:
+    """Where `--backend auto` keeps its own export of a fold: outside the model folder (which may be
+    read-only, or committed), one folder per model folder, fold and checkpoint."""
+    root = Path(os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                / "flare-inference" / "onnx")
+    key = hashlib.sha1(f"{config.model_dir.resolve()}|{fold}|{checkpoint_fingerprint(checkpoint)}".encode())
+    return root / key.hexdigest()[:16] / ONNX_FILE_NAME
+
+
+def current_cpu_networks(config: ModelConfig, fold_names: Sequence[str],
+                         checkpoint_name: str) -> list[OnnxRuntimeNetwork] | None:
+    """`--backend auto` on the CPU: ONNX Runtime networks of exports made from these very checkpoints (1.6x
+    torch on the network of a 512x512x554 case, same mask: results/per_case_*.md): the model folder's own
+    export (fold_X/model.onnx) where it is current, else this machine's cached one (export_cache_path), made
+    first, once, where onnx is installed. None where there is none: the caller runs torch."""
+    try:
+        import onnxruntime  # noqa: F401 - only whether it is there
+    except ImportError:
+        return None
+    networks = []
+    for fold in fold_names:
+        fold_dir = config.model_dir / f"fold_{fold}"
+        checkpoint = fold_dir / checkpoint_name
+        candidates = [fold_dir / ONNX_FILE_NAME, export_cache_path(config, fold, checkpoint)]
+        network = next(filter(None, (current_export(path, checkpoint, config) for path in candidates)), None)
+        if network is None:
+            if not export_for_the_cpu(config, fold, checkpoint_name, candidates[1]):
+                return None
+            network = open_fold(candidates[1], config, torch.device("cpu"), [CPU])
+        networks.append(network)
+    return networks
+
+
+def current_export(path: Path, checkpoint: Path, config: ModelConfig) -> OnnxRuntimeNetwork | None:
+    """A CPU session of the export at `path` if it exists, opens and was made from `checkpoint`."""
+    if not path.is_file():
+        return None
+    try:
+        network = open_fold(path, config, torch.device("cpu"), [CPU])
+    except ModelError:  # unreadable or of another model: made again in the cache
+        return None
+    return network if export_is_current(network, checkpoint) else None
+
+
+def export_for_the_cpu(config: ModelConfig, fold: str, checkpoint_name: str, path: Path) -> bool:
+    """Export one fold to `path` for `--backend auto` (a log line says so); False where it cannot be."""
+    try:
+        import onnx  # noqa: F401 - the export needs it
+    except ImportError:
+        return False
+    from ..export_onnx import export_fold  # the exporter loads the model itself
+
+    started = time.perf_counter()
+    try:
+        export_fold(config.model_dir, fold, output=path, checkpoint_name=checkpoint_name,
+                    configuration=config.configuration)
+    except (ModelError, OSError) as err:
+        log.warning("warning: %s: no ONNX export for the CPU (%s); running torch", config.model_dir, err)
+        return False
+    log.info("exported fold %s to %s for ONNX Runtime on the CPU (once, %.1f s)", fold, path,
+             time.perf_counter() - started)
+    return True
 
 
 def load_onnx_networks(config: ModelConfig, fold_names: Sequence[str], device: torch.device,
