@@ -245,14 +245,20 @@ def plot_case(record: dict, path: Path, time_limit_s: float = DEFAULT_TIME_LIMIT
 
 def plot_summary(rows: list[dict], path: Path, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
                  gpu_limit_mb: float = DEFAULT_GPU_LIMIT_MB) -> None:
-    """Bars of time and peak GPU memory per case against the limits; failed cases hatched."""
+    """Bars of time (and, where GPU memory was sampled, peak GPU memory) per case against the limits: blue
+    within the limit, red over it, hatched where the case failed; a legend says so."""
     plt = _pyplot()
+    from matplotlib.patches import Patch
+
     names = [row["case"] or row["Name"] for row in rows]
     failed = [row["status"] != "ok" for row in rows]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(max(8.0, 0.5 * len(rows) + 5), 5))
+    peaks = [row["MaxGPU_Mem"] for row in rows]
+    sampled = any(p is not None and not math.isnan(p) for p in peaks)
+    width = max(6.0, 0.5 * len(rows) + 3)
+    figure, axes = plt.subplots(1, 2 if sampled else 1, figsize=(2 * width if sampled else width, 5), squeeze=False)
     positions = np.arange(len(rows))
 
-    def bars(axis, values, limit, ylabel):
+    def bars(axis, values, limit, ylabel, unit):
         values = np.asarray(values, dtype=float)
         colours = ["tab:red" if v > limit else "tab:blue" for v in np.nan_to_num(values)]
         drawn = axis.bar(positions, np.nan_to_num(values), color=colours)
@@ -260,22 +266,26 @@ def plot_summary(rows: list[dict], path: Path, time_limit_s: float = DEFAULT_TIM
             if is_failed:
                 bar.set_hatch("//")
                 bar.set_edgecolor("black")
-        axis.axhline(limit, color="tab:red", linestyle="--", label=f"limit {limit:g}")
+        axis.axhline(limit, color="tab:red", linestyle="--")
         axis.set_xticks(positions, names, rotation=90 if len(rows) > 6 else 0, fontsize="small")
         axis.set_ylabel(ylabel)
-        axis.legend(loc="upper right", fontsize="small")
+        legend = [Patch(color="tab:blue", label=f"within {limit:g} {unit}"),
+                  Patch(color="tab:red", label=f"over {limit:g} {unit}")]
+        if any(failed):
+            legend.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="failed"))
+        axis.legend(handles=legend, loc="upper right", fontsize="small")
 
-    bars(left, [row["Time"] for row in rows], time_limit_s, "time (s)")
-    left.set_title("wall time per case (hatched: failed)")
-    peaks = [row["MaxGPU_Mem"] for row in rows]
-    if any(p is not None and not math.isnan(p) for p in peaks):
-        bars(right, [math.nan if p is None else p for p in peaks], gpu_limit_mb, "peak GPU memory (MB)")
-        right.set_title("peak GPU memory per case")
+    left = axes[0, 0]
+    bars(left, [row["Time"] for row in rows], time_limit_s, "time (s)", "s")
+    left.set_title("wall time per case, launch to end")
+    if sampled:
+        right = axes[0, 1]
+        bars(right, [math.nan if p is None else p for p in peaks], gpu_limit_mb, "peak GPU memory (MB)", "MB")
+        right.set_title("peak GPU memory per case (whole device)")
     else:
-        right.text(0.5, 0.5, "no GPU samples", ha="center", va="center", transform=right.transAxes,
-                   color="grey")
-        right.set_axis_off()
-    figure.tight_layout()
+        figure.text(0.01, 0.01, "GPU memory not sampled (no NVML here): time only", fontsize="small",
+                    color="grey")
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
     _save(figure, path)
     plt.close(figure)
 

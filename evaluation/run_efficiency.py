@@ -251,17 +251,25 @@ def _last_log_line(log_path: Path) -> str:
     return lines[-1][:200] if lines else ""
 
 
-def engine_timeline(timings_path: Path, launch: float, end: float) -> dict | None:
-    """The engine's timestamps (its --timings JSON) as seconds since launch, in the order they happen:
-    process_start, imports_done, model_loaded, then each stage's start (`<stage>_start`) and end, and
-    `ended` (the run's end as the harness saw it: process exit and, for a container, its removal).
-    None when the engine wrote no usable file (it failed, or it is not our engine)."""
+def engine_report(timings_path: Path) -> dict | None:
+    """The engine's --timings JSON of a one-case run, None when it wrote no usable one (it failed, or it is
+    not our engine)."""
     try:
         report = json.loads(timings_path.read_text())
-        startup = report["startup"]
-        stages = next(iter(report["cases"].values()))["at"]
+        if not isinstance(report["startup"], dict) or "at" not in next(iter(report["cases"].values())):
+            return None
     except (OSError, ValueError, KeyError, StopIteration, TypeError):
         return None
+    return report
+
+
+def engine_timeline(report: dict | None, launch: float, end: float) -> dict | None:
+    """The engine's timestamps (engine_report) as seconds since launch, in the order they happen:
+    process_start, imports_done, model_loaded, then each stage's start (`<stage>_start`) and end, and
+    `ended` (the run's end as the harness saw it: process exit and, for a container, its removal)."""
+    if report is None:
+        return None
+    startup, stages = report["startup"], next(iter(report["cases"].values()))["at"]
     points = {name: startup.get(name) for name in ("process_start", "imports_done", "model_loaded")}
     for stage, (begin, finish) in stages.items():
         points[f"{stage}_start"], points[stage] = begin, finish
@@ -347,7 +355,10 @@ def run_case(case: str, image: Path, settings: Settings, out_dir: Path) -> dict:
     record.update(time=end - start, launch_time=start, end_time=end, container_pid=found.get("container_pid"),
                   leftover_processes_killed=len(leftovers))
     if timings_dir is not None:
-        record["timeline"] = engine_timeline(timings_dir / TIMINGS_NAME, start, end)
+        report = engine_report(timings_dir / TIMINGS_NAME)
+        record["timeline"] = engine_timeline(report, start, end)
+        if report is not None:  # the case's stage seconds, patch, ... and the model's load time
+            record["engine_case"] = dict(next(iter(report["cases"].values())), model_load_s=report["model_load_s"])
     for key in ("gpu_memory", "cpu_list", "RAM_list", "timestamps", "tree_cpu_percent", "tree_rss_mb",
                 "tree_processes"):
         record[key] = samples.get(key, [])
@@ -518,7 +529,7 @@ def main(argv=None) -> int:
     report.write_json(info, out_dir / "run_info.json")
 
     records = []
-    progress = tqdm(cases, unit="case", desc="efficiency", file=sys.stderr)
+    progress = tqdm(cases, unit="case", desc="efficiency", file=sys.stderr, disable=not sys.stderr.isatty())
     for case, image in progress:
         progress.set_postfix_str(case)
         try:
@@ -535,6 +546,8 @@ def main(argv=None) -> int:
         if record["status"] != "ok":
             progress.write(f"run_efficiency: {image.name}: {record['status']}: {record['error']}",
                            file=sys.stderr)
+        elif progress.disable:  # a log, not a terminal: one line a case
+            _say(f"{image.name}: ok, {record['time']:.2f} s")
     progress.close()
     try:
         (out_dir / "work").rmdir()  # left only when a container wrote files we may not delete
@@ -547,6 +560,9 @@ def main(argv=None) -> int:
                 n_cases=len(rows), n_failed=len(failed), failed_cases=failed)
     report.write_json(info, out_dir / "run_info.json")
     print(report.format_table(rows))
+    plots = "" if args.no_plots else f", {out_dir / report.SUMMARY_PNG}"
+    _say(f"wrote {out_dir / report.CSV_NAME}{plots} and, per case, {out_dir / 'cases'}/<case>.json"
+         f"{', .png' if not args.no_plots else ''} and .log; masks in {out_dir / 'predictions'}")
     if failed:
         _say(f"{len(failed)} of {len(rows)} case(s) failed: {', '.join(failed)}")
         return FAILED_EXIT

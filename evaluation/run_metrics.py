@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import dataclasses
 import multiprocessing
 import os
@@ -41,7 +42,7 @@ from tqdm import tqdm
 from evaluation.lesion_metrics import LESION_COLUMNS, lesion_metrics
 from flare_common.files import atomic_path
 from inference.errors import CaseError
-from inference.io import IMAGE_SUFFIXES, check_nifti_data_length, sitk_reason, split_suffix
+from inference.io import IMAGE_SUFFIXES, case_id, check_nifti_data_length, sitk_reason, split_suffix
 from evaluation.surface_dice import surface_dice, union_bounding_box
 
 GEOMETRY_TOLERANCE = 1e-3
@@ -247,7 +248,7 @@ def evaluate_folders(gt_dir, pred_dir, tolerance: float = 2.0, workers: int | No
             jobs.append((case, gt_paths[0], pred_cases.get(case, []), tolerance, rules, connectivity,
                          threads))
 
-    with tqdm(total=len(jobs), desc="metrics", unit="case", disable=not progress) as bar:
+    with tqdm(total=len(jobs), desc="metrics", unit="case", disable=not (progress and sys.stderr.isatty())) as bar:
         if workers == 1 or len(jobs) <= 1:
             for job in jobs:
                 rows.append(evaluate_case(*job))
@@ -352,8 +353,32 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--nsd-dsc-threshold", type=float, default=0.2,
                        help="NSD is set to 0 without computing it when DSC < this (default 0.2)")
     rules.add_argument("--no-dsc-threshold", action="store_true", help="always compute NSD")
+    pictures = parser.add_argument_group("pictures and the per-case table")
+    pictures.add_argument("--overlays", type=Path, default=None, metavar="DIR",
+                          help="write DIR/<case>.png (the slices through the largest lesion and the largest "
+                               "false positive, truth and prediction outlined) and DIR/overview.png")
+    pictures.add_argument("--images", type=Path, default=None, metavar="DIR",
+                          help="the CT images (<case>_0000.nii.gz) the overlays are drawn on (default: the "
+                               "images/ folder beside --gt)")
+    pictures.add_argument("--timings", type=Path, default=None, metavar="JSON",
+                          help="the engine's --timings file: adds each case's seconds to the printed table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def case_table(per_case: pd.DataFrame, timings: Path | None = None) -> str:
+    """The printed per-case table: scores, lesions found of those in the truth, false-positive ml, seconds."""
+    table = pd.DataFrame({
+        "case": per_case["case"],
+        "DSC": per_case["Lesion_DSC"], "NSD": per_case["Lesion_NSD"],
+        "lesions found": [f"{int(d)} of {int(g)}" if g == g and d == d else "-"
+                          for d, g in zip(per_case["detected_lesions"], per_case["gt_lesions"])],
+        "false positive ml": per_case["fp_volume_ml"]})
+    if timings is not None:
+        seconds = {case_id(Path(name)): entry.get("total")
+                   for name, entry in json.loads(Path(timings).read_text()).get("cases", {}).items()}
+        table["seconds"] = [seconds.get(case) for case in table["case"]]
+    return table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-")
 
 
 def main(argv=None) -> int:
@@ -378,12 +403,21 @@ def main(argv=None) -> int:
         return 1
     case_file, summary_file = write_results(per_case, summary, args.output)
 
-    print(summary.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-"))
+    print(case_table(per_case, args.timings))
+    print()
+    print(summary.rename_axis(None).to_string(float_format=lambda v: f"{v:.4f}", na_rep="-"))
     healthy = summary.loc["healthy_fp_rate"]
     if healthy["n"]:
         print(f"false-positive rate on healthy cases: {healthy['mean']:.4f} "
               f"({int(round(healthy['mean'] * healthy['n']))} of {int(healthy['n'])})")
     print(f"wrote {case_file} and {summary_file}")
+    if args.overlays is not None:
+        from evaluation.overlays import write_overlays
+
+        images = args.images or args.gt.parent / "images"
+        pictures = write_overlays(per_case, images, args.gt, args.pred, args.overlays)
+        print(f"wrote {len(pictures)} picture(s) to {args.overlays} (overview: {args.overlays / 'overview.png'})"
+              if pictures else f"warning: no picture: no CT image of the cases in {images}")
     for case in per_case.loc[per_case["missing"], "case"]:
         print(f"warning: {args.pred}: no prediction for case {case}, scored 0/0 (missing)",
               file=sys.stderr)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import io, prefetch
 from .errors import CaseError, ModelError
@@ -25,6 +26,13 @@ from .timing import STAGE_ORDER, CaseReport, StageTimer, process_start_time
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 DEFAULTS = PredictionSettings()  # the flags' defaults are the API's
+EXAMPLES = """examples:
+  python -m inference -i scans/ -o masks/                       # the embedded model, GPU if there is one
+  python -m inference -i scans/ -o masks/ -m nnUNet_results/Dataset123_X/nnUNetTrainer__nnUNetPlans__3d_fullres \\
+      -f 0 1 2 3 4 --lesion-labels 2                            # your nnU-Net v2 model, a 5-fold ensemble
+  python -m inference -i scans/ -o masks/ --time-budget 45 --on-error empty --timings times.json
+                                                                # FLARE mode: never over 45 s, never no mask
+"""
 log = logging.getLogger("inference")
 
 
@@ -36,24 +44,31 @@ def non_negative(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m inference", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m inference", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     parser.add_argument("-i", "--input", required=True, help="folder of <case>_0000.nii.gz images")
     parser.add_argument("-o", "--output", required=True, help="folder for <case>.nii.gz masks")
     parser.add_argument("-m", "--model", default=str(DEFAULT_MODEL), help="nnU-Net v2 model folder")
     parser.add_argument("-f", "--folds", nargs="+", default=None,
                         help="folds to ensemble (default: 'all' if present, else every fold_N)")
-    parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth",
+                        help="checkpoint file name inside each fold_X folder (default: checkpoint_final.pth)")
     parser.add_argument("-c", "--configuration", default=None,
                         help="plans configuration (default: from the folder name, else 3d_fullres)")
-    parser.add_argument("-device", "--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("-device", "--device", default="auto", choices=["auto", "cuda", "cpu"],
+                        help="auto (default): the GPU if torch sees one, else the CPU")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],
-                        help="auto (default): torch on CUDA, ONNX Runtime on the CPU (exported into the model "
-                             "folder once if it can be; else torch); or force one")
+                        help="auto (default): torch on CUDA; ONNX Runtime on the CPU from an export of the same "
+                             "checkpoint (the model folder's, else one made once into ~/.cache), else torch; "
+                             "or force one (onnx/tensorrt need `python -m inference.export_onnx` first)")
     parser.add_argument("-step_size", "--step-size", type=float, default=DEFAULTS.step_size,
                         help="window step as a fraction of the patch (0.5 = half overlap)")
     parser.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None,
                         help="inference patch (default: training patch x --patch-scale)")
-    parser.add_argument("--patch-scale", type=float, default=DEFAULTS.patch_scale)
+    parser.add_argument("--patch-scale", type=float, default=DEFAULTS.patch_scale,
+                        help="inference patch as a multiple of the training patch, rounded to the network's "
+                             f"stride (default {DEFAULTS.patch_scale}: fewer windows than the training patch)")
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
     parser.add_argument("--no-crop", action="store_true", help="skip the body crop")
     parser.add_argument("--crop-threshold", type=float, default=DEFAULTS.crop_threshold_hu, help="body threshold (HU)")
@@ -61,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="margin around the body (mm)")
     parser.add_argument("--lesion-labels", type=int, nargs="+", default=None,
                         help="model labels mapped to 1 (default: every non-background label)")
-    parser.add_argument("--resample-back", choices=["logits", "labels"], default=DEFAULTS.resample_back)
+    parser.add_argument("--resample-back", choices=["logits", "labels"], default=DEFAULTS.resample_back,
+                        help="back to the input grid: logits (trilinear, then argmax; default, smoother) or "
+                             "labels (argmax, then nearest; least memory)")
     parser.add_argument("--min-lesion-ml", type=non_negative, default=None,
                         help="drop predicted lesions smaller than this (default: the model folder's "
                              "lesion_filter.json, else 0 = keep all)")
@@ -77,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "exit code is non-zero either way")
     parser.add_argument("--timings", default=None, help="write per-case stage timings to this JSON")
     parser.add_argument("--skip-existing", action="store_true", help="keep masks already written")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also a progress bar over each case's windows (on a terminal)")
     return parser
 
 
@@ -157,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     # Before CUDA starts: without it the caching allocator's reserve ran 1.53x the allocated peak on a
     # 192^3 ResEnc-L window, with it 1.26x (results/gpu_forward_memory.md), and the whole device is what counts.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
     # ITK prints multi-line warnings of its own; io.py checks what matters and says it in one line.
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     signal.signal(signal.SIGTERM, _stop)
@@ -188,7 +208,9 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
     for path, reason in scan.skipped:
         log.warning("skipped: %s: %s", path, reason)
     settings = settings_from_args(args)
-    settings.progress = not args.quiet
+    # Bars belong on a terminal: in a log (docker logs, the efficiency harness, CI) one line a case says it all.
+    on_terminal = sys.stderr.isatty() and not args.quiet
+    settings.progress = on_terminal and args.verbose
     total = len(scan.cases) + len(scan.broken)
     log.info("model %s (folds %s, %s on %s) loaded in %.2f s; %d case(s)", args.model,
              ",".join(model.folds), model.backend, model.device, load_seconds, total)
@@ -204,7 +226,21 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
         report["cases"][path.name] = {"error": reason}
         if args.on_error == "empty":
             write_empty_mask(path, outputs[path])
-    for path in tqdm(scan.cases, desc="cases", unit="case", disable=args.quiet or len(scan.cases) < 2):
+    with logging_redirect_tqdm():  # log lines print above the bar, not through it
+        failures += run_cases(scan.cases, outputs, model, settings, args, report, done,
+                              show_bar=on_terminal and len(scan.cases) > 1)
+    if args.timings:
+        Path(args.timings).write_text(json.dumps(report, indent=2))
+    if failures:
+        log.error("error: %d of %d case(s) failed", failures, total)
+    return 1 if failures else 0
+
+
+def run_cases(cases: list[Path], outputs: dict[Path, Path], model, settings: PredictionSettings,
+              args: argparse.Namespace, report: dict, done: list[str], show_bar: bool) -> int:
+    """Predict every case in turn, each failure its own; returns the number of failed cases."""
+    failures = 0
+    for path in tqdm(cases, desc="cases", unit="case", disable=not show_bar):
         output_path = outputs[path]
         if args.skip_existing and output_path.exists():
             continue
@@ -222,8 +258,4 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
         report["cases"][path.name] = case_report.as_dict()
         log.info("%s: %.2f s (%s)", io.case_id(path), case_report.seconds["total"],
                  format_timings(case_report.seconds))
-    if args.timings:
-        Path(args.timings).write_text(json.dumps(report, indent=2))
-    if failures:
-        log.error("error: %d of %d case(s) failed", failures, total)
-    return 1 if failures else 0
+    return failures

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -88,7 +89,8 @@ def write_dataset(out_dir, cases: int, seed: int, flare_sizes: bool = False,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = []
-    for index, spec in tqdm(jobs, desc="phantoms", unit="case", disable=not progress):
+    # a bar on a terminal only: in a log, the closing line says it all
+    for index, spec in tqdm(jobs, desc="phantoms", unit="case", disable=not (progress and sys.stderr.isatty())):
         if spec is None:
             phantom = generate_phantom(seed, index, shape_zyx, spacing_zyx, healthy_fraction=healthy_fraction)
         else:
@@ -121,7 +123,7 @@ def write_eval_set(out: Path, seed: int, n_lesion: int, n_healthy: int, shape) -
     entries = []
     from tqdm import tqdm
 
-    for index, healthy, name in tqdm(jobs, desc="eval phantoms", unit="case"):
+    for index, healthy, name in tqdm(jobs, desc="eval phantoms", unit="case", disable=not sys.stderr.isatty()):
         phantom = generate_phantom(seed, index, shape_zyx=shape, healthy=healthy, name=name)
         entries.append(write_case(phantom, out))
         del phantom

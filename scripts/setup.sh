@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv with everything the engine, the evaluation harness and the tests need, CPU only.
-# Safe to re-run. Never pulls the CUDA build of torch: torch is pinned to the local CPU build and
+# Safe to re-run. Never pulls the CUDA build of torch: torch is pinned to its CPU build (+cpu) and
 # dynamic-network-architectures is installed without its (timm -> torchvision -> CUDA torch) dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,20 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip
-$PIP install -q torch==2.13.0
+# torch: the CPU build, asked for by its local version (+cpu), so that no source can hand over the CUDA
+# build (a plain `torch==2.13.0` from PyPI is several GB of CUDA packages): PyTorch's CPU wheel index first,
+# then whatever this machine's pip configuration offers (a local wheel folder), else stop and say why.
+TORCH_CPU="torch==2.13.0+cpu"
+if [ "$(.venv/bin/python -c 'import torch; print(torch.__version__)' 2>/dev/null)" != "2.13.0+cpu" ]; then
+  if ! $PIP install -q --timeout 15 --retries 1 --index-url https://download.pytorch.org/whl/cpu \
+         --extra-index-url https://pypi.org/simple "$TORCH_CPU" 2> /tmp/setup-torch-index.log \
+     && ! $PIP install -q "$TORCH_CPU" 2> /tmp/setup-torch-local.log; then
+    echo "setup.sh: no CPU build of torch 2.13.0 to install: https://download.pytorch.org/whl/cpu cannot be" \
+         "reached and pip's own sources have none (see /tmp/setup-torch-*.log); not falling back to PyPI's" \
+         "torch, which is the CUDA build (several GB)" >&2
+    exit 1
+  fi
+fi
 $PIP install -q -r requirements-dev.txt
 $PIP install -q --no-deps -r requirements-nodeps.txt
 # The project itself, editable: `inference`, `evaluation`, `phantoms`, ... import from any folder, and the
@@ -19,5 +32,12 @@ $PIP install -q --no-deps --no-build-isolation -e .
 if .venv/bin/python -m pip list 2>/dev/null | grep -qiE '^nvidia-(cu|nccl|nvjit)'; then
   echo "setup.sh: a CUDA package was pulled into .venv; refusing to continue" >&2
   exit 1
+fi
+# `pip check` names one thing on purpose: dynamic-network-architectures' timm, left out (see above).
+if ! problems=$(.venv/bin/python -m pip check 2>&1); then
+  unexpected=$(echo "$problems" | grep -v '^dynamic-network-architectures .* requires timm' || true)
+  if [ -n "$unexpected" ]; then
+    echo "setup.sh: pip check: $unexpected" >&2
+  fi
 fi
 echo "setup.sh: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

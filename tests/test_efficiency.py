@@ -364,3 +364,30 @@ def test_docker_mode_with_a_fake_docker_client(tmp_path):
     slow_name = json.loads((out / "cases" / "slow_0000.json").read_text())["container_name"]
     assert ["kill", slow_name] in calls  # the container is killed, not only the client
     assert json.loads((out / "run_info.json").read_text())["image"] == "MyTeam:latest"
+
+
+def test_timeline_of_the_real_engine_is_recorded_and_drawn(tmp_path):
+    """--timeline: the engine's own timestamps (process start, imports, model, stages) land in the record in
+    the order they happened, inside the run as the harness timed it, with the case's stage seconds."""
+    import SimpleITK as sitk
+
+    from conftest import make_ct_image, make_toy_model
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    sitk.WriteImage(make_ct_image(shape_zyx=(16, 32, 32)), str(cases / "ct_0000.nii.gz"))
+    env = dict(os.environ, MODEL_DIR=str(make_toy_model(tmp_path / "model")), DEVICE="cpu", BACKEND="torch")
+    out = tmp_path / "out"
+    result = run_harness(["--cases", cases, "--command", "sh predict.sh", "--out", out, "--no-gpu", "--timeline"],
+                         env=env)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "cases" / "ct_0000.json").read_text())
+    timeline = record["timeline"]
+    order = ["process_start", "imports_done", "model_loaded", "read_start", "read", "crop_start", "crop",
+             "resample_start", "resample", "network_start", "network", "export_start", "export", "write_start",
+             "write", "ended"]
+    assert list(timeline) == order
+    assert all(timeline[a] <= timeline[b] + 0.02 for a, b in zip(order, order[1:]))  # 10 ms ticks
+    assert -0.02 <= timeline["process_start"] and timeline["ended"] == pytest.approx(record["time"], abs=1e-3)
+    assert record["engine_case"]["network"] > 0 and record["engine_case"]["model_load_s"] > 0
+    assert (out / "cases" / "ct_0000.png").stat().st_size > 10_000
+    assert not list((out / "predictions").glob(".*"))

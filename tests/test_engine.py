@@ -179,3 +179,39 @@ def test_written_mask_is_world_readable(tmp_path):
     write_image_atomically(make_ct_image(), target)
     assert target.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["m.nii.gz"]
+
+
+def test_logs_have_no_progress_bars_when_not_on_a_terminal_and_bars_on_one(tmp_path, toy_model_dir):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    for name in ("a", "b"):
+        sitk.WriteImage(make_ct_image(shape_zyx=(12, 32, 32)), str(tmp_path / f"{name}_0000.nii.gz"))
+    argv = [sys.executable, "-m", "inference", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m",
+            str(toy_model_dir), "--device", "cpu", "--backend", "torch", "--verbose"]
+    piped = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert "\r" not in piped.stderr and "\x1b[" not in piped.stderr
+    lines = piped.stderr.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("model ") and lines[1].startswith("a: ")  # one line a case
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a width
+    on_terminal = subprocess.run(argv[:6] + [str(tmp_path / "out2")] + argv[7:], cwd=REPO, stdout=follower,
+                                 stderr=follower, timeout=300)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert on_terminal.returncode == 0
+    assert b"cases:" in seen and b"windows:" in seen and b"\r" in seen  # the bars, on a terminal only
+    quiet = subprocess.run(argv + ["--quiet"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr == ""  # warnings and errors only: there are none

@@ -272,7 +272,7 @@ def test_cli_backend_onnx_writes_the_same_mask_as_torch(tmp_path, exported_model
     image = ct_volume()
     sitk.WriteImage(image, str(inputs / "case_0000.nii.gz"))
     result = subprocess.run([sys.executable, "-m", "inference", "-i", inputs, "-o", tmp_path / "out",
-                             "-m", exported_model, "--device", "cpu", "--backend", "onnx", "--quiet"],
+                             "-m", exported_model, "--device", "cpu", "--backend", "onnx"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "onnx on cpu" in result.stderr

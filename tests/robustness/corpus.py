@@ -271,8 +271,8 @@ def interrupted(root: Path, ref: Reference) -> Setup:
         (partial / "large.nii.gz").write_bytes(b"partial")
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     # a step of 0.05 makes thousands of windows: the run is still in the network when it is stopped
-    return Setup(engine_args(root / "in", out, ref.model, "--step-size", "0.05"), outputs=out,
-                 expected_outputs=[".flare-partial-live"], interrupt_after="loaded in")
+    args = [a for a in engine_args(root / "in", out, ref.model, "--step-size", "0.05") if a != "--quiet"]
+    return Setup(args, outputs=out, expected_outputs=[".flare-partial-live"], interrupt_after="loaded in")
 
 
 def output_is_a_file(root: Path, ref: Reference) -> Setup:
