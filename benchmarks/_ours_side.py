@@ -1,25 +1,29 @@
-"""Our side of benchmarks/parity_nnunet.py: exactly `python -m inference ARGS`, with the CPU seconds of each
-case added to its --timings entry (as benchmarks/_nnunet_side.py records them for nnU-Net).
+"""Our side of benchmarks/parity_nnunet.py: exactly `python -m inference ARGS --sequential`, with the CPU
+seconds of each case added to its --timings entry (as benchmarks/_nnunet_side.py records them for nnU-Net).
 
-On a machine shared with other work, CPU seconds are a steadier measure than wall seconds.
+On a machine shared with other work, CPU seconds are a steadier measure than wall seconds; one case at a time
+(--sequential) makes the process's CPU seconds between two results that case's own.
 """
 from __future__ import annotations
 
 import sys
 import time
 
-from inference import cli
+from inference import batch, cli
 
-_predict_case = cli.predict_case
+_predict_cases = batch.predict_cases
 
 
-def predict_case_with_cpu_seconds(*args, **kwargs) -> dict:
+def predict_cases_with_cpu_seconds(*args, **kwargs):
+    kwargs["pipelined"] = False
     cpu_start = time.process_time()
-    timings = _predict_case(*args, **kwargs)
-    timings["cpu"] = time.process_time() - cpu_start
-    return timings
+    for result in _predict_cases(*args, **kwargs):
+        if result.report is not None:
+            result.report.seconds["cpu"] = time.process_time() - cpu_start
+        cpu_start = time.process_time()
+        yield result
 
 
 if __name__ == "__main__":
-    cli.predict_case = predict_case_with_cpu_seconds  # main() looks it up at call time
+    batch.predict_cases = predict_cases_with_cpu_seconds  # cli looks it up at call time
     sys.exit(cli.main())

@@ -11,18 +11,17 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import SimpleITK as sitk
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import io, prefetch
+from . import batch, io
 from .errors import CaseError, ModelError
 from .model import load_model
-from .pipeline import PredictionSettings, predict_image_with_report
-from .timing import STAGE_ORDER, CaseReport, StageTimer, process_start_time
+from .pipeline import PredictionSettings
+from .timing import STAGE_ORDER, process_start_time
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 DEFAULTS = PredictionSettings()  # the flags' defaults are the API's
@@ -94,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "exit code is non-zero either way")
     parser.add_argument("--timings", default=None, help="write per-case stage timings to this JSON")
     parser.add_argument("--skip-existing", action="store_true", help="keep masks already written")
+    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="spread the cases over Ray workers (one per GPU, else one per --ray-cpus cores): Ray "
+                             "on this machine, or the cluster at ADDRESS (docs/scale-out.md)")
+    parser.add_argument("--ray-cpus", type=int, default=1, metavar="N", help="cores per worker without GPUs (1)")
+    parser.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                        help="at most N workers (default: as many as the cluster's GPUs, or cores / --ray-cpus)")
+    parser.add_argument("--journal", default=None, metavar="FILE",
+                        help="with --ray: the run's journal, outside the output folder (default OUT.journal.jsonl); "
+                             "a rerun skips the cases it records as done")
+    parser.add_argument("--sequential", action="store_true",
+                        help="one case after another (read, compute, write) instead of reading the next case "
+                             "and writing the last mask while a case is computed")
     parser.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bars")
     parser.add_argument("--verbose", action="store_true",
                         help="also a progress bar over each case's windows (on a terminal)")
@@ -108,21 +119,6 @@ def settings_from_args(args: argparse.Namespace) -> PredictionSettings:
         lesion_labels=tuple(args.lesion_labels) if args.lesion_labels else None,
         resample_back=args.resample_back, min_lesion_ml=args.min_lesion_ml,
         min_lesion_probability=args.min_lesion_probability, time_budget_s=args.time_budget)
-
-
-def predict_case(path: Path, output_path: Path, model, settings: PredictionSettings) -> CaseReport:
-    report = CaseReport()
-    timer = StageTimer(report)  # read and write are host-side: nothing to synchronise
-    start = time.perf_counter()
-    with timer("read"):  # or the wait for the read started with the imports (prefetch.py)
-        image = prefetch.take(path) or io.read_image(path)
-    if settings.time_budget_s is not None:  # the budget is the whole case's: the read has used some
-        settings = replace(settings, time_budget_s=settings.time_budget_s - report.seconds["read"])
-    mask, report = predict_image_with_report(image, model, settings, report)
-    with timer("write"):
-        io.write_image_atomically(mask, output_path)
-    report.seconds["total"] = time.perf_counter() - start
-    return report
 
 
 def format_timings(seconds: dict) -> str:
@@ -149,14 +145,6 @@ def write_empty_mask(path: Path, output_path: Path) -> None:
         log.warning("warning: %s: wrote an empty mask %s (--on-error empty)", path, output_path.name)
     except CaseError as err:
         log.error("error: %s", err)
-
-
-def case_error_line(path: Path, err: Exception) -> str:
-    """One line naming the case's file: the message itself when it already does."""
-    message = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if not isinstance(err, (CaseError, ModelError, ValueError)):
-        message = f"{type(err).__name__}: {message}"
-    return message if message.startswith(str(path)) else f"{path}: {message}"
 
 
 def entry_point() -> None:
@@ -198,8 +186,10 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
         outputs = io.output_paths(scan.cases + [path for path, _ in scan.broken], args.output)
         io.prepare_output_folder(args.output)
         load_start = time.perf_counter()
-        model = load_model(args.model, args.folds, args.checkpoint, args.device,
-                           args.configuration, args.backend)
+        # with --ray the workers load the model; here it is only checked, on the CPU
+        on_ray = args.ray is not None
+        model = load_model(args.model, args.folds, args.checkpoint, "cpu" if on_ray else args.device,
+                           args.configuration, "torch" if on_ray else args.backend)
         load_seconds = time.perf_counter() - load_start
         model_loaded_at = time.time()
     except (CaseError, ModelError, ValueError) as err:
@@ -226,9 +216,12 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
         report["cases"][path.name] = {"error": reason}
         if args.on_error == "empty":
             write_empty_mask(path, outputs[path])
-    with logging_redirect_tqdm():  # log lines print above the bar, not through it
-        failures += run_cases(scan.cases, outputs, model, settings, args, report, done,
-                              show_bar=on_terminal and len(scan.cases) > 1)
+    if args.ray is not None:
+        failures += run_cases_on_ray(scan.cases, outputs, settings, args, report, done)
+    else:
+        with logging_redirect_tqdm():  # log lines print above the bar, not through it
+            failures += run_cases(scan.cases, outputs, model, settings, args, report, done,
+                                  show_bar=on_terminal and len(scan.cases) > 1)
     if args.timings:
         Path(args.timings).write_text(json.dumps(report, indent=2))
     if failures:
@@ -238,24 +231,38 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
 
 def run_cases(cases: list[Path], outputs: dict[Path, Path], model, settings: PredictionSettings,
               args: argparse.Namespace, report: dict, done: list[str], show_bar: bool) -> int:
-    """Predict every case in turn, each failure its own; returns the number of failed cases."""
+    """Predict every case (pipelined unless --sequential; batch.py), each failure its own; returns the number
+    of failed cases."""
+    todo = [path for path in cases if not (args.skip_existing and outputs[path].exists())]
     failures = 0
-    for path in tqdm(cases, desc="cases", unit="case", disable=not show_bar):
-        output_path = outputs[path]
-        if args.skip_existing and output_path.exists():
-            continue
-        try:
-            case_report = predict_case(path, output_path, model, settings)
-        except Exception as err:  # one broken case must not stop the others
+    results = batch.predict_cases(todo, outputs, model, settings, pipelined=not args.sequential)
+    for result in tqdm(results, total=len(todo), desc="cases", unit="case", disable=not show_bar):
+        path = result.path
+        if result.error is not None:
             failures += 1
-            line = case_error_line(path, err)
-            log.error("error: %s", line)
-            report["cases"][path.name] = {"error": line}
+            log.error("error: %s", result.error)
+            report["cases"][path.name] = {"error": result.error}
             if args.on_error == "empty":
-                write_empty_mask(path, output_path)
+                write_empty_mask(path, result.output)
             continue
         done.append(path.name)
-        report["cases"][path.name] = case_report.as_dict()
-        log.info("%s: %.2f s (%s)", io.case_id(path), case_report.seconds["total"],
-                 format_timings(case_report.seconds))
+        report["cases"][path.name] = result.report.as_dict()
+        log.info("%s: %.2f s (%s)", io.case_id(path), result.report.seconds["total"],
+                 format_timings(result.report.seconds))
     return failures
+
+
+def run_cases_on_ray(cases: list[Path], outputs: dict[Path, Path], settings: PredictionSettings,
+                     args: argparse.Namespace, report: dict, done: list[str]) -> int:
+    """--ray: the cases on Ray workers (scale_out.py); Ray is imported only here."""
+    from .scale_out import Journal, default_journal, run_on_ray
+
+    model_args = dict(model_dir=args.model, folds=args.folds, checkpoint_name=args.checkpoint,
+                      device=args.device, configuration=args.configuration, backend=args.backend)
+    journal = Journal(Path(args.journal) if args.journal else default_journal(args.output))
+    try:
+        return run_on_ray(cases, outputs, model_args, settings, args.ray or None, args.ray_cpus, journal, report,
+                          done, max_workers=args.ray_workers)
+    except ModelError as err:
+        log.error("error: %s", err)
+        return len(cases)

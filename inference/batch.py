@@ -1,0 +1,132 @@
+"""Many cases with one loaded model, pipelined: the next case is read while this one is computed, and this
+one's mask is written while the next is computed. SimpleITK releases the GIL while it reads, decompresses,
+compresses and writes, and torch and ONNX Runtime while they compute, so the three overlap on separate cores.
+
+Memory stays bounded: one case read ahead, one being computed, one mask being written (three images at the
+most: about 3 x 290 MB of int16 CT for 512x512x554 cases, plus the computation's own). Results come back in
+the cases' order, each case's failure its own; the masks are the ones a case-by-case run writes, voxel for
+voxel (the same functions on the same data, only at other times).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import SimpleITK as sitk
+
+from . import io, prefetch
+from .errors import CaseError, ModelError
+from .pipeline import PredictionSettings, predict_image_with_report
+from .timing import CaseReport, StageTimer
+
+
+@dataclass
+class CaseResult:
+    """One case's outcome: its report, or the one-line error that stopped it."""
+
+    path: Path
+    output: Path
+    report: CaseReport | None = None
+    error: str | None = None
+
+
+def error_line(path: Path, err: Exception) -> str:
+    """One line naming the case's file: the message itself when it already does."""
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if not isinstance(err, (CaseError, ModelError, ValueError)):
+        message = f"{type(err).__name__}: {message}"
+    return message if message.startswith(str(path)) else f"{path}: {message}"
+
+
+def read_case(path: Path) -> sitk.Image:
+    """The case's image: the one read while the engine was imported (prefetch.py), else read now."""
+    return prefetch.take(path) or io.read_image(path)
+
+
+def write_case(mask: sitk.Image, output: Path, report: CaseReport, started: float) -> CaseReport:
+    with StageTimer(report)("write"):  # host-side: nothing to synchronise
+        io.write_image_atomically(mask, output)
+    report.seconds["total"] = time.perf_counter() - started
+    return report
+
+
+def compute_case(image_future: Future, model, settings: PredictionSettings, started: float
+                 ) -> tuple[sitk.Image, CaseReport]:
+    """Wait for the case's image (the wait is its "read" stage), then predict its mask."""
+    report = CaseReport()
+    with StageTimer(report)("read"):
+        image = image_future.result()
+    if settings.time_budget_s is not None:  # the budget is the whole case's: the read has used some
+        settings = replace(settings, time_budget_s=settings.time_budget_s - (time.perf_counter() - started))
+    return predict_image_with_report(image, model, settings, report)
+
+
+def predict_cases(cases: Sequence[Path], outputs: dict[Path, Path], model, settings: PredictionSettings,
+                  pipelined: bool = True) -> Iterator[CaseResult]:
+    """Predict and write every case, yielding each result in order once its mask is written (or it failed).
+    `pipelined=False`: one case after another (read, compute, write), for comparison."""
+    reader = ThreadPoolExecutor(1, thread_name_prefix="read") if pipelined else None
+    writer = ThreadPoolExecutor(1, thread_name_prefix="write") if pipelined else None
+    reads: deque[Future] = deque()
+
+    def read_ahead(index: int) -> None:
+        if reader is not None and index < len(cases):
+            reads.append(reader.submit(read_case, cases[index]))
+
+    def image_of(path: Path) -> Future:
+        if reader is not None:
+            return reads.popleft()
+        done: Future = Future()
+        try:
+            done.set_result(read_case(path))
+        except Exception as err:  # raised again where the read is waited for
+            done.set_exception(err)
+        return done
+
+    writing: tuple[Path, Future] | None = None  # the previous case's mask, being written
+
+    def finish_writing() -> CaseResult | None:
+        nonlocal writing
+        if writing is None:
+            return None
+        path, future = writing
+        writing = None
+        try:
+            return CaseResult(path, outputs[path], report=future.result())
+        except Exception as err:
+            return CaseResult(path, outputs[path], error=error_line(path, err))
+
+    try:
+        read_ahead(0)
+        for index, path in enumerate(cases):
+            read_ahead(index + 1)  # the next case is read while this one is computed
+            started = time.perf_counter()
+            try:
+                mask, report = compute_case(image_of(path), model, settings, started)
+            except Exception as err:  # one broken case must not stop the others
+                if (previous := finish_writing()) is not None:
+                    yield previous
+                yield CaseResult(path, outputs[path], error=error_line(path, err))
+                continue
+            if (previous := finish_writing()) is not None:  # one mask in flight at a time
+                yield previous
+            if writer is None:
+                future: Future = Future()
+                try:
+                    future.set_result(write_case(mask, outputs[path], report, started))
+                except Exception as err:
+                    future.set_exception(err)
+            else:
+                future = writer.submit(write_case, mask, outputs[path], report, started)
+            writing = (path, future)
+            del mask
+        if (previous := finish_writing()) is not None:
+            yield previous
+    finally:  # stopped (SIGTERM) or done: a write under way ends (its mask whole), nothing new starts
+        for pool in (reader, writer):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,121 @@
+"""Many cases: the pipelined loop (inference/batch.py) and Ray workers (inference/scale_out.py).
+
+The Ray tests start a local Ray with two one-core workers, as a laptop or a CI machine would; one of them
+kills a worker in the middle of a case, as a lost node would.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_ct_image, make_toy_model
+from inference import PredictionSettings, load_model
+from inference.batch import predict_cases
+
+REPO = Path(__file__).resolve().parent.parent
+CASES = 6
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Six small CT-like cases, the third a broken file, and a toy model."""
+    root = tmp_path_factory.mktemp("batch")
+    images = root / "images"
+    images.mkdir()
+    for index in range(CASES):
+        path = images / f"case{index}_0000.nii.gz"
+        if index == 2:
+            path.write_bytes(b"not an image")
+        else:
+            sitk.WriteImage(make_ct_image(shape_zyx=(20, 48, 48), seed=index), str(path))
+    return root, images, make_toy_model(root / "model")
+
+
+def run_batch(images: Path, out: Path, model, pipelined: bool) -> list:
+    cases = sorted(images.iterdir())
+    out.mkdir()
+    outputs = {path: out / path.name.replace("_0000", "") for path in cases}
+    return list(predict_cases(cases, outputs, model, PredictionSettings(), pipelined=pipelined))
+
+
+def masks(folder_path: Path) -> dict[str, np.ndarray]:
+    return {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted(folder_path.glob("*.nii.gz"))}
+
+
+def test_pipelined_and_sequential_write_the_same_masks_in_order_each_failure_its_own(folder, tmp_path):
+    root, images, model_dir = folder
+    model = load_model(model_dir, device="cpu")
+    pipelined = run_batch(images, tmp_path / "pipelined", model, pipelined=True)
+    sequential = run_batch(images, tmp_path / "sequential", model, pipelined=False)
+    assert [r.path.name for r in pipelined] == sorted(p.name for p in images.iterdir())  # in order
+    for results in (pipelined, sequential):
+        assert [r.error is None for r in results] == [i != 2 for i in range(CASES)]
+        assert "case2_0000.nii.gz: cannot read image" in results[2].error
+        assert all(r.report.seconds["total"] >= r.report.seconds["write"] > 0 for r in results if r.report)
+    ours, theirs = masks(tmp_path / "pipelined"), masks(tmp_path / "sequential")
+    assert list(ours) == [f"case{i}.nii.gz" for i in range(CASES) if i != 2]
+    assert all(np.array_equal(ours[name], theirs[name]) for name in ours)
+    assert not [p for p in (tmp_path / "pipelined").iterdir() if p.name.startswith(".")]
+
+
+def run_cli(*args, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "inference", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def worker_processes() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any("CaseWorker" in part for part in process.info["cmdline"] or []):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install '.[ray]')")
+def test_ray_workers_survive_a_killed_worker_and_a_rerun_resumes(folder, tmp_path):
+    root, images, model_dir = folder
+    reference = tmp_path / "reference"
+    run_batch(images, reference, load_model(model_dir, device="cpu"), pipelined=False)
+    out, journal = tmp_path / "out", tmp_path / "run.journal.jsonl"
+    # a fine step makes each case long enough to be killed in the middle of
+    args = ["-i", images, "-o", out, "-m", model_dir, "--device", "cpu", "--backend", "torch", "--ray",
+            "--journal", journal, "--step-size", "0.1"]
+    process = run_cli(*args, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
+    killed = None
+    deadline = time.time() + 240
+    while killed is None and process.poll() is None and time.time() < deadline:
+        busy = [p for p in worker_processes() if "predict" in " ".join(p.cmdline())]
+        if busy:
+            killed = busy[0].pid
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    stdout, stderr = process.communicate(timeout=600)
+    assert killed is not None, "no worker was seen at work"
+    assert process.returncode == 1, stderr  # the broken case fails, alone
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error")] == [
+        f"error: {images / 'case2_0000.nii.gz'}: cannot read image (not a readable image: unknown format, "
+        "truncated or corrupt)", "error: 1 of 6 case(s) failed"]
+    ours, theirs = masks(out), masks(reference)
+    assert list(ours) == list(theirs) and all(np.array_equal(ours[name], theirs[name]) for name in ours)
+    assert sorted(p.name for p in out.iterdir()) == sorted(theirs)  # exactly the masks, no partial file
+    entries = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert sorted(e["input"] for e in entries) == sorted(str(p) for p in images.iterdir())  # each case once
+    assert not journal.is_relative_to(out)
+    rerun = run_cli(*args)
+    _, stderr = rerun.communicate(timeout=300)
+    assert "5 of 6 case(s) already done, 1 to go" in stderr  # only the broken case is tried again
