@@ -24,7 +24,10 @@ def start(argv: list[str]) -> None:
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("-i", "--input")
+    parser.add_argument("--ray", nargs="?", const="")
     known, _ = parser.parse_known_args(argv)
+    if known.ray is not None:
+        return  # Ray's workers read the cases, not this process
     try:
         cases = io.find_cases(known.input).cases if known.input else []
     except (io.CaseError, OSError):
