@@ -14,6 +14,13 @@ How a phantom is made
   are keyframed along t, so one axial slice costs a few dozen small numpy operations, each limited to a
   structure's bounding box. Spacing, origin and axis flips only change where the voxel centres fall,
   so every geometry shows the same body at the same physical scale.
+- Lymph nodes (generator version 2) live in nodal stations: the fat along the vessels and airways that
+  nodes drain beside (cervical jugular chain, mediastinal, hilar, retrocrural / para-aortic / aortocaval,
+  the mesenteric root around the superior mesenteric vessels, iliac chains, inguinal; no axillary station,
+  the phantoms have no arms). Each case has 14-27 normal nodes there (4-9 mm short axis, oval, a fatty
+  hilum; tissue class NODE, never lesions); enlarged nodes (lesions, 10-40 mm, homogeneous 30-70 HU) are
+  centred in station fat and come several to a station. Bowel walls are 3.5 mm (they survive 3 mm
+  resampling), bowel fluid 0-20 HU, or 150-350 HU in the 40 % of patients given positive oral contrast.
 - A tissue-class map is painted alongside the HU values; lesions are placed by sampling a voxel of
   their host tissue, shaped as wobbled ellipsoids or unions of blobs, clipped to the host tissue and
   painted inside their bounding box only. The label is exactly the set of voxels painted with lesion
@@ -29,7 +36,7 @@ and its renderer), lesions.py, generate.py (a whole case; the FLARE sizes), writ
 cli.py.
 """
 from .case import (AIR, AIRWAY, BOWEL, CORTEX, CSF, FAT, FLARE_SLICE_COUNTS, GENERATOR_VERSION,  # noqa: F401
-                   HEALTHY_INDEX_BASE, KIDNEY, LESION, LESION_TYPES, LIVER, LUNG, MARROW, MUSCLE, ORGAN, SPLEEN,
-                   SUBCUT, TABLE, TISSUE_NAMES, VESSEL, Phantom, PhantomError)
+                   HEALTHY_INDEX_BASE, KIDNEY, LESION, LESION_TYPES, LIVER, LUNG, MARROW, MUSCLE, NODAL_FAT, NODE,
+                   ORGAN, SPLEEN, SUBCUT, TABLE, TISSUE_NAMES, VESSEL, Phantom, PhantomError)
 from .generate import flare_case_specs, generate_flare_case, generate_phantom  # noqa: F401
 from .writing import write_case, write_dataset, write_eval_set  # noqa: F401

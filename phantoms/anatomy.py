@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .case import (
-    AIR, AIRWAY, BOWEL, CORTEX, CSF, FAT, KIDNEY, LIVER, LUNG, MARROW, MUSCLE, ORGAN, PADDING_HU,
-    PhantomError, SPLEEN, SUBCUT, TABLE, VESSEL)
+    AIR, AIRWAY, BOWEL, CORTEX, CSF, FAT, KIDNEY, LIVER, LUNG, MARROW, MUSCLE, NODAL_FAT, NODE, ORGAN,
+    PADDING_HU, PhantomError, SPLEEN, SUBCUT, TABLE, VESSEL)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -29,6 +29,7 @@ class Patient:
     noise_hu: float    # noise standard deviation after the blur
     blur_px: float     # in-plane Gaussian blur sigma (voxels)
     circular_fov: bool
+    oral_contrast: bool  # positive oral contrast: bowel fluid 150-350 HU instead of 0-20 HU
 
     @property
     def max_half_width(self) -> float:
@@ -57,7 +58,7 @@ def make_patient(rng: np.random.Generator) -> Patient:
                    shift=rng.uniform(-15, 15), fat=float(rng.uniform(6, 42)), hu=hu,
                    bladder_fill=rng.uniform(0.4, 1.2), gallbladder=bool(rng.random() < 0.75),
                    noise_hu=rng.uniform(7, 15), blur_px=rng.uniform(0.5, 0.75),
-                   circular_fov=bool(rng.random() < 0.5))
+                   circular_fov=bool(rng.random() < 0.5), oral_contrast=bool(rng.random() < 0.4))
 
 
 # nominal landmarks (mm along t) of an average adult
@@ -81,6 +82,16 @@ _CAV_F = np.array([0.0, 0.86, 0.88, 0.86, 0.66, 0.52, 0.42, 0.0], float)
 # vertebra period (body + disc, mm)
 _VERT_T = np.array([-60, 120, 300, 578], float)
 _VERT_P = np.array([17, 20, 27, 34], float)
+
+
+def _station_ranges(lm):
+    """Where along t each lymph-node station lies (mm, this patient's landmarks)."""
+    return dict(cervical=(lm["apex"] - 75, lm["apex"] + 5), mediastinal=(lm["apex"] + 15, lm["carina"] + 35),
+                hilar=(lm["carina"] - 5, lm["carina"] + 40),
+                retroperitoneal=(lm["dome_r"] + 20, lm["bifurcation"]),
+                mesenteric=(lm["pancreas"][0] + 5, lm["kidney_l"][1]),
+                iliac=(lm["bifurcation"], lm["femoral_head"] + 15),
+                inguinal=(lm["femoral_head"] + 15, lm["split"] + 70))
 
 
 def _taper(t, top, bottom, power=0.5):
@@ -297,6 +308,8 @@ LUNG_OR_FAT = tissue_lut(LUNG, FAT)
 CHEST_WALL = tissue_lut(MUSCLE, SUBCUT, FAT)
 CAVITY_OR_MUSCLE = INSIDE_CAVITY | tissue_lut(MUSCLE)
 WALL_MUSCLE = tissue_lut(MUSCLE, SUBCUT)
+ONLY_FAT, ONLY_NODAL_FAT = tissue_lut(FAT), tissue_lut(NODAL_FAT)
+GROIN_FAT = tissue_lut(FAT, SUBCUT)  # inguinal nodes lie in the subcutaneous fat of the groin
 
 
 class _Slice:
@@ -392,6 +405,13 @@ class _Slice:
         d *= np.float32(1 / (radius * radius))
         return rows, cols, d
 
+    def relabel(self, region, tissue, only):
+        """Change the tissue class (not the HU) to `tissue` where d < 1 and the class is in `only`."""
+        if region is not None:
+            rows, cols, d = region
+            np.copyto(self.tissue[rows, cols], tissue, where=(d < 1) & only[self.tissue[rows, cols]],
+                      casting="unsafe")
+
     def paint(self, region, value, tissue, mask=None, only=None, limit=1.0):
         """Set HU `value` (scalar or block) and the tissue class where d < limit (and mask, only)."""
         if region is None:
@@ -454,6 +474,8 @@ class Renderer:
         self._profiles()
         self._make_bowel(rng)
         self._make_template(rng)
+        self.station_t = _station_ranges(self.lm)
+        self._make_normal_nodes(rng)
 
     def _profiles(self):
         p = self.p
@@ -475,8 +497,27 @@ class Renderer:
                            fu=rng.uniform(-0.5, 0.5), fv=rng.uniform(-0.75, 0.15), a=rng.uniform(9, 14),
                            stretch=rng.uniform(1, 2.2), angle=rng.uniform(0, np.pi),
                            content=str(rng.choice(["fluid", "fluid", "fluid", "gas", "level"])),
-                           fluid=rng.uniform(0, 40))
+                           fluid=self._bowel_fluid_hu(rng.uniform(0, 1)))
                       for _ in range(int(rng.integers(40, 60)))]
+
+    def _bowel_fluid_hu(self, x):
+        """Water-like fluid (0-20 HU, below any node), or positive oral contrast (150-350 HU); x in [0, 1)."""
+        return 150 + 200 * x if self.p.oral_contrast else 20 * x
+
+    def _make_normal_nodes(self, rng):
+        """Normal lymph nodes, as on any CT: 4-9 mm short axis, oval, each with a fatty hilum, scattered
+        through the nodal stations. They are not lesions; nodes replaced by tumour are (lesions.py)."""
+        self.node_hu = rng.uniform(35, 60)
+        names = list(self.station_t)
+        self.normal_nodes = []
+        for _ in range(int(rng.integers(14, 28))):
+            name = names[int(rng.integers(len(names)))]
+            lo, hi = self.station_t[name]
+            radius = rng.uniform(2.0, 4.5)
+            self.normal_nodes.append(dict(
+                station=name, side=int(rng.choice([-1, 1])), t=rng.uniform(lo, hi), fu=rng.uniform(-0.7, 0.7),
+                fv=rng.uniform(-0.7, 0.7), radius=radius, elongation=rng.uniform(1.2, 1.9),
+                half_length=radius * rng.uniform(1.0, 2.2), angle=rng.uniform(0, np.pi)))
 
     def _make_template(self, rng):
         """Air, the scanner table (the same on every slice) and the circular reconstruction field."""
@@ -553,6 +594,66 @@ class Renderer:
         self._spine(s, k, t, v_s, r_vb, Bo)
         if cav > 0.05 and lm["clavicle"] - 12 < t < lm["iliac"][0] - 100:
             self._ribs(s, t, A, B, Ac, Bc, v_c)
+        self._paint_stations(s, t, self._trunk_stations(k, t))
+
+    # --- lymph-node stations ----------------------------------------------------------------------------
+    def _trunk_stations(self, k, t):
+        """The nodal stations crossing this slice, as (name, side, cu, cv, au, av, groin) ellipses in patient
+        mm: fat along the vessels and airways that nodes lie beside (no arms here, so no axillary station)."""
+        lm, within = self.lm, (lambda name: self.station_t[name][0] <= t <= self.station_t[name][1])
+        A, B = float(self.A[k]), float(self.B[k])
+        v_pre = float(self.v_s[k] - self.r_vb[k])  # the front of the vertebral body
+        stations = []
+        for side in (-1, 1):
+            if within("cervical"):  # jugular chain, in the carotid sheath fat
+                stations.append(("cervical", side, side * 31, v_pre - 12, 19, 16, False))
+            if within("hilar"):
+                stations.append(("hilar", side, side * 0.3 * A * float(self.cav[k]), v_pre - 14, 20, 18, False))
+            if within("iliac"):  # along the common, then external iliac vessels
+                x = min(1.0, (t - lm["bifurcation"]) / (lm["femoral_head"] - lm["bifurcation"]))
+                cu, cv = side * (10 + (0.45 * A - 10) * x), (v_pre - 12) * (1 - x) + (-0.45 * B) * x
+                stations.append(("iliac", side, cu - side * 5, cv + 3, 22, 18, False))
+            if within("inguinal") and t < lm["split"]:
+                stations.append(("inguinal", side, side * 0.45 * A, -0.45 * B - 4, 24, 18, True))
+        if within("mediastinal"):  # paratracheal, prevascular, aortopulmonary window, subcarinal
+            stations.append(("mediastinal", 0, -4, v_pre - 32, 34, 28, False))
+        if within("retroperitoneal"):  # retrocrural, para-aortic and aortocaval, around the aorta and the IVC
+            x = min(1.0, max(0.0, (t - lm["dome_r"]) / 60))
+            cu_aorta = 26 - 18 * x
+            cv_aorta = (float(self.v_s[k]) - 0.55 * float(self.r_vb[k])) * (1 - x) + (v_pre - 12) * x
+            stations.append(("retroperitoneal", 0, (cu_aorta - 20) / 2, (cv_aorta + v_pre - 10) / 2,
+                             abs(cu_aorta + 20) / 2 + 20, 22, False))
+        if within("mesenteric"):  # the root of the mesentery, around the superior mesenteric vessels
+            stations.append(("mesenteric", 0, 0, self._mesenteric_v(t, v_pre), 24, 18, False))
+        return stations
+
+    def _mesenteric_v(self, t, v_pre):
+        """v of the superior mesenteric vessels: from the pancreas forwards into the mesentery."""
+        return v_pre - 32 - min(40.0, 0.45 * max(0.0, t - self.lm["pancreas"][0]))
+
+    def _paint_stations(self, s, t, stations):
+        """Station fat (tissue class only; nodal lesions are centred there), then the normal nodes in it."""
+        for _, _, cu, cv, au, av, groin in stations:
+            s.relabel(s.ellipse(cu, cv, au, av, wobble=0.05), NODAL_FAT, GROIN_FAT if groin else ONLY_FAT)
+        for node in self.normal_nodes:
+            dt = t - node["t"]
+            if abs(dt) >= node["half_length"]:
+                continue
+            station = next((st for st in stations if st[0] == node["station"] and st[1] in (0, node["side"])),
+                           None)
+            if station is None:
+                continue
+            f = math.sqrt(1 - (dt / node["half_length"]) ** 2)
+            _, _, cu, cv, au, av, _ = station
+            cu, cv = cu + node["fu"] * au, cv + node["fv"] * av
+            a_long, a_short, angle = node["radius"] * node["elongation"] * f, node["radius"] * f, node["angle"]
+            region = s.ellipse(cu, cv, a_long, a_short, angle=angle)
+            inside = s.paint(region, self.node_hu, NODE, only=ONLY_NODAL_FAT)
+            if inside is not None and inside.any():  # the fatty hilum, off-centre along the long axis
+                shift = 0.4 * a_long
+                hilum = s.again(region, cu + shift * math.cos(angle), cv + shift * math.sin(angle),
+                                0.5 * a_long, 0.5 * a_short, angle)
+                s.paint((region[0], region[1], hilum), self.p.hu["fat"], NODE, mask=inside)
 
     def _neck(self, s, t, v_s, r_vb):
         lm, H = self.lm, self.p.hu
@@ -682,7 +783,7 @@ class Renderer:
         f = _dome(t, lm["stomach"][0], lm["stomach"][0] + 35, lm["stomach"][1])
         if f:
             self._bowel_segment(s, 0.33 * Ac, v_c - 0.3 * Bc, 0.32 * Ac * f, 0.36 * Bc * f, 0.5, "stomach",
-                                H["fluid"] + 15, wall=4.5)
+                                self._bowel_fluid_hu(H["fluid"] / 20) + 15, wall=4.5)
         # --- liver, with the diaphragm over its dome ------------------------------------------------------
         f = _dome(t, lm["dome_r"], lm["dome_r"] + 55, lm["liver_end"], tail=0.7)
         if f:
@@ -739,6 +840,10 @@ class Renderer:
             s.paint(s.ellipse(-20, v_pre - 10, 12, 9, wobble=0.03), H["vein"], VESSEL)
         if lm["pancreas"][0] < t < lm["pancreas"][1] - 10:
             s.paint(s.capsule((-22, v_pre - 28), (-0.2 * Ac, v_pre - 45), 7), H["vein"], VESSEL)
+        if lm["pancreas"][0] < t < self.station_t["mesenteric"][1]:  # superior mesenteric artery and vein
+            v_sm = self._mesenteric_v(t, v_pre)
+            s.paint(s.ellipse(5, v_sm + 2, 3.5, 3.5), H["aorta"], VESSEL, only=ONLY_FAT)
+            s.paint(s.ellipse(-7, v_sm, 5, 4.5), H["vein"], VESSEL, only=ONLY_FAT)
         f = _taper(t, lm["kidney_l"][0] + 40, lm["femoral_head"] + 40, power=0.6)
         if f:
             grow = min(1.0, (t - lm["kidney_l"][0] - 40) / 120)
@@ -752,7 +857,7 @@ class Renderer:
         texture = self.vessel_fields.block(s.k, 0, rows, cols)
         return np.where(texture > 0.8, np.int16(-950), np.where(texture > -0.2, np.int16(-60), np.int16(25)))
 
-    def _bowel_segment(self, s, cu, cv, au, av, angle, content, fluid_hu, wall=2.5):
+    def _bowel_segment(self, s, cu, cv, au, av, angle, content, fluid_hu, wall=3.5):
         region = s.ellipse(cu, cv, au, av, angle=angle, wobble=0.02)
         inside = s.paint(region, self.p.hu["bowel_wall"], BOWEL, only=INSIDE_CAVITY)
         if inside is None or min(au, av) <= wall + 1:
@@ -888,6 +993,7 @@ class Renderer:
     def _thighs(self, s, t, A, B, fat):
         H = self.p.hu
         x = min(1.0, (t - self.lm["split"]) / 120)
+        stations = []
         for side in (-1, 1):
             cu, cv = side * (0.5 * A + 8 * x), 0.05 * B
             au, av = 0.5 * A - 22 * x, 0.85 * B - 12 * x
@@ -905,3 +1011,6 @@ class Renderer:
             s.paint(shaft, -40, CORTEX, limit=(8 / 15) ** 2)  # fatty marrow of the shaft
             s.paint(s.ellipse(cu - side * 0.35 * au, cv - 0.55 * av, 5, 5), H["aorta"], VESSEL)
             s.paint(s.ellipse(cu - side * 0.33 * au, cv - 0.55 * av + 9, 6.5, 6), H["vein"], VESSEL)
+            if t <= self.station_t["inguinal"][1]:
+                stations.append(("inguinal", side, cu - side * 0.33 * au, cv - 0.6 * av, 22, 16, True))
+        self._paint_stations(s, t, stations)

@@ -8,7 +8,7 @@ import numpy as np
 import SimpleITK as sitk
 
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: lymph nodes in nodal stations, normal nodes, bowel walls that survive 3 mm
 FLARE_SLICE_COUNTS = (55, 100, 150, 215, 334, 448, 499, 554)
 # slice spacing of each efficiency case: the scan covers a plausible extent, from a 275 mm abdomen
 # (55 slices) to ~830 mm from the lung apices to the thighs (554 slices)
@@ -21,16 +21,23 @@ PADDING_HU = -1024  # outside the circular reconstruction field of view (no nois
 
 # tissue classes of the internal map (lesion hosts are sampled from it)
 AIR, SUBCUT, MUSCLE, FAT, LUNG, LIVER, SPLEEN, KIDNEY, MARROW, CORTEX, VESSEL, BOWEL, ORGAN, TABLE, \
-    AIRWAY, CSF, LESION = range(17)
+    AIRWAY, CSF, LESION, NODAL_FAT, NODE = range(19)
 TISSUE_NAMES = ("air", "skin_subcutaneous_fat", "muscle", "visceral_fat", "lung", "liver", "spleen",
                 "kidney", "bone_marrow", "cortical_bone", "vessel", "bowel", "organ", "table", "airway",
-                "csf", "lesion")
+                "csf", "lesion", "nodal_station_fat", "normal_lymph_node")
+# NODAL_FAT: fat of a lymph-node station (along the great vessels, the airways, the mesenteric root, the
+# iliac and femoral vessels), where nodal lesions are centred; HU of fat. NODE: a normal node (< 10 mm short
+# axis, with its fatty hilum), never a lesion.
 
 LESION_TYPES = {
-    # host tissue classes, diameter range (mm), how often the type is drawn
+    # host tissue classes (a lesion is clipped to them), where its centre may lie (default: the hosts),
+    # diameter range (mm), how often the type is drawn, and for clustering types the distance (mm) from an
+    # earlier lesion of the type within which the next one is centred
     "liver": dict(hosts=(LIVER,), diameter=(5.0, 80.0), weight=0.30),
     "lung": dict(hosts=(LUNG,), diameter=(3.0, 45.0), weight=0.20),
-    "lymph_node": dict(hosts=(FAT,), diameter=(8.0, 45.0), weight=0.20),
+    # nodal disease: short axis of 10 mm or more, often several enlarged nodes of one station together
+    "lymph_node": dict(hosts=(FAT, NODAL_FAT, NODE), centres=(NODAL_FAT,), diameter=(10.0, 40.0), weight=0.20,
+                       cluster_mm=40.0),
     "kidney": dict(hosts=(KIDNEY,), diameter=(10.0, 65.0), weight=0.12),
     "bone": dict(hosts=(MARROW,), diameter=(6.0, 35.0), weight=0.10),
     "spleen": dict(hosts=(SPLEEN,), diameter=(6.0, 45.0), weight=0.08),

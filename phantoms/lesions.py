@@ -26,7 +26,7 @@ def _lesion_hu(rng, kind, H):
     if kind == "lung":
         return rng.uniform(10, 50)  # soft-tissue nodule
     if kind == "lymph_node":
-        return rng.uniform(25, 60)
+        return rng.uniform(30, 70)  # replaced by tumour: homogeneous soft tissue, no fatty hilum left
     if kind == "kidney":
         return rng.uniform(45, 95)  # enhances less than the cortex
     return rng.uniform(20, 80) if rng.random() < 0.6 else rng.uniform(800, 1150)  # lytic / sclerotic
@@ -95,6 +95,21 @@ def _make_lesion(rng, kind, diameter, centre, hu, tissue, spacing, H):
     return int(np.count_nonzero(mask))
 
 
+def _near_earlier(candidates, coarse_shape, coarse_spacing, lesions, kind, steps):
+    """The candidate centres (flat coarse indices) within the type's cluster distance of an earlier lesion
+    of that type (enlarged nodes come several to a station); all of them if none is that close."""
+    reach = LESION_TYPES[kind].get("cluster_mm")
+    earlier = [lesion["centre_index_zyx"] for lesion in lesions if lesion["type"] == kind]
+    if reach is None or not earlier:
+        return candidates
+    points = np.stack(np.unravel_index(candidates, coarse_shape), axis=1) * coarse_spacing
+    centres = np.asarray(earlier, float) / steps * coarse_spacing
+    near = np.zeros(len(candidates), bool)
+    for centre in centres:
+        near |= ((points - centre) ** 2).sum(axis=1) < reach * reach
+    return candidates[near] if near.any() else candidates
+
+
 def place_lesions(rng, patient, hu, tissue, spacing, healthy):
     """Draw the case's lesions; their manifest entries (volumes from the painted voxel counts)."""
     if healthy:
@@ -103,12 +118,12 @@ def place_lesions(rng, patient, hu, tissue, spacing, healthy):
     steps = np.maximum(1, np.round(4.0 / spacing)).astype(int)  # host voxels are sampled every ~4 mm
     coarse = tissue[::steps[0], ::steps[1], ::steps[2]]
     coarse_ml = float(np.prod(steps * spacing)) / 1000
-    any_host = tissue_lut(*{c for spec in LESION_TYPES.values() for c in spec["hosts"]})
-    hosts = np.flatnonzero(any_host[coarse])
+    any_centre = tissue_lut(*{c for spec in LESION_TYPES.values() for c in spec.get("centres", spec["hosts"])})
+    hosts = np.flatnonzero(any_centre[coarse])
     host_class = coarse[np.unravel_index(hosts, coarse.shape)]
     candidates = {}
     for kind, spec in LESION_TYPES.items():
-        found = hosts[tissue_lut(*spec["hosts"])[host_class]]
+        found = hosts[tissue_lut(*spec.get("centres", spec["hosts"]))[host_class]]
         if found.size * coarse_ml >= (5.0 if kind in ("kidney", "bone", "spleen") else 20.0):
             candidates[kind] = found
     if not candidates:
@@ -123,12 +138,13 @@ def place_lesions(rng, patient, hu, tissue, spacing, healthy):
     lesions = []
     for n in range(count):
         kind = first if n == 0 or same_organ else kinds[rng.choice(len(kinds), p=weights)]
+        centres = _near_earlier(candidates[kind], coarse.shape, steps * spacing, lesions, kind, steps)
         lo, hi = LESION_TYPES[kind]["diameter"]
         if n == 0:
             lo = max(lo, 10.0)  # most cases hold at least one lesion of 10 mm or more
         diameter = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
         for attempt in range(25):
-            flat = int(candidates[kind][rng.integers(candidates[kind].size)])
+            flat = int(centres[rng.integers(centres.size)])
             index = np.array(np.unravel_index(flat, coarse.shape)) * steps
             index = np.minimum(index + rng.integers(0, steps), np.array(tissue.shape) - 1)
             voxels = _make_lesion(rng, kind, diameter, index, hu, tissue, spacing, patient.hu)

@@ -111,9 +111,11 @@ def write_dataset(out_dir, cases: int, seed: int, flare_sizes: bool = False,
 
 def write_eval_set(out: Path, seed: int, n_lesion: int, n_healthy: int, shape) -> list[dict]:
     """An evaluation set: lesion cases phantom_0000.. (healthy=False) and healthy cases healthy_0000.. (their
-    own RNG indices, from HEALTHY_INDEX_BASE); reused as it is when its manifest holds the same arguments."""
+    own RNG indices, from HEALTHY_INDEX_BASE); reused as it is when its manifest holds the same arguments
+    and generator version."""
     manifest_path = out / "manifest.json"
-    wanted = {"seed": seed, "cases": n_lesion, "healthy": n_healthy, "shape": shape}
+    wanted = {"seed": seed, "cases": n_lesion, "healthy": n_healthy, "shape": shape,
+              "generator_version": GENERATOR_VERSION}  # a set from an older generator is made again
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("arguments") == wanted:

@@ -212,3 +212,41 @@ def test_parallel_gzip_stream_reads_back_exactly(tmp_path, monkeypatch):
     packed = (tmp_path / entry["image"]).read_bytes()
     assert gzip.decompress(packed) == (tmp_path / "raw.nii").read_bytes()
     assert np.array_equal(array(sitk.ReadImage(str(tmp_path / entry["image"]))), array(phantom.image))
+
+
+def test_enlarged_lymph_nodes_lie_in_nodal_stations_beside_vessels_and_normal_nodes_keep_a_fatty_hilum():
+    geometry = dict(shape_zyx=(200, 192, 192), spacing_zyx=(3.0, 2.6, 2.6))
+    nodal = []
+    for index in range(40):
+        case = generate_phantom(8, index, healthy=False, with_tissue=True, **geometry)
+        tissue = case.tissue
+        assert (tissue == phantoms.NODAL_FAT).any() and (tissue == phantoms.NODE).any()
+        assert not array(case.label)[tissue == phantoms.NODE].any()  # normal nodes are never lesions
+        for lesion in case.info["lesions"]:
+            if lesion["type"] == "lymph_node":
+                nodal.append((case, lesion))
+        if len(nodal) >= 4:
+            break
+    assert len(nodal) >= 4
+    spacing = np.array(geometry["spacing_zyx"])
+    for case, lesion in nodal:
+        assert lesion["diameter_mm"] >= 10.0
+        lesion_mask = case.tissue == phantoms.LESION
+        pieces = cc3d.connected_components(lesion_mask, connectivity=6)
+        own = pieces == pieces[tuple(lesion["centre_index_zyx"])]
+        vessel_mm = ndimage.distance_transform_edt(case.tissue != phantoms.VESSEL, sampling=spacing)[own].min()
+        assert vessel_mm < 25.0, (case.info["case"], vessel_mm)
+    # at a real scan's in-plane resolution a normal node is soft tissue with a fat hilum
+    case = generate_phantom(8, 0, with_tissue=True)
+    node_hu = array(case.image)[case.tissue == phantoms.NODE]
+    assert np.percentile(node_hu, 5) < -40 and np.percentile(node_hu, 90) > 40 and np.median(node_hu) > 0
+
+
+def test_clustering_types_draw_their_next_centre_near_an_earlier_lesion():
+    from phantoms.lesions import _near_earlier
+    candidates = np.arange(1000)  # a 10 x 10 x 10 coarse grid, 4 mm apart
+    earlier = [dict(type="lymph_node", centre_index_zyx=[0, 0, 0])]
+    near = _near_earlier(candidates, (10, 10, 10), np.array([4.0, 4.0, 4.0]), earlier, "lymph_node", np.ones(3))
+    points = np.stack(np.unravel_index(near, (10, 10, 10)), 1) * 4.0
+    assert len(near) and (np.linalg.norm(points, axis=1) < 40.0).all() and len(near) < 1000
+    assert len(_near_earlier(candidates, (10, 10, 10), np.array([4.0] * 3), earlier, "liver", np.ones(3))) == 1000
