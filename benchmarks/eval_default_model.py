@@ -7,8 +7,10 @@ quality: generates `--cases` phantoms with lesions and `--healthy` healthy ones 
     evaluation seed, never the training seed 1000; realistic 512x512xN geometry unless --shape), predicts
     them with the real CLI (`python -m inference -i ... -o ... -m MODEL --device DEVICE --timings ...`),
     scores them with evaluation.run_metrics (FLARE DSC, NSD at 2 mm, lesion-wise metrics) and writes
-    results/default_model_quality.{json,md}. Goals: mean lesion DSC >= 0.85 and mean NSD >= 0.80 on the
-    lesion cases, healthy false-positive rate (any predicted voxel) <= 0.1.
+    results/default_model_quality.{json,md}. Goals (issue 26; the earlier 0.85 DSC goal was withdrawn as out
+    of reach of CPU-hour training): mean lesion DSC >= 0.65 and mean NSD >= 0.60 on the lesion cases, mean
+    DSC >= 0.4 on the cases whose lesions are all lymph nodes, healthy cases' false-positive volume <= 1 ml
+    on average and fewer than half of them with any false positive.
 cpu554: the 512x512x554 FLARE efficiency case (`phantoms.generate_flare_case`), predicted on
     the CPU under /usr/bin/time -v; wall time, stage timings and peak RAM into
     results/default_model_cpu_554.{json,md}.
@@ -42,7 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 RESULTS = Path(os.environ.get("EVAL_DEFAULT_RESULTS", REPO / "results"))
-GOALS = {"lesion_dsc": 0.85, "lesion_nsd": 0.80, "healthy_fp_rate": 0.10}
+GOALS = {"lesion_dsc": 0.65, "lesion_nsd": 0.60, "lymph_node_only_dsc": 0.40, "healthy_fp_volume_ml": 1.0,
+         "healthy_fp_rate": 0.5}  # the last one strictly below
 
 
 def run_engine(images: Path, predictions: Path, model: Path, device: str, timings: Path,
@@ -109,6 +112,9 @@ def quality(args) -> int:
     healthy_names = {e["case"] for e in entries if not e["lesions"]}
     lesion_rows = per_case[~per_case["case"].isin(healthy_names)]
     healthy_rows = per_case[per_case["case"].isin(healthy_names)]
+    node_only = {e["case"] for e in entries
+                 if e["lesions"] and all(lesion["type"] == "lymph_node" for lesion in e["lesions"])}
+    node_rows = per_case[per_case["case"].isin(node_only)]
     timings = json.loads((work / "timings.json").read_text())
     seconds = [c["total"] for c in timings["cases"].values() if "total" in c]
     metrics = {
@@ -119,6 +125,8 @@ def quality(args) -> int:
         "lesion_nsd_median": float(lesion_rows["Lesion_NSD"].median()),
         "healthy_fp_rate": float((healthy_rows["pred_volume_ml"] > 0).mean()),
         "healthy_fp_volume_ml_mean": float(healthy_rows["pred_volume_ml"].mean()),
+        "lymph_node_only_cases": len(node_rows),
+        "lymph_node_only_dsc_mean": float(node_rows["Lesion_DSC"].mean()) if len(node_rows) else None,
         "all_cases_dsc_mean": float(per_case["Lesion_DSC"].mean()),
         "all_cases_nsd_mean": float(per_case["Lesion_NSD"].mean()),
         "lesion_precision_mean": float(lesion_rows["lesion_precision"].mean()),
@@ -127,7 +135,9 @@ def quality(args) -> int:
     }
     met = {"lesion_dsc": metrics["lesion_dsc_mean"] >= GOALS["lesion_dsc"],
            "lesion_nsd": metrics["lesion_nsd_mean"] >= GOALS["lesion_nsd"],
-           "healthy_fp_rate": metrics["healthy_fp_rate"] <= GOALS["healthy_fp_rate"]}
+           "lymph_node_only_dsc": (metrics["lymph_node_only_dsc_mean"] or 0.0) >= GOALS["lymph_node_only_dsc"],
+           "healthy_fp_volume_ml": metrics["healthy_fp_volume_ml_mean"] <= GOALS["healthy_fp_volume_ml"],
+           "healthy_fp_rate": metrics["healthy_fp_rate"] < GOALS["healthy_fp_rate"]}
     by_type = detection_by_type(entries, data / "labels", predictions)
     columns = ["case", "Lesion_DSC", "Lesion_NSD", "gt_volume_ml", "pred_volume_ml", "gt_lesions",
                "detected_lesions", "fp_components"]
@@ -184,8 +194,14 @@ def quality_markdown(result: dict, cases, summary) -> str:
         f"(median {m['lesion_dsc_median']:.3f}) | >= {goals['lesion_dsc']} | {mark[met['lesion_dsc']]} |",
         f"| mean lesion NSD 2 mm | {m['lesion_nsd_mean']:.3f} (median {m['lesion_nsd_median']:.3f}) | "
         f">= {goals['lesion_nsd']} | {mark[met['lesion_nsd']]} |",
-        f"| healthy false-positive rate ({m['healthy_cases']} healthy cases, any voxel) | "
-        f"{m['healthy_fp_rate']:.2f} | <= {goals['healthy_fp_rate']} | {mark[met['healthy_fp_rate']]} |",
+        f"| mean DSC of the {m['lymph_node_only_cases']} cases whose lesions are all lymph nodes | "
+        + (f"{m['lymph_node_only_dsc_mean']:.3f}" if m["lymph_node_only_dsc_mean"] is not None else "none drawn")
+        + f" | >= {goals['lymph_node_only_dsc']} | {mark[met['lymph_node_only_dsc']]} |",
+        f"| healthy cases' false-positive volume, mean ({m['healthy_cases']} healthy cases) | "
+        f"{m['healthy_fp_volume_ml_mean']:.2f} ml | <= {goals['healthy_fp_volume_ml']:g} ml | "
+        f"{mark[met['healthy_fp_volume_ml']]} |",
+        f"| healthy cases with any false positive | {m['healthy_fp_rate']:.2f} | < {goals['healthy_fp_rate']} | "
+        f"{mark[met['healthy_fp_rate']]} |",
         f"| mean DSC / NSD over all {m['lesion_cases'] + m['healthy_cases']} cases (FLARE rules) | "
         f"{m['all_cases_dsc_mean']:.3f} / {m['all_cases_nsd_mean']:.3f} | | |",
         f"| lesion-wise precision / recall (mean over lesion cases) | {m['lesion_precision_mean']:.3f} / "

@@ -7,25 +7,15 @@
 #     OUT=/tmp/gpu bash benchmarks/gpu_benchmarks.sh
 #
 # Runs with the machine's python3 (PYTHON to override), which must have torch with CUDA, pandas,
-# matplotlib, psutil and nvidia-ml-py. Packages it lacks can come as .whl/*.tar.xz archives of an
-# installed site-packages folder (made with `pip install --target`): they are unpacked to /tmp/site.
-# Results: results/flare_sizes_*, results/gpu_forward_memory*; tarballs of them and of the harness
-# folders (no masks) land in $OUT.
+# matplotlib, psutil and nvidia-ml-py; the packages it lacks travel in .whl/ (scripts/device_env.sh,
+# scripts/device_wheels.sh; nnU-Net, the peer, too). Results: results/flare_sizes_*,
+# results/gpu_forward_memory*; tarballs of them and of the harness folders (no masks) land in $OUT.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_benchmarks}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.tar.xz" >/dev/null; then
-  mkdir -p /tmp/site
-  for archive in .whl/*.tar.xz; do tar -xJf "$archive" -C /tmp/site; done
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-PYTHON=${PYTHON:-python3}
-# The device machine has the project's files but not its installation (pip install -e . here): the
-# repository root on the import path stands for it.
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export PYTHON  # predict.sh runs the engine with it
+# shellcheck source=../scripts/device_env.sh
+source scripts/device_env.sh
 PEER_CASES="flare_z055 flare_z215 flare_z554"
 
 collect() {  # two files, however many results: the device tool brings back at most 8

@@ -152,3 +152,17 @@ def test_committed_default_model_segments_liver_lesions_it_was_not_trained_on():
     mask = sitk.GetArrayFromImage(predict_image(phantom.image, model, PredictionSettings())) > 0
     truth = sitk.GetArrayFromImage(phantom.label) > 0
     assert dice(truth, mask) >= 0.7  # the 7,021-step model fails; NaN (both empty) fails too
+
+
+def test_phantoms_generated_by_several_workers_give_the_same_training_files(tmp_path):
+    one = train_default.generate_cropped_cases(1000, 2, tmp_path / "one", workers=1)
+    two = train_default.generate_cropped_cases(1000, 2, tmp_path / "two", workers=2)
+    assert one == two and [case["index"] for case in one] == [0, 1]
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(files) == 8
+    for name in files:
+        if name.endswith(".npy"):
+            assert np.array_equal(np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name)), name
+    negatives = np.load(tmp_path / "one" / "case_0000_negatives.npy")
+    assert set(np.unique(negatives[:, 0])) <= set(train_default.HARD_NEGATIVE_TISSUES)
+    assert train_default.NODE in set(np.unique(negatives[:, 0]))  # normal nodes are among the look-alikes

@@ -24,6 +24,9 @@ What it does, in order:
   5. writes fold_all/checkpoint_final.pth at the end, and fold_all/checkpoint_latest.pth every
      --save-every minutes (so a crash loses little; --resume continues from it).
 
+A larger model on a GPU (training/gpu_train.sh runs it on a lent device): --device cuda --patch 64 64 64
+--base-features 16 --batch-size 8 --workers 16 (phantoms generated in 16 processes; the same files as one).
+
 Reproducibility: numpy and torch are seeded from --seed, phantoms from --seed; the patch sequence and the
 weights after N steps are the same on the same torch build. With the default time budget the number of
 steps depends on the machine's speed; pass --steps to fix it (the learning-rate schedule then runs over
@@ -38,6 +41,8 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 # Set before torch starts OpenMP: on a shared 2-core machine, spinning worker threads waste the time
@@ -48,7 +53,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from phantoms import BOWEL, CSF, MUSCLE, ORGAN, VESSEL, generate_phantom
+from phantoms import BOWEL, CSF, MUSCLE, NODE, ORGAN, VESSEL, generate_phantom
 from flare_common.machine import cpu_model
 from inference.model import load_model
 from inference.model.folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,
@@ -96,9 +101,10 @@ LESION_UNIFORM_SHARE = 0.5
 # random patches only marked fluid-filled bowel loops (lymph-node look-alikes), the thyroid and
 # oesophagus in the neck as lesions in every healthy phantom (51 ml a case): random patches rarely land
 # there. The phantoms' tissue map says where these tissues are; a class is drawn first, then a voxel,
-# so that small ones (the spinal canal inside a vertebra, a lytic-lesion look-alike) are seen too.
+# so that small ones (the spinal canal inside a vertebra, a lytic-lesion look-alike) are seen too. Normal
+# lymph nodes (generator version 2: small, with a fatty hilum, beside the enlarged ones) are one such class.
 HARD_NEGATIVE_FRACTION = 0.25
-HARD_NEGATIVE_TISSUES = (BOWEL, ORGAN, VESSEL, MUSCLE, CSF)
+HARD_NEGATIVE_TISSUES = (BOWEL, ORGAN, VESSEL, MUSCLE, CSF, NODE)
 HARD_NEGATIVES_PER_TISSUE = 2000      # voxels kept per tissue class and case
 # ---- the optimisation -------------------------------------------------------------------------------
 BATCH_SIZE = 4
@@ -137,7 +143,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(models/default is trained with it)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from <out>/fold_all/checkpoint_latest.pth (same --work-dir)")
-    return parser.parse_args(argv)
+    larger = parser.add_argument_group("a larger model (the GPU path: training/gpu_train.sh)")
+    larger.add_argument("--device", default="cpu",
+                        help="torch device to train on (cpu, cuda, cuda:1); on CUDA --bf16 autocasts there")
+    larger.add_argument("--patch", type=int, nargs=3, default=list(PATCH_SIZE), metavar=("Z", "Y", "X"),
+                        help=f"training patch in voxels at 3 mm (default {' '.join(map(str, PATCH_SIZE))}); "
+                             "the engine infers with this times its patch scale")
+    larger.add_argument("--base-features", type=int, default=BASE_FEATURES,
+                        help=f"features of the first stage, doubled per stage up to {MAX_FEATURES} "
+                             f"(default {BASE_FEATURES})")
+    larger.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"patches a step (default {BATCH_SIZE})")
+    larger.add_argument("--workers", type=int, default=1,
+                        help="processes generating the phantoms (the same phantoms and hard negatives as one)")
+    args = parser.parse_args(argv)
+    if min(args.patch) < 2 ** (N_STAGES - 1) or any(p % 2 ** (N_STAGES - 1) for p in args.patch):
+        parser.error(f"--patch: each side a multiple of {2 ** (N_STAGES - 1)} (the network's total stride)")
+    if args.base_features < 1 or args.batch_size < 1 or args.workers < 1:
+        parser.error("--base-features, --batch-size and --workers must be positive")
+    return args
 
 
 # ---- 1./2. phantoms, crop, intensity properties ----------------------------------------------------------
@@ -153,34 +176,43 @@ def training_geometry(seed: int, index: int) -> tuple[tuple[int, int, int], tupl
     return (n_z, 256, 256), (spacing_z, 2.0, 2.0)
 
 
-def generate_cropped_cases(seed: int, n_cases: int, raw_dir: Path) -> list[dict]:
-    """Generate the phantoms, body-crop them as the engine does, store raw HU (int16), labels and a
-    sample of hard-negative voxels ([n, 4] int32: tissue class, z, y, x in the cropped grid)."""
+def cropped_phantom(seed: int, index: int, raw_dir: Path) -> tuple[dict, np.ndarray]:
+    """Phantom `index`, body-cropped as the engine crops: raw HU (int16) and label stored under `raw_dir`;
+    returns its metadata and its cropped tissue map (the hard negatives are drawn from it in case order)."""
+    stem = raw_dir / f"case_{index:04d}"
+    shape, spacing = training_geometry(seed, index)
+    phantom = generate_phantom(seed, index, shape_zyx=shape, spacing_zyx=spacing, with_tissue=True)
+    spacing = tuple(float(s) for s in phantom.image.GetSpacing())[::-1]
+    array = sitk.GetArrayFromImage(phantom.image)
+    label = sitk.GetArrayFromImage(phantom.label)
+    box = crop_box(array, spacing, PredictionSettings())
+    np.save(stem.with_name(stem.name + "_image.npy"), np.ascontiguousarray(array[box]))
+    np.save(stem.with_name(stem.name + "_label.npy"), np.ascontiguousarray(label[box] > 0))
+    meta = {"index": index, "spacing": list(spacing), "shape": list(array.shape),
+            "cropped_shape": [s.stop - s.start for s in box],
+            "lesions": [[les["type"], les["diameter_mm"]] for les in phantom.info["lesions"]]}
+    return meta, np.ascontiguousarray(phantom.tissue[box])
+
+
+def generate_cropped_cases(seed: int, n_cases: int, raw_dir: Path, workers: int = 1) -> list[dict]:
+    """Generate the phantoms (in `workers` processes), body-crop them as the engine does, store raw HU
+    (int16), labels and a sample of hard-negative voxels ([n, 4] int32: tissue class, z, y, x in the
+    cropped grid). The negatives are drawn here, case after case from one stream, so any number of
+    workers gives the same files."""
     raw_dir.mkdir(parents=True, exist_ok=True)
-    settings = PredictionSettings()
     rng = np.random.default_rng([seed, 11])
-    cases = []
-    for index in tqdm(range(n_cases), desc="phantoms", unit="case"):
-        stem = raw_dir / f"case_{index:04d}"
-        meta_path = stem.with_suffix(".json")
-        if meta_path.exists():  # resumed run: already generated
-            cases.append(json.loads(meta_path.read_text()))
-            continue
-        shape, spacing = training_geometry(seed, index)
-        phantom = generate_phantom(seed, index, shape_zyx=shape, spacing_zyx=spacing, with_tissue=True)
-        spacing = tuple(float(s) for s in phantom.image.GetSpacing())[::-1]
-        array = sitk.GetArrayFromImage(phantom.image)
-        label = sitk.GetArrayFromImage(phantom.label)
-        box = crop_box(array, spacing, settings)
-        np.save(stem.with_name(stem.name + "_image.npy"), np.ascontiguousarray(array[box]))
-        np.save(stem.with_name(stem.name + "_label.npy"), np.ascontiguousarray(label[box] > 0))
-        np.save(stem.with_name(stem.name + "_negatives.npy"), hard_negative_voxels(phantom.tissue[box], rng))
-        meta = {"index": index, "spacing": list(spacing), "shape": list(array.shape),
-                "cropped_shape": [s.stop - s.start for s in box],
-                "lesions": [[les["type"], les["diameter_mm"]] for les in phantom.info["lesions"]]}
-        meta_path.write_text(json.dumps(meta))
-        cases.append(meta)
-    return cases
+    done = {index: json.loads((raw_dir / f"case_{index:04d}.json").read_text())
+            for index in range(n_cases) if (raw_dir / f"case_{index:04d}.json").exists()}  # a resumed run
+    todo = [index for index in range(n_cases) if index not in done]
+    with ProcessPoolExecutor(workers) if workers > 1 and todo else nullcontext() as pool:
+        made = pool.map(cropped_phantom, *zip(*[(seed, i, raw_dir) for i in todo])) if pool else \
+            (cropped_phantom(seed, i, raw_dir) for i in todo)
+        for meta, tissue in tqdm(made, total=len(todo), desc="phantoms", unit="case"):
+            stem = raw_dir / f"case_{meta['index']:04d}"
+            np.save(stem.with_name(stem.name + "_negatives.npy"), hard_negative_voxels(tissue, rng))
+            stem.with_suffix(".json").write_text(json.dumps(meta))
+            done[meta["index"]] = meta
+    return [done[index] for index in range(n_cases)]
 
 
 def hard_negative_voxels(tissue: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -219,12 +251,12 @@ def foreground_intensity_properties(raw_dir: Path, cases: list[dict], seed: int)
 
 def write_folder(out_dir: Path, intensity_properties: dict, median_shape: list[int], n_cases: int,
                  weights: dict | None, checkpoint_name: str = "checkpoint_final.pth",
-                 light_decoder: bool = False) -> None:
+                 light_decoder: bool = False, patch_size=PATCH_SIZE, base_features: int = BASE_FEATURES) -> None:
     convs = dict(n_conv_per_stage=LIGHT_ENCODER_CONVS, n_conv_per_stage_decoder=LIGHT_DECODER_CONVS) \
         if light_decoder else {}
-    arch_kwargs = plain_unet_arch_kwargs(N_STAGES, base_features=BASE_FEATURES, max_features=MAX_FEATURES,
+    arch_kwargs = plain_unet_arch_kwargs(N_STAGES, base_features=base_features, max_features=MAX_FEATURES,
                                          **convs)
-    plans = make_plans(spacing=list(SPACING), patch_size=list(PATCH_SIZE), arch_kwargs=arch_kwargs,
+    plans = make_plans(spacing=list(SPACING), patch_size=list(patch_size), arch_kwargs=arch_kwargs,
                        intensity_properties=intensity_properties, dataset_name="Dataset001_Phantoms",
                        median_shape=median_shape)
     dataset_json = make_dataset_json({"background": 0, "lesion": 1}, num_training=n_cases)
@@ -296,21 +328,22 @@ def crop_patch(array: np.ndarray, start: np.ndarray, patch: tuple[int, ...], fil
     return out
 
 
-def patch_start_around(centre: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Start of a PATCH_SIZE patch around `centre`, shifted by up to a quarter patch on each axis (so the
+def patch_start_around(centre: np.ndarray, rng: np.random.Generator, patch_size=PATCH_SIZE) -> np.ndarray:
+    """Start of a `patch_size` patch around `centre`, shifted by up to a quarter patch on each axis (so the
     voxel is not always in the middle, and always inside)."""
-    patch = np.array(PATCH_SIZE)
+    patch = np.array(patch_size)
     return centre - patch // 2 + rng.integers(-patch // 4, patch // 4 + 1)
 
 
-def sample_batch(cases: list[dict], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """BATCH_SIZE patches: FOREGROUND_FRACTION centred (with jitter) on a lesion voxel,
+def sample_batch(cases: list[dict], rng: np.random.Generator, patch_size=PATCH_SIZE,
+                 batch_size: int = BATCH_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_size` patches: FOREGROUND_FRACTION centred (with jitter) on a lesion voxel,
     HARD_NEGATIVE_FRACTION on a voxel of a lesion look-alike tissue, the rest anywhere."""
-    patch = np.array(PATCH_SIZE)
+    patch = np.array(patch_size)
     with_lesions = [i for i, c in enumerate(cases) if c["lesions"]]
     with_negatives = [i for i, c in enumerate(cases) if c.get("hard_negatives")]
     images, labels = [], []
-    for _ in range(BATCH_SIZE):
+    for _ in range(batch_size):
         draw = rng.random()
         if with_lesions and draw < FOREGROUND_FRACTION:
             case = cases[with_lesions[rng.integers(len(with_lesions))]]
@@ -319,20 +352,20 @@ def sample_batch(cases: list[dict], rng: np.random.Generator) -> tuple[torch.Ten
                 centre = lesion[rng.integers(len(lesion))]
             else:
                 centre = case["lesion_voxels"][rng.integers(len(case["lesion_voxels"]))]
-            start = patch_start_around(centre, rng)
+            start = patch_start_around(centre, rng, patch_size)
         elif with_negatives and draw < FOREGROUND_FRACTION + HARD_NEGATIVE_FRACTION:
             case = cases[with_negatives[rng.integers(len(with_negatives))]]
             voxels = case["hard_negatives"][rng.integers(len(case["hard_negatives"]))]
             centre = voxels[rng.integers(len(voxels))]
-            start = patch_start_around(centre, rng)
+            start = patch_start_around(centre, rng, patch_size)
         else:
             case = cases[rng.integers(len(cases))]
             shape = np.array(case["image"].shape)
             # anywhere, the patch may stick out by up to a quarter (the sliding window pads too)
             low, high = -patch // 4, np.maximum(shape - patch + patch // 4, -patch // 4)
             start = np.array([rng.integers(lo, hi + 1) for lo, hi in zip(low, high)])
-        image = crop_patch(case["image"], start, PATCH_SIZE, 0).astype(np.float32)
-        label = crop_patch(case["label"], start, PATCH_SIZE, 0)
+        image = crop_patch(case["image"], start, tuple(patch_size), 0).astype(np.float32)
+        label = crop_patch(case["label"], start, tuple(patch_size), 0)
         for axis in range(3):
             if rng.random() < 0.5:
                 image, label = np.flip(image, axis), np.flip(label, axis)
@@ -368,10 +401,11 @@ def deep_supervision_loss(outputs, target: torch.Tensor) -> torch.Tensor:
     return total / sum(weights)
 
 
-def forward_loss(forward, images: torch.Tensor, labels: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """The deep-supervision loss of one batch. With bf16 the forward pass runs under CPU autocast and the loss
+def forward_loss(forward, images: torch.Tensor, labels: torch.Tensor, bf16: bool,
+                 device_type: str = "cpu") -> torch.Tensor:
+    """The deep-supervision loss of one batch. With bf16 the forward pass runs under autocast and the loss
     in fp32, as AMP does: a bf16 sum over 4 x 32^3 voxels keeps only 8 bits of mantissa."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
         outputs = forward(images)
     return deep_supervision_loss([output.float() for output in outputs], labels)
 
@@ -421,12 +455,14 @@ def train(network, cases: list[dict], out_dir: Path, args, deadline: float, log:
     budget = trained_before + max(1.0, deadline - start)  # seconds of training in all
     last_save, losses = time.time(), []
     network.train()
+    device = torch.device(args.device)
+    patch, batch_size = tuple(args.patch), args.batch_size
     forward = network
     if args.compile:
         forward = torch.compile(network)
         try:  # compiles now: needs a C++ compiler, which a bare machine may lack
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                forward(sample_batch(cases, np.random.default_rng(0))[0])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                forward(sample_batch(cases, np.random.default_rng(0), patch, batch_size)[0].to(device))
         except Exception as error:  # noqa: BLE001 - any compiler failure: train eagerly instead
             print(f"warning: torch.compile failed ({type(error).__name__}); training eagerly", file=sys.stderr)
             forward = network
@@ -440,8 +476,9 @@ def train(network, cases: list[dict], out_dir: Path, args, deadline: float, log:
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(progress, step, args.learning_rate)
-        images, labels = sample_batch(cases, rng)
-        loss = forward_loss(forward, images, labels, args.bf16)
+        images, labels = sample_batch(cases, rng, patch, batch_size)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        loss = forward_loss(forward, images, labels, args.bf16, device.type)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gradient_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
@@ -473,6 +510,9 @@ def main(argv=None) -> int:
     deadline = wall_start + args.minutes * 60 - 20  # keep 20 s to write the folder
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: this torch build or machine has no CUDA device")
     np.random.seed(args.seed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -482,25 +522,29 @@ def main(argv=None) -> int:
            "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "cases": args.cases, "threads": args.threads, "precision": "bf16 autocast" if args.bf16 else "fp32",
            "learning_rate": args.learning_rate, "light_decoder": args.light_decoder,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "patch_size": list(args.patch), "base_features": args.base_features, "batch_size": args.batch_size,
+           "workers": args.workers,
            "patch_fractions": {
                "lesion": FOREGROUND_FRACTION, "hard_negative": HARD_NEGATIVE_FRACTION,
                "random": round(1 - FOREGROUND_FRACTION - HARD_NEGATIVE_FRACTION, 3)}, "loss_curve": []}
     try:
-        cases = generate_cropped_cases(args.seed, args.cases, work_dir / "raw")
+        cases = generate_cropped_cases(args.seed, args.cases, work_dir / "raw", args.workers)
         log["generate_seconds"] = round(time.time() - wall_start, 1)
         properties = foreground_intensity_properties(work_dir / "raw", cases, args.seed)
         cropped_mm = np.array([[n * s for n, s in zip(c["cropped_shape"], c["spacing"])] for c in cases])
         median_shape = [int(round(m / s)) for m, s in zip(np.median(cropped_mm, axis=0), SPACING)]
         # an untrained folder in the work dir, only so that preprocessing runs through the engine's loader
-        write_folder(work_dir / "init_model", properties, median_shape, args.cases, weights=None,
-                     light_decoder=args.light_decoder)
+        shape_kwargs = dict(light_decoder=args.light_decoder, patch_size=tuple(args.patch),
+                            base_features=args.base_features)
+        write_folder(work_dir / "init_model", properties, median_shape, args.cases, weights=None, **shape_kwargs)
         model = load_model(work_dir / "init_model", device="cpu")
         prepared = preprocess_cases(work_dir / "raw", work_dir / "cache", cases, model)
         log["prepare_seconds"] = round(time.time() - wall_start, 1)
         network = build_network(read_model_config(work_dir / "init_model"))
         network.decoder.deep_supervision = True  # training only; the saved weights are the same
-        network = network.to(memory_format=torch.channels_last_3d)
-        if args.bf16:
+        network = network.to(device, memory_format=torch.channels_last_3d)
+        if args.bf16 and device.type == "cpu":  # the NaN it avoids is oneDNN's (CPU) bf16 weight gradient
             bottleneck_in_fp32(network)
         print(f"{sum(p.numel() for p in network.parameters()) / 1e6:.2f} M parameters; "
               f"{len(prepared)} cases, {sum(bool(c['lesions']) for c in prepared)} with lesions, "
@@ -508,12 +552,13 @@ def main(argv=None) -> int:
               file=sys.stderr)
 
         def save_weights(weights, name):
+            weights = {key: value.detach().cpu() for key, value in weights.items()}  # loadable on any machine
             write_folder(out_dir, properties, median_shape, args.cases, weights, checkpoint_name=name,
-                         light_decoder=args.light_decoder)
+                         **shape_kwargs)
 
         train(network, prepared, out_dir, args, deadline, log, save_weights)
         network.decoder.deep_supervision = False
-        network = network.to(memory_format=torch.contiguous_format)
+        network = network.to("cpu", memory_format=torch.contiguous_format)
         save_weights(network.state_dict(), "checkpoint_final.pth")
         # the run finished: the resume state and the intermediate checkpoint are not part of the model
         for leftover in (out_dir / "training_state.pth", out_dir / "fold_all" / "checkpoint_latest.pth"):
