@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -82,6 +83,18 @@ _CAV_F = np.array([0.0, 0.86, 0.88, 0.86, 0.66, 0.52, 0.42, 0.0], float)
 # vertebra period (body + disc, mm)
 _VERT_T = np.array([-60, 120, 300, 578], float)
 _VERT_P = np.array([17, 20, 27, 34], float)
+
+
+class Station(NamedTuple):
+    """One lymph-node station's cross-section on a slice: an ellipse in patient mm (u, v), the side it is
+    on (0: midline), and whether it takes the groin's subcutaneous fat too."""
+    name: str
+    side: int
+    cu: float
+    cv: float
+    au: float
+    av: float
+    groin: bool = False
 
 
 def _station_ranges(lm):
@@ -474,7 +487,7 @@ class Renderer:
         self._profiles()
         self._make_bowel(rng)
         self._make_template(rng)
-        self.station_t = _station_ranges(self.lm)
+        self.station_t_ranges = _station_ranges(self.lm)
         self._make_normal_nodes(rng)
 
     def _profiles(self):
@@ -500,19 +513,20 @@ class Renderer:
                            fluid=self._bowel_fluid_hu(rng.uniform(0, 1)))
                       for _ in range(int(rng.integers(40, 60)))]
 
-    def _bowel_fluid_hu(self, x):
-        """Water-like fluid (0-20 HU, below any node), or positive oral contrast (150-350 HU); x in [0, 1)."""
-        return 150 + 200 * x if self.p.oral_contrast else 20 * x
+    def _bowel_fluid_hu(self, quantile):
+        """Water-like fluid (0-20 HU, below any node), or positive oral contrast (150-350 HU), at `quantile`
+        (in [0, 1)) of the range."""
+        return 150 + 200 * quantile if self.p.oral_contrast else 20 * quantile
 
     def _make_normal_nodes(self, rng):
         """Normal lymph nodes, as on any CT: 4-9 mm short axis, oval, each with a fatty hilum, scattered
         through the nodal stations. They are not lesions; nodes replaced by tumour are (lesions.py)."""
-        self.node_hu = rng.uniform(35, 60)
-        names = list(self.station_t)
+        self.normal_node_hu = rng.uniform(35, 60)
+        names = list(self.station_t_ranges)
         self.normal_nodes = []
         for _ in range(int(rng.integers(14, 28))):
             name = names[int(rng.integers(len(names)))]
-            lo, hi = self.station_t[name]
+            lo, hi = self.station_t_ranges[name]
             radius = rng.uniform(2.0, 4.5)
             self.normal_nodes.append(dict(
                 station=name, side=int(rng.choice([-1, 1])), t=rng.uniform(lo, hi), fu=rng.uniform(-0.7, 0.7),
@@ -597,34 +611,40 @@ class Renderer:
         self._paint_stations(s, t, self._trunk_stations(k, t))
 
     # --- lymph-node stations ----------------------------------------------------------------------------
+    def _within(self, name, t):
+        lo, hi = self.station_t_ranges[name]
+        return lo <= t <= hi
+
     def _trunk_stations(self, k, t):
-        """The nodal stations crossing this slice, as (name, side, cu, cv, au, av, groin) ellipses in patient
-        mm: fat along the vessels and airways that nodes lie beside (no arms here, so no axillary station)."""
-        lm, within = self.lm, (lambda name: self.station_t[name][0] <= t <= self.station_t[name][1])
-        A, B = float(self.A[k]), float(self.B[k])
+        """The nodal stations crossing this slice: fat along the vessels and airways that nodes lie beside
+        (no arms here, so no axillary station)."""
+        lm, within = self.lm, (lambda name: self._within(name, t))
+        A, B, fat = float(self.A[k]), float(self.B[k]), float(self.fat[k])
         v_pre = float(self.v_s[k] - self.r_vb[k])  # the front of the vertebral body
         stations = []
         for side in (-1, 1):
             if within("cervical"):  # jugular chain, in the carotid sheath fat
-                stations.append(("cervical", side, side * 31, v_pre - 12, 19, 16, False))
+                stations.append(Station("cervical", side, side * 31, v_pre - 12, 19, 16))
             if within("hilar"):
-                stations.append(("hilar", side, side * 0.3 * A * float(self.cav[k]), v_pre - 14, 20, 18, False))
+                stations.append(Station("hilar", side, side * 0.3 * A * float(self.cav[k]), v_pre - 14, 20, 18))
             if within("iliac"):  # along the common, then external iliac vessels
                 x = min(1.0, (t - lm["bifurcation"]) / (lm["femoral_head"] - lm["bifurcation"]))
                 cu, cv = side * (10 + (0.45 * A - 10) * x), (v_pre - 12) * (1 - x) + (-0.45 * B) * x
-                stations.append(("iliac", side, cu - side * 5, cv + 3, 22, 18, False))
-            if within("inguinal") and t < lm["split"]:
-                stations.append(("inguinal", side, side * 0.45 * A, -0.45 * B - 4, 24, 18, True))
-        if within("mediastinal"):  # paratracheal, prevascular, aortopulmonary window, subcarinal
-            stations.append(("mediastinal", 0, -4, v_pre - 32, 34, 28, False))
+                stations.append(Station("iliac", side, cu - side * 5, cv + 3, 22, 18))
+            if within("inguinal") and t < lm["split"]:  # the groin's fat, in front of the muscle wall
+                front = -B * math.sqrt(1 - 0.45 ** 2)  # the muscle's front edge at u = 0.45 A
+                stations.append(Station("inguinal", side, side * 0.45 * A, front - 0.4 * fat, 24,
+                                        0.4 * fat + 6, groin=True))
+        if within("mediastinal"):  # paratracheal, aortopulmonary window, subcarinal
+            stations.append(Station("mediastinal", 0, -4, v_pre - 32, 34, 28))
         if within("retroperitoneal"):  # retrocrural, para-aortic and aortocaval, around the aorta and the IVC
             x = min(1.0, max(0.0, (t - lm["dome_r"]) / 60))
             cu_aorta = 26 - 18 * x
             cv_aorta = (float(self.v_s[k]) - 0.55 * float(self.r_vb[k])) * (1 - x) + (v_pre - 12) * x
-            stations.append(("retroperitoneal", 0, (cu_aorta - 20) / 2, (cv_aorta + v_pre - 10) / 2,
-                             abs(cu_aorta + 20) / 2 + 20, 22, False))
+            stations.append(Station("retroperitoneal", 0, (cu_aorta - 20) / 2, (cv_aorta + v_pre - 10) / 2,
+                                    abs(cu_aorta + 20) / 2 + 20, 22))
         if within("mesenteric"):  # the root of the mesentery, around the superior mesenteric vessels
-            stations.append(("mesenteric", 0, 0, self._mesenteric_v(t, v_pre), 24, 18, False))
+            stations.append(Station("mesenteric", 0, 0, self._mesenteric_v(t, v_pre), 24, 18))
         return stations
 
     def _mesenteric_v(self, t, v_pre):
@@ -633,22 +653,22 @@ class Renderer:
 
     def _paint_stations(self, s, t, stations):
         """Station fat (tissue class only; nodal lesions are centred there), then the normal nodes in it."""
-        for _, _, cu, cv, au, av, groin in stations:
-            s.relabel(s.ellipse(cu, cv, au, av, wobble=0.05), NODAL_FAT, GROIN_FAT if groin else ONLY_FAT)
+        for station in stations:
+            s.relabel(s.ellipse(station.cu, station.cv, station.au, station.av, wobble=0.05), NODAL_FAT,
+                      GROIN_FAT if station.groin else ONLY_FAT)
         for node in self.normal_nodes:
             dt = t - node["t"]
             if abs(dt) >= node["half_length"]:
                 continue
-            station = next((st for st in stations if st[0] == node["station"] and st[1] in (0, node["side"])),
+            station = next((st for st in stations if st.name == node["station"] and st.side in (0, node["side"])),
                            None)
             if station is None:
                 continue
             f = math.sqrt(1 - (dt / node["half_length"]) ** 2)
-            _, _, cu, cv, au, av, _ = station
-            cu, cv = cu + node["fu"] * au, cv + node["fv"] * av
+            cu, cv = station.cu + node["fu"] * station.au, station.cv + node["fv"] * station.av
             a_long, a_short, angle = node["radius"] * node["elongation"] * f, node["radius"] * f, node["angle"]
             region = s.ellipse(cu, cv, a_long, a_short, angle=angle)
-            inside = s.paint(region, self.node_hu, NODE, only=ONLY_NODAL_FAT)
+            inside = s.paint(region, self.normal_node_hu, NODE, only=ONLY_NODAL_FAT)
             if inside is not None and inside.any():  # the fatty hilum, off-centre along the long axis
                 shift = 0.4 * a_long
                 hilum = s.again(region, cu + shift * math.cos(angle), cv + shift * math.sin(angle),
@@ -777,12 +797,13 @@ class Renderer:
             r = 16 * math.sqrt(1 - ((t - tc) / 16) ** 2)
             colon = s.capsule((-0.45 * Ac, v_c - 0.6 * Bc), (0.45 * Ac, v_c - 0.6 * Bc), r)
             wall = s.paint(colon, H["bowel_wall"], BOWEL, only=INSIDE_CAVITY)
-            if wall is not None and r > 4:
-                s.paint(colon, self._faeces(s, colon[0], colon[1]), BOWEL, mask=wall, limit=(1 - 3 / r) ** 2)
+            if wall is not None and r > 4.5:
+                s.paint(colon, self._faeces(s, colon[0], colon[1]), BOWEL, mask=wall, limit=(1 - 3.5 / r) ** 2)
         # --- stomach -----------------------------------------------------------------------------------
         f = _dome(t, lm["stomach"][0], lm["stomach"][0] + 35, lm["stomach"][1])
         if f:
             self._bowel_segment(s, 0.33 * Ac, v_c - 0.3 * Bc, 0.32 * Ac * f, 0.36 * Bc * f, 0.5, "stomach",
+                                # the patient's fluid HU (0-20) as the quantile: the same draw as without contrast
                                 self._bowel_fluid_hu(H["fluid"] / 20) + 15, wall=4.5)
         # --- liver, with the diaphragm over its dome ------------------------------------------------------
         f = _dome(t, lm["dome_r"], lm["dome_r"] + 55, lm["liver_end"], tail=0.7)
@@ -840,7 +861,7 @@ class Renderer:
             s.paint(s.ellipse(-20, v_pre - 10, 12, 9, wobble=0.03), H["vein"], VESSEL)
         if lm["pancreas"][0] < t < lm["pancreas"][1] - 10:
             s.paint(s.capsule((-22, v_pre - 28), (-0.2 * Ac, v_pre - 45), 7), H["vein"], VESSEL)
-        if lm["pancreas"][0] < t < self.station_t["mesenteric"][1]:  # superior mesenteric artery and vein
+        if lm["pancreas"][0] < t < self.station_t_ranges["mesenteric"][1]:  # superior mesenteric artery and vein
             v_sm = self._mesenteric_v(t, v_pre)
             s.paint(s.ellipse(5, v_sm + 2, 3.5, 3.5), H["aorta"], VESSEL, only=ONLY_FAT)
             s.paint(s.ellipse(-7, v_sm, 5, 4.5), H["vein"], VESSEL, only=ONLY_FAT)
@@ -1011,6 +1032,7 @@ class Renderer:
             s.paint(shaft, -40, CORTEX, limit=(8 / 15) ** 2)  # fatty marrow of the shaft
             s.paint(s.ellipse(cu - side * 0.35 * au, cv - 0.55 * av, 5, 5), H["aorta"], VESSEL)
             s.paint(s.ellipse(cu - side * 0.33 * au, cv - 0.55 * av + 9, 6.5, 6), H["vein"], VESSEL)
-            if t <= self.station_t["inguinal"][1]:
-                stations.append(("inguinal", side, cu - side * 0.33 * au, cv - 0.6 * av, 22, 16, True))
+            if self._within("inguinal", t):  # in the subcutaneous fat over the femoral vessels
+                stations.append(Station("inguinal", side, cu - side * 0.33 * au, cv - av - 0.4 * fat, 22,
+                                        0.4 * fat + 6, groin=True))
         self._paint_stations(s, t, stations)

@@ -27,17 +27,18 @@ TISSUE_NAMES = ("air", "skin_subcutaneous_fat", "muscle", "visceral_fat", "lung"
                 "csf", "lesion", "nodal_station_fat", "normal_lymph_node")
 # NODAL_FAT: fat of a lymph-node station (along the great vessels, the airways, the mesenteric root, the
 # iliac and femoral vessels), where nodal lesions are centred; HU of fat. NODE: a normal node (< 10 mm short
-# axis, with its fatty hilum), never a lesion.
+# axis, with its fatty hilum), never labelled (an enlarged node drawn over one replaces it).
 
 LESION_TYPES = {
     # host tissue classes (a lesion is clipped to them), where its centre may lie (default: the hosts),
-    # diameter range (mm), how often the type is drawn, and for clustering types the distance (mm) from an
-    # earlier lesion of the type within which the next one is centred
+    # diameter range (mm), how often the type is drawn; for clustering types the gap (mm) between an earlier
+    # lesion of the type and the next one (surface to surface, both as spheres of their diameters); the
+    # smallest diameter a lesion that does not fit is shrunk to (default: half the range's lower end)
     "liver": dict(hosts=(LIVER,), diameter=(5.0, 80.0), weight=0.30),
     "lung": dict(hosts=(LUNG,), diameter=(3.0, 45.0), weight=0.20),
     # nodal disease: short axis of 10 mm or more, often several enlarged nodes of one station together
     "lymph_node": dict(hosts=(FAT, NODAL_FAT, NODE), centres=(NODAL_FAT,), diameter=(10.0, 40.0), weight=0.20,
-                       cluster_mm=40.0),
+                       cluster_gap_mm=25.0, smallest_mm=10.0),
     "kidney": dict(hosts=(KIDNEY,), diameter=(10.0, 65.0), weight=0.12),
     "bone": dict(hosts=(MARROW,), diameter=(6.0, 35.0), weight=0.10),
     "spleen": dict(hosts=(SPLEEN,), diameter=(6.0, 45.0), weight=0.08),

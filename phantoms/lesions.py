@@ -95,19 +95,21 @@ def _make_lesion(rng, kind, diameter, centre, hu, tissue, spacing, H):
     return int(np.count_nonzero(mask))
 
 
-def _near_earlier(candidates, coarse_shape, coarse_spacing, lesions, kind, steps):
-    """The candidate centres (flat coarse indices) within the type's cluster distance of an earlier lesion
-    of that type (enlarged nodes come several to a station); all of them if none is that close."""
-    reach = LESION_TYPES[kind].get("cluster_mm")
-    earlier = [lesion["centre_index_zyx"] for lesion in lesions if lesion["type"] == kind]
-    if reach is None or not earlier:
-        return candidates
-    points = np.stack(np.unravel_index(candidates, coarse_shape), axis=1) * coarse_spacing
-    centres = np.asarray(earlier, float) / steps * coarse_spacing
-    near = np.zeros(len(candidates), bool)
-    for centre in centres:
-        near |= ((points - centre) ** 2).sum(axis=1) < reach * reach
-    return candidates[near] if near.any() else candidates
+def _near_earlier(pool, coarse_shape, coarse_spacing, lesions, kind, steps, diameter):
+    """The candidate centres (flat coarse indices of `pool`) that put a lesion of `diameter` within the type's
+    cluster gap of an earlier lesion of that type (enlarged nodes come several to a station), surfaces
+    measured as spheres of the diameters; all of them if none is that close."""
+    gap = LESION_TYPES[kind].get("cluster_gap_mm")
+    earlier = [lesion for lesion in lesions if lesion["type"] == kind]
+    if gap is None or not earlier:
+        return pool
+    points = np.stack(np.unravel_index(pool, coarse_shape), axis=1) * coarse_spacing
+    near = np.zeros(len(pool), bool)
+    for lesion in earlier:
+        earlier_mm = np.asarray(lesion["centre_index_zyx"], float) / steps * coarse_spacing
+        reach = gap + (lesion["diameter_mm"] + diameter) / 2
+        near |= ((points - earlier_mm) ** 2).sum(axis=1) < reach * reach
+    return pool[near] if near.any() else pool
 
 
 def place_lesions(rng, patient, hu, tissue, spacing, healthy):
@@ -138,13 +140,14 @@ def place_lesions(rng, patient, hu, tissue, spacing, healthy):
     lesions = []
     for n in range(count):
         kind = first if n == 0 or same_organ else kinds[rng.choice(len(kinds), p=weights)]
-        centres = _near_earlier(candidates[kind], coarse.shape, steps * spacing, lesions, kind, steps)
         lo, hi = LESION_TYPES[kind]["diameter"]
+        smallest = LESION_TYPES[kind].get("smallest_mm", 0.5 * lo)
         if n == 0:
             lo = max(lo, 10.0)  # most cases hold at least one lesion of 10 mm or more
         diameter = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        pool = _near_earlier(candidates[kind], coarse.shape, steps * spacing, lesions, kind, steps, diameter)
         for attempt in range(25):
-            flat = int(centres[rng.integers(centres.size)])
+            flat = int(pool[rng.integers(pool.size)])
             index = np.array(np.unravel_index(flat, coarse.shape)) * steps
             index = np.minimum(index + rng.integers(0, steps), np.array(tissue.shape) - 1)
             voxels = _make_lesion(rng, kind, diameter, index, hu, tissue, spacing, patient.hu)
@@ -153,5 +156,5 @@ def place_lesions(rng, patient, hu, tissue, spacing, healthy):
                                     diameter_mm=round(diameter, 2), centre_index_zyx=[int(i) for i in index]))
                 break
             if attempt % 5 == 4:
-                diameter = max(0.5 * lo, 0.8 * diameter)
+                diameter = max(smallest, 0.8 * diameter)
     return lesions

@@ -219,9 +219,7 @@ def test_enlarged_lymph_nodes_lie_in_nodal_stations_beside_vessels_and_normal_no
     nodal = []
     for index in range(40):
         case = generate_phantom(8, index, healthy=False, with_tissue=True, **geometry)
-        tissue = case.tissue
-        assert (tissue == phantoms.NODAL_FAT).any() and (tissue == phantoms.NODE).any()
-        assert not array(case.label)[tissue == phantoms.NODE].any()  # normal nodes are never lesions
+        assert (case.tissue == phantoms.NODAL_FAT).any() and (case.tissue == phantoms.NODE).any()
         for lesion in case.info["lesions"]:
             if lesion["type"] == "lymph_node":
                 nodal.append((case, lesion))
@@ -244,9 +242,17 @@ def test_enlarged_lymph_nodes_lie_in_nodal_stations_beside_vessels_and_normal_no
 
 def test_clustering_types_draw_their_next_centre_near_an_earlier_lesion():
     from phantoms.lesions import _near_earlier
-    candidates = np.arange(1000)  # a 10 x 10 x 10 coarse grid, 4 mm apart
-    earlier = [dict(type="lymph_node", centre_index_zyx=[0, 0, 0])]
-    near = _near_earlier(candidates, (10, 10, 10), np.array([4.0, 4.0, 4.0]), earlier, "lymph_node", np.ones(3))
-    points = np.stack(np.unravel_index(near, (10, 10, 10)), 1) * 4.0
-    assert len(near) and (np.linalg.norm(points, axis=1) < 40.0).all() and len(near) < 1000
-    assert len(_near_earlier(candidates, (10, 10, 10), np.array([4.0] * 3), earlier, "liver", np.ones(3))) == 1000
+    pool = np.arange(8000)  # a 20 x 20 x 20 coarse grid, 4 mm apart
+    earlier = [dict(type="lymph_node", centre_index_zyx=[0, 0, 0], diameter_mm=20.0)]
+    grid = (20, 20, 20), np.array([4.0, 4.0, 4.0])
+    near = _near_earlier(pool, *grid, earlier, "lymph_node", np.ones(3), diameter=10.0)
+    distance = np.linalg.norm(np.stack(np.unravel_index(near, grid[0]), 1) * 4.0, axis=1)
+    gap = phantoms.LESION_TYPES["lymph_node"]["cluster_gap_mm"]
+    assert 0 < len(near) < 8000 and distance.max() < gap + 15.0 <= distance.max() + 4.0
+    assert len(_near_earlier(pool, *grid, earlier, "liver", np.ones(3), diameter=10.0)) == 8000
+
+
+def test_the_groin_of_a_whole_trunk_scan_has_inguinal_station_fat():
+    case = generate_phantom(0, 7, shape_zyx=(554, 128, 128), spacing_zyx=(1.5, 4.0, 4.0), with_tissue=True)
+    feet_end = case.tissue[:40] if not (case.tissue[:40] == phantoms.AIRWAY).any() else case.tissue[-40:]
+    assert case.info["body_range_mm"][1] > 780 and (feet_end == phantoms.NODAL_FAT).sum() > 100
