@@ -135,7 +135,9 @@ def quality(args) -> int:
     }
     met = {"lesion_dsc": metrics["lesion_dsc_mean"] >= GOALS["lesion_dsc"],
            "lesion_nsd": metrics["lesion_nsd_mean"] >= GOALS["lesion_nsd"],
-           "lymph_node_only_dsc": (metrics["lymph_node_only_dsc_mean"] or 0.0) >= GOALS["lymph_node_only_dsc"],
+           # None (not judged) when the seed drew no case whose lesions are all lymph nodes
+           "lymph_node_only_dsc": None if metrics["lymph_node_only_dsc_mean"] is None
+           else metrics["lymph_node_only_dsc_mean"] >= GOALS["lymph_node_only_dsc"],
            "healthy_fp_volume_ml": metrics["healthy_fp_volume_ml_mean"] <= GOALS["healthy_fp_volume_ml"],
            "healthy_fp_rate": metrics["healthy_fp_rate"] < GOALS["healthy_fp_rate"]}
     by_type = detection_by_type(entries, data / "labels", predictions)
@@ -173,7 +175,7 @@ def quality(args) -> int:
 
 def quality_markdown(result: dict, cases, summary) -> str:
     m, goals, met = result["metrics"], result["goals"], result["goals_met"]
-    mark = {True: "met", False: "NOT met"}
+    mark = {True: "met", False: "NOT met", None: "n/a"}
     lines = [
         "# Default model: quality on synthetic phantoms",
         "",

@@ -7,8 +7,8 @@
 #     OUT=/tmp/gpu bash benchmarks/gpu_benchmarks.sh
 #
 # Runs with the machine's python3 (PYTHON to override), which must have torch with CUDA, pandas,
-# matplotlib, psutil and nvidia-ml-py; the packages it lacks travel in .whl/ (scripts/device_env.sh,
-# scripts/device_wheels.sh; nnU-Net, the peer, too). Results: results/flare_sizes_*,
+# matplotlib, psutil and nvidia-ml-py; the packages it lacks travel in .whl/ (scripts/device_env.sh;
+# scripts/device_wheels.sh packs the engine's; nnU-Net, the peer, needs an archive of its own). Results: results/flare_sizes_*,
 # results/gpu_forward_memory*; tarballs of them and of the harness folders (no masks) land in $OUT.
 set -u
 cd "$(dirname "$0")/.."

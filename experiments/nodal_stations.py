@@ -62,8 +62,9 @@ def nodal_lesion_facts(seed: int, cases: int) -> tuple[dict, dict]:
                          mean_hu=round(float(hu[box][own].mean()), 1))
             for name, tissue_class in (("bowel", bowel), ("vessel", vessel)):
                 present = tissue == tissue_class
-                facts[f"{name}_mm"] = round(float(ndimage.distance_transform_edt(~present, sampling=spacing)[own]
-                                                  .min()), 1) if present.any() else BOX_MM
+                nearest = ndimage.distance_transform_edt(~present, sampling=spacing)[own].min() \
+                    if present.any() else BOX_MM
+                facts[f"{name}_mm"] = round(min(float(nearest), BOX_MM), 1)  # beyond the box: not looked at
             nodes.append(facts)
             if len(crops) < SLICES_SHOWN and all(c["case"] != case.info["case"] for c in crops):
                 z, y, x = centre
@@ -86,7 +87,8 @@ def run_before(commit: str, seed: int, cases: int) -> tuple[dict, dict]:
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(tree), commit], check=True)
         try:
             result = Path(scratch) / "before.json"
-            env = dict(os.environ, PYTHONPATH=str(tree))  # its `phantoms` before the installed one
+            # its `phantoms` before the installed one
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
             subprocess.run([sys.executable, __file__, "--facts-only", str(result), "--seed", str(seed),
                             "--cases", str(cases)], cwd=scratch, env=env, check=True)
             data = json.loads(result.read_text())

@@ -18,8 +18,8 @@ def test_gpu_training_script_trains_scores_and_compares_on_the_cpu(tmp_path):
     done = subprocess.run(["bash", "training/gpu_train.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md", "compare.png", "default.json",
-                                                     "default.md", "gpu.json", "gpu.md", "log.txt", "model.tar.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md", "compare.png", "log.txt",
+                                                     "model.tar.gz", "scores.tar.gz"]
     with tarfile.open(out / "model.tar.gz") as archive:
         names = archive.getnames()
         plans = json.load(archive.extractfile("model_gpu/plans.json"))
@@ -29,9 +29,12 @@ def test_gpu_training_script_trains_scores_and_compares_on_the_cpu(tmp_path):
     assert configuration["patch_size"] == [32, 32, 32]
     assert configuration["architecture"]["arch_kwargs"]["features_per_stage"][:2] == [4, 8]
     assert log["steps"] == 3 and log["workers"] == 2 and log["device"] == "cpu" and log["batch_size"] == 2
-    scores = {name: json.loads((out / f"{name}.json").read_text()) for name in ("gpu", "default")}
+    with tarfile.open(out / "scores.tar.gz") as archive:
+        scores = {name: json.load(archive.extractfile(f"scores/{name}.json")) for name in ("gpu", "default")}
     assert {s["eval_seed"] for s in scores.values()} == {8}
     assert all(s["metrics"]["lesion_cases"] == 1 and s["metrics"]["healthy_cases"] == 1 for s in scores.values())
     compared = json.loads((out / "compare.json").read_text())["runs"]
     assert [run["steps"] for run in compared] == [json.loads((REPO / "models/default/training_log.json")
                                                              .read_text())["steps"], 3]
+    assert compared[1]["label"] == "cpu, 3 steps" and compared[1]["loss_curve"][-1][0] == 3
+    assert "trained:" in (out / "log.txt").read_text() and "scored:" in (out / "log.txt").read_text()

@@ -19,8 +19,9 @@ What it does, in order:
      FOREGROUND_FRACTION of them centred near a lesion voxel and HARD_NEGATIVE_FRACTION on normal tissue
      that looks like a lesion (from the phantoms' tissue map), random flips on all axes and a mild
      intensity jitter, Dice + cross-entropy loss, AdamW with a poly learning-rate decay over the time
-     budget (or over --steps), batch size 4, torch.set_num_threads(--threads); with --bf16 the forward
-     pass runs under bf16 autocast (worth it only on a CPU with bf16 instructions, e.g. AVX512_BF16);
+     budget (or over --steps), batch size 4 (--batch-size), torch.set_num_threads(--threads); with --bf16
+     the forward pass runs under bf16 autocast (on a CPU worth it only with bf16 instructions, e.g.
+     AVX512_BF16);
   5. writes fold_all/checkpoint_final.pth at the end, and fold_all/checkpoint_latest.pth every
      --save-every minutes (so a crash loses little; --resume continues from it).
 
@@ -41,8 +42,9 @@ import shutil
 import sys
 import tempfile
 import time
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 # Set before torch starts OpenMP: on a shared 2-core machine, spinning worker threads waste the time
@@ -53,7 +55,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from phantoms import BOWEL, CSF, MUSCLE, NODE, ORGAN, VESSEL, generate_phantom
+from phantoms import BOWEL, CSF, GENERATOR_VERSION, MUSCLE, NODE, ORGAN, VESSEL, generate_phantom
 from flare_common.machine import cpu_model
 from inference.model import load_model
 from inference.model.folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,
@@ -102,7 +104,7 @@ LESION_UNIFORM_SHARE = 0.5
 # oesophagus in the neck as lesions in every healthy phantom (51 ml a case): random patches rarely land
 # there. The phantoms' tissue map says where these tissues are; a class is drawn first, then a voxel,
 # so that small ones (the spinal canal inside a vertebra, a lytic-lesion look-alike) are seen too. Normal
-# lymph nodes (generator version 2: small, with a fatty hilum, beside the enlarged ones) are one such class.
+# lymph nodes (generator version 2: small, with a fatty hilum, in the same stations as enlarged ones) are one.
 HARD_NEGATIVE_FRACTION = 0.25
 HARD_NEGATIVE_TISSUES = (BOWEL, ORGAN, VESSEL, MUSCLE, CSF, NODE)
 HARD_NEGATIVES_PER_TISSUE = 2000      # voxels kept per tissue class and case
@@ -188,8 +190,8 @@ def cropped_phantom(seed: int, index: int, raw_dir: Path) -> tuple[dict, np.ndar
     box = crop_box(array, spacing, PredictionSettings())
     np.save(stem.with_name(stem.name + "_image.npy"), np.ascontiguousarray(array[box]))
     np.save(stem.with_name(stem.name + "_label.npy"), np.ascontiguousarray(label[box] > 0))
-    meta = {"index": index, "spacing": list(spacing), "shape": list(array.shape),
-            "cropped_shape": [s.stop - s.start for s in box],
+    meta = {"index": index, "generator_version": GENERATOR_VERSION, "spacing": list(spacing),
+            "shape": list(array.shape), "cropped_shape": [s.stop - s.start for s in box],
             "lesions": [[les["type"], les["diameter_mm"]] for les in phantom.info["lesions"]]}
     return meta, np.ascontiguousarray(phantom.tissue[box])
 
@@ -201,17 +203,26 @@ def generate_cropped_cases(seed: int, n_cases: int, raw_dir: Path, workers: int 
     workers gives the same files."""
     raw_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 11])
-    done = {index: json.loads((raw_dir / f"case_{index:04d}.json").read_text())
-            for index in range(n_cases) if (raw_dir / f"case_{index:04d}.json").exists()}  # a resumed run
+    done = {}
+    for index in range(n_cases):  # a resumed run: the cases already made by this generator
+        meta_path = raw_dir / f"case_{index:04d}.json"
+        if meta_path.exists() and json.loads(meta_path.read_text()).get("generator_version") == GENERATOR_VERSION:
+            done[index] = json.loads(meta_path.read_text())
     todo = [index for index in range(n_cases) if index not in done]
-    with ProcessPoolExecutor(workers) if workers > 1 and todo else nullcontext() as pool:
-        made = pool.map(cropped_phantom, *zip(*[(seed, i, raw_dir) for i in todo])) if pool else \
-            (cropped_phantom(seed, i, raw_dir) for i in todo)
+    pool = None
+    if workers > 1 and len(todo) > 1:  # forkserver: no fork of a process that may hold a CUDA context
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    try:
+        made = pool.map(partial(cropped_phantom, seed, raw_dir=raw_dir), todo) if pool else \
+            (cropped_phantom(seed, index, raw_dir) for index in todo)
         for meta, tissue in tqdm(made, total=len(todo), desc="phantoms", unit="case"):
             stem = raw_dir / f"case_{meta['index']:04d}"
             np.save(stem.with_name(stem.name + "_negatives.npy"), hard_negative_voxels(tissue, rng))
             stem.with_suffix(".json").write_text(json.dumps(meta))
             done[meta["index"]] = meta
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)  # after a failure, the queued phantoms are not made
     return [done[index] for index in range(n_cases)]
 
 
@@ -404,7 +415,7 @@ def deep_supervision_loss(outputs, target: torch.Tensor) -> torch.Tensor:
 def forward_loss(forward, images: torch.Tensor, labels: torch.Tensor, bf16: bool,
                  device_type: str = "cpu") -> torch.Tensor:
     """The deep-supervision loss of one batch. With bf16 the forward pass runs under autocast and the loss
-    in fp32, as AMP does: a bf16 sum over 4 x 32^3 voxels keeps only 8 bits of mantissa."""
+    in fp32, as AMP does: a bf16 sum over a batch's voxels keeps only 8 bits of mantissa."""
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
         outputs = forward(images)
     return deep_supervision_loss([output.float() for output in outputs], labels)
@@ -445,7 +456,7 @@ def train(network, cases: list[dict], out_dir: Path, args, deadline: float, log:
     state_path = out_dir / "training_state.pth"
     step, trained_before = 0, 0.0
     if args.resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, map_location=args.device, weights_only=False)
         network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         step, trained_before = state["step"], state["elapsed"]
@@ -498,6 +509,8 @@ def train(network, cases: list[dict], out_dir: Path, args, deadline: float, log:
             save_latest(state_path, network, optimizer, step, elapsed, rng.bit_generator.state, save_weights)
             last_save = time.time()
     bar.close()
+    if losses and (not log["loss_curve"] or log["loss_curve"][-1][0] != step):  # the curve ends at the last step
+        log["loss_curve"].append([step, round(trained_before + time.time() - start, 1), float(np.mean(losses[-50:]))])
     log["steps"] = step
     log["skipped_steps"] = skipped
     log["train_seconds"] = round(trained_before + time.time() - start, 1)
@@ -535,9 +548,10 @@ def main(argv=None) -> int:
         cropped_mm = np.array([[n * s for n, s in zip(c["cropped_shape"], c["spacing"])] for c in cases])
         median_shape = [int(round(m / s)) for m, s in zip(np.median(cropped_mm, axis=0), SPACING)]
         # an untrained folder in the work dir, only so that preprocessing runs through the engine's loader
-        shape_kwargs = dict(light_decoder=args.light_decoder, patch_size=tuple(args.patch),
-                            base_features=args.base_features)
-        write_folder(work_dir / "init_model", properties, median_shape, args.cases, weights=None, **shape_kwargs)
+        architecture_kwargs = dict(light_decoder=args.light_decoder, patch_size=tuple(args.patch),
+                                   base_features=args.base_features)
+        write_folder(work_dir / "init_model", properties, median_shape, args.cases, weights=None,
+                     **architecture_kwargs)
         model = load_model(work_dir / "init_model", device="cpu")
         prepared = preprocess_cases(work_dir / "raw", work_dir / "cache", cases, model)
         log["prepare_seconds"] = round(time.time() - wall_start, 1)
@@ -554,7 +568,7 @@ def main(argv=None) -> int:
         def save_weights(weights, name):
             weights = {key: value.detach().cpu() for key, value in weights.items()}  # loadable on any machine
             write_folder(out_dir, properties, median_shape, args.cases, weights, checkpoint_name=name,
-                         **shape_kwargs)
+                         **architecture_kwargs)
 
         train(network, prepared, out_dir, args, deadline, log, save_weights)
         network.decoder.deep_supervision = False
