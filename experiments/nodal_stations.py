@@ -97,6 +97,10 @@ def run_before(commit: str, seed: int, cases: int) -> tuple[dict, dict]:
     return data["summary"], data["shown"]
 
 
+def median(values: list[float]) -> float | None:
+    return round(float(np.median(values)), 1) if values else None
+
+
 def describe(summary: dict) -> dict:
     nodes = summary["lymph_nodes"]
 
@@ -105,12 +109,12 @@ def describe(summary: dict) -> dict:
     return dict(generator_version=summary["generator_version"], lesions=sum(summary["lesion_types"].values()),
                 lesion_types=summary["lesion_types"], lymph_node_only_cases=summary["lymph_node_only_cases"],
                 lymph_nodes=len(nodes),
-                median_diameter_mm=float(np.median([n["diameter_mm"] for n in nodes])) if nodes else None,
-                median_mean_hu=float(np.median([n["mean_hu"] for n in nodes])) if nodes else None,
+                median_diameter_mm=median([n["diameter_mm"] for n in nodes]),
+                median_mean_hu=median([n["mean_hu"] for n in nodes]),
                 bowel_within_5mm=share(lambda n: n["bowel_mm"] <= BOWEL_NEAR_MM),
                 vessel_within_15mm=share(lambda n: n["vessel_mm"] <= VESSEL_NEAR_MM),
-                median_bowel_mm=float(np.median([n["bowel_mm"] for n in nodes])) if nodes else None,
-                median_vessel_mm=float(np.median([n["vessel_mm"] for n in nodes])) if nodes else None)
+                median_bowel_mm=median([n["bowel_mm"] for n in nodes]),
+                median_vessel_mm=median([n["vessel_mm"] for n in nodes]))
 
 
 def markdown(before: dict, after: dict, args, figure: str) -> str:
