@@ -9,7 +9,7 @@ from experiments.compare_training_runs import main
 def write_run(folder, name, dsc, seed=8, steps=100, per_case=()):
     metrics = dict(lesion_cases=4, healthy_cases=2, lesion_dsc_mean=dsc, lesion_dsc_median=dsc,
                    lesion_nsd_mean=dsc / 2, lesion_recall_mean=0.5, lesion_precision_mean=0.25,
-                   healthy_fp_volume_ml_mean=12.5, healthy_fp_rate=1.0)
+                   lymph_node_only_dsc_mean=0.3, healthy_fp_volume_ml_mean=12.5, healthy_fp_rate=1.0)
     validation, log = folder / f"{name}_validation.json", folder / f"{name}_log.json"
     rows = [{"case": case, "Lesion_DSC": value, "gt_lesions": 0 if case.startswith("healthy") else 1}
             for case, value in per_case]
@@ -27,7 +27,7 @@ def test_runs_are_tabled_and_plotted(tmp_path):
                  "--run", "two hours", *write_run(tmp_path, "b", 0.5, steps=200, per_case=after),
                  "--out", str(out)]) == 0
     table = out.with_suffix(".md").read_text()
-    assert "| one hour | 100 | 10.0 | 0.750 | 0.400 | 0.400 | 0.200 | 0.500 | 0.250 | 12.500 | 1.000 |" in table
+    assert "| one hour | 100 | 10.0 | 0.750 | 0.400 | 0.400 | 0.200 | 0.500 | 0.250 | 0.300 | 12.500 | 1.000 |" in table
     assert "| two hours | 200 |" in table and "`train_default.py --out b`" in table
     # the healthy case is not a lesion case; s.e. = std(0.3, 0, -0.1) / sqrt(3) = 0.2082 / 1.732
     assert "| two hours | 3 | +0.067 | 0.120 | 1 / 1 |" in table
