@@ -117,15 +117,15 @@ def place_lesions(rng, patient, hu, tissue, spacing, healthy):
     if healthy:
         return []
     spacing = np.asarray(spacing, float)
-    steps = np.maximum(1, np.round(4.0 / spacing)).astype(int)  # host voxels are sampled every ~4 mm
+    steps = np.maximum(1, np.round(4.0 / spacing)).astype(int)  # centre voxels are sampled every ~4 mm
     coarse = tissue[::steps[0], ::steps[1], ::steps[2]]
     coarse_ml = float(np.prod(steps * spacing)) / 1000
     any_centre = tissue_lut(*{c for spec in LESION_TYPES.values() for c in spec.get("centres", spec["hosts"])})
-    hosts = np.flatnonzero(any_centre[coarse])
-    host_class = coarse[np.unravel_index(hosts, coarse.shape)]
+    centre_voxels = np.flatnonzero(any_centre[coarse])
+    centre_class = coarse[np.unravel_index(centre_voxels, coarse.shape)]
     candidates = {}
     for kind, spec in LESION_TYPES.items():
-        found = hosts[tissue_lut(*spec.get("centres", spec["hosts"]))[host_class]]
+        found = centre_voxels[tissue_lut(*spec.get("centres", spec["hosts"]))[centre_class]]
         if found.size * coarse_ml >= (5.0 if kind in ("kidney", "bone", "spleen") else 20.0):
             candidates[kind] = found
     if not candidates:
