@@ -32,10 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("FLARE_IMAGE", "").removesuffix(":latest")
 RUN_TIMEOUT_S = 600
 # A phantom small enough for seconds of CPU network time (24 x 64 x 64 voxels at 5 x 3 x 3 mm), with lesions
-# the default model finds (host DSC 0.72 on this case).
-PHANTOM_ARGS = ["--cases", "2", "--seed", "7", "--shape", "24", "64", "64", "--spacing", "5", "3", "3",
+# the default model finds (host DSC 0.83 on this case; on such small field-of-view crops of a trunk it misses
+# others: seed 7's cases 0-7 score 0.0-0.83).
+PHANTOM_ARGS = ["--cases", "6", "--seed", "7", "--shape", "24", "64", "64", "--spacing", "5", "3", "3",
                 "--healthy-fraction", "0", "--no-progress"]
-PHANTOM_CASE = "phantom_0001"
+PHANTOM_CASE = "phantom_0005"
 # What `podman diff` may report after a run: the mount points the engine's folders are bound to.
 MOUNT_POINTS = {"/etc", "/workspace", "/workspace/inputs", "/workspace/outputs"}
 
@@ -115,7 +116,7 @@ def assert_mask_is_the_engines(workdir: Path, phantom) -> None:
     host = sitk.GetArrayFromImage(sitk.ReadImage(str(host_mask_path)))
     assert np.array_equal(array, host), f"differs from the host engine's mask in {(array != host).sum()} voxels"
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path))) > 0
-    assert dice(array > 0, truth) > 0.5  # the default model finds this phantom's lesions (0.72 on the host)
+    assert dice(array > 0, truth) > 0.5  # the default model finds this phantom's lesions (0.83 on the host)
     assert sorted(p.name for p in (workdir / "inputs").iterdir()) == [image_path.name]
 
 
