@@ -27,14 +27,19 @@ ensure_podman() {
     || { container_say "apt-get could not install podman"; return 1; }
 }
 
-# The Docker-compatible API of podman on a socket of our own; a no-op when DOCKER_HOST already answers.
+# The Docker-compatible API of podman on a socket of our own, started afresh each time: a service left
+# running by an earlier run answered the docker client's attach with HTTP 409 ("unable to upgrade to tcp")
+# on every later run (podman 4.3, 2026-12-01), while a fresh one worked.
 start_docker_api() {
   local socket=${PODMAN_DOCKER_SOCKET:-/run/flare-podman/docker.sock}
   export DOCKER_HOST=unix://$socket
-  if command -v docker > /dev/null && docker version > /dev/null 2>&1; then return 0; fi
+  if [ -f "$socket.pid" ]; then
+    kill "$(cat "$socket.pid")" 2>/dev/null
+    rm -f "$socket.pid"
+  fi
   mkdir -p "$(dirname "$socket")"
   rm -f "$socket"
-  # --time=0: serve until killed; it is left running for later runs (a second start reuses it).
+  # --time=0: serve until killed; it is left running after this run (the next start replaces it).
   nohup podman system service --time=0 "unix://$socket" > "$(dirname "$socket")/service.log" 2>&1 &
   echo $! > "$socket.pid"
   local tries
