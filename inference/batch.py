@@ -54,6 +54,17 @@ def write_case(mask: sitk.Image, output: Path, report: CaseReport, started: floa
     return report
 
 
+def completed(function, *args) -> Future:
+    """`function(*args)` run now, as a finished Future: its result, or the exception raised again where the
+    result is waited for (the sequential loop goes through the pipelined loop's code)."""
+    done: Future = Future()
+    try:
+        done.set_result(function(*args))
+    except Exception as err:
+        done.set_exception(err)
+    return done
+
+
 def compute_case(image_future: Future, model, settings: PredictionSettings, started: float
                  ) -> tuple[sitk.Image, CaseReport]:
     """Wait for the case's image (the wait is its "read" stage), then predict its mask."""
@@ -78,14 +89,7 @@ def predict_cases(cases: Sequence[Path], outputs: dict[Path, Path], model, setti
             reads.append(reader.submit(read_case, cases[index]))
 
     def image_of(path: Path) -> Future:
-        if reader is not None:
-            return reads.popleft()
-        done: Future = Future()
-        try:
-            done.set_result(read_case(path))
-        except Exception as err:  # raised again where the read is waited for
-            done.set_exception(err)
-        return done
+        return reads.popleft() if reader is not None else completed(read_case, path)
 
     writing: tuple[Path, Future] | None = None  # the previous case's mask, being written
 
@@ -114,15 +118,8 @@ def predict_cases(cases: Sequence[Path], outputs: dict[Path, Path], model, setti
                 continue
             if (previous := finish_writing()) is not None:  # one mask in flight at a time
                 yield previous
-            if writer is None:
-                future: Future = Future()
-                try:
-                    future.set_result(write_case(mask, outputs[path], report, started))
-                except Exception as err:
-                    future.set_exception(err)
-            else:
-                future = writer.submit(write_case, mask, outputs[path], report, started)
-            writing = (path, future)
+            submit = writer.submit if writer is not None else completed
+            writing = (path, submit(write_case, mask, outputs[path], report, started))
             del mask
         if (previous := finish_writing()) is not None:
             yield previous
