@@ -206,8 +206,9 @@ def generate_cropped_cases(seed: int, n_cases: int, raw_dir: Path, workers: int 
     done = {}
     for index in range(n_cases):  # a resumed run: the cases already made by this generator
         meta_path = raw_dir / f"case_{index:04d}.json"
-        if meta_path.exists() and json.loads(meta_path.read_text()).get("generator_version") == GENERATOR_VERSION:
-            done[index] = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if meta.get("generator_version") == GENERATOR_VERSION:
+            done[index] = meta
     todo = [index for index in range(n_cases) if index not in done]
     pool = None
     if workers > 1 and len(todo) > 1:  # forkserver: no fork of a process that may hold a CUDA context
