@@ -32,6 +32,7 @@ class CaseResult:
     output: Path
     report: CaseReport | None = None
     error: str | None = None
+    worker: int | None = None  # the process that computed it, where that is not this one (Ray)
 
 
 def error_line(path: Path, err: Exception) -> str:

@@ -11,7 +11,9 @@ import os
 import signal
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import SimpleITK as sitk
 from tqdm import tqdm
@@ -216,12 +218,14 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
         report["cases"][path.name] = {"error": reason}
         if args.on_error == "empty":
             write_empty_mask(path, outputs[path])
-    if args.ray is not None:
-        failures += run_cases_on_ray(scan.cases, outputs, settings, args, report, done)
-    else:
-        with logging_redirect_tqdm():  # log lines print above the bar, not through it
-            failures += run_cases(scan.cases, outputs, model, settings, args, report, done,
-                                  show_bar=on_terminal and len(scan.cases) > 1)
+    todo = [path for path in scan.cases if not (args.skip_existing and outputs[path].exists())]
+    try:
+        with closing(case_results(todo, outputs, model, settings, args)) as results, logging_redirect_tqdm():
+            failures += record_results(results, len(todo), args, report, done,
+                                       show_bar=on_terminal and len(todo) > 1)
+    except ModelError as err:  # --ray: Ray missing, or no cluster at the address
+        log.error("error: %s", err)
+        return 2
     if args.timings:
         Path(args.timings).write_text(json.dumps(report, indent=2))
     if failures:
@@ -229,14 +233,27 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
     return 1 if failures else 0
 
 
-def run_cases(cases: list[Path], outputs: dict[Path, Path], model, settings: PredictionSettings,
-              args: argparse.Namespace, report: dict, done: list[str], show_bar: bool) -> int:
-    """Predict every case (pipelined unless --sequential; batch.py), each failure its own; returns the number
-    of failed cases."""
-    todo = [path for path in cases if not (args.skip_existing and outputs[path].exists())]
+def case_results(todo: list[Path], outputs: dict[Path, Path], model, settings: PredictionSettings,
+                 args: argparse.Namespace) -> Iterator[batch.CaseResult]:
+    """Each case's result as its mask is written or it fails: on Ray workers with --ray (scale_out.py, the only
+    place Ray is imported), else in this process, pipelined unless --sequential (batch.py)."""
+    if args.ray is None:
+        return batch.predict_cases(todo, outputs, model, settings, pipelined=not args.sequential)
+    from .scale_out import Journal, default_journal, predict_on_ray
+
+    model_args = dict(model_dir=args.model, folds=args.folds, checkpoint_name=args.checkpoint,
+                      device=args.device, configuration=args.configuration, backend=args.backend)
+    journal = Journal(Path(args.journal) if args.journal else default_journal(args.output))
+    return predict_on_ray(todo, outputs, model_args, settings, args.ray or None, args.ray_cpus, journal,
+                          max_workers=args.ray_workers)
+
+
+def record_results(results: Iterable[batch.CaseResult], total: int, args: argparse.Namespace, report: dict,
+                   done: list[str], show_bar: bool) -> int:
+    """Log and report each result, with an empty mask for a failed case under --on-error empty; returns the
+    number of failed cases. The one place results are handled, wherever the cases ran."""
     failures = 0
-    results = batch.predict_cases(todo, outputs, model, settings, pipelined=not args.sequential)
-    for result in tqdm(results, total=len(todo), desc="cases", unit="case", disable=not show_bar):
+    for result in tqdm(results, total=total, desc="cases", unit="case", disable=not show_bar):
         path = result.path
         if result.error is not None:
             failures += 1
@@ -247,22 +264,7 @@ def run_cases(cases: list[Path], outputs: dict[Path, Path], model, settings: Pre
             continue
         done.append(path.name)
         report["cases"][path.name] = result.report.as_dict()
-        log.info("%s: %.2f s (%s)", io.case_id(path), result.report.seconds["total"],
+        where = f" on worker {result.worker}" if result.worker is not None else ""
+        log.info("%s: %.2f s%s (%s)", io.case_id(path), result.report.seconds["total"], where,
                  format_timings(result.report.seconds))
     return failures
-
-
-def run_cases_on_ray(cases: list[Path], outputs: dict[Path, Path], settings: PredictionSettings,
-                     args: argparse.Namespace, report: dict, done: list[str]) -> int:
-    """--ray: the cases on Ray workers (scale_out.py); Ray is imported only here."""
-    from .scale_out import Journal, default_journal, run_on_ray
-
-    model_args = dict(model_dir=args.model, folds=args.folds, checkpoint_name=args.checkpoint,
-                      device=args.device, configuration=args.configuration, backend=args.backend)
-    journal = Journal(Path(args.journal) if args.journal else default_journal(args.output))
-    try:
-        return run_on_ray(cases, outputs, model_args, settings, args.ray or None, args.ray_cpus, journal, report,
-                          done, max_workers=args.ray_workers)
-    except ModelError as err:
-        log.error("error: %s", err)
-        return len(cases)

@@ -21,8 +21,9 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Iterator
 
 from . import io
 from .batch import CaseResult, predict_cases
@@ -100,29 +101,32 @@ class CaseWorker:
         self.model = load_model(**model_args)
         self.settings = PredictionSettings(**settings)
 
-    def predict(self, cases: list[tuple[str, str]]) -> list[dict]:
+    def predict(self, cases: list[tuple[str, str]]) -> list[CaseResult]:
         paths = [Path(case) for case, _ in cases]
         outputs = {Path(case): Path(output) for case, output in cases}
-        return [outcome(result, os.getpid()) for result in predict_cases(paths, outputs, self.model, self.settings)]
+        return [replace(result, worker=os.getpid())
+                for result in predict_cases(paths, outputs, self.model, self.settings)]
 
 
-def outcome(result: CaseResult, worker: int) -> dict:
-    return {"input": str(result.path), "output": str(result.output), "worker": worker,
+def journal_entry(result: CaseResult) -> dict:
+    return {"input": str(result.path), "output": str(result.output), "worker": result.worker,
             "status": "ok" if result.error is None else "failed", "error": result.error,
-            "report": result.report.as_dict() if result.report is not None else None}
+            "seconds": result.report.seconds.get("total") if result.report is not None else None, "at": time.time()}
 
 
-def run_on_ray(cases: list[Path], outputs: dict[Path, Path], model_args: dict, settings: PredictionSettings,
-               address: str | None, cpus_per_worker: int, journal: Journal, report: dict,
-               done: list[str], max_workers: int | None = None) -> int:
-    """Predict `cases` on Ray workers; returns the number of failed cases. `report` and `done` as the CLI's."""
+def predict_on_ray(cases: list[Path], outputs: dict[Path, Path], model_args: dict, settings: PredictionSettings,
+                   address: str | None, cpus_per_worker: int, journal: Journal,
+                   max_workers: int | None = None) -> Iterator[CaseResult]:
+    """Predict `cases` on Ray workers, yielding each case's result as a worker finishes it (in no fixed
+    order), once the journal has it. Cases the journal records as done, with their mask there, are skipped.
+    Raises ModelError, at the first result asked for, when Ray is missing or does not start."""
     finished = journal.finished()
     todo = [path for path in cases if not (str(path) in finished and outputs[path].exists())]
     if len(todo) < len(cases):
         log.info("journal %s: %d of %d case(s) already done, %d to go", journal.path, len(cases) - len(todo),
                  len(cases), len(todo))
     if not todo:
-        return 0
+        return
     try:
         ray = start_ray(address)
     except ImportError:
@@ -141,23 +145,11 @@ def run_on_ray(cases: list[Path], outputs: dict[Path, Path], model_args: dict, s
                  "one GPU" if "num_gpus" in resources else f"{resources['num_cpus']} core(s)", len(todo))
         tasks = [[(str(path), str(outputs[path])) for path in todo[start:start + CASES_PER_TASK]]
                  for start in range(0, len(todo), CASES_PER_TASK)]
-        failures = 0
         pool = ActorPool(workers)
         for results in pool.map_unordered(lambda worker, task: worker.predict.remote(task), tasks):
-            for entry in results:
-                journal.record({key: entry[key] for key in ("input", "output", "status", "error", "worker")}
-                               | {"seconds": (entry["report"] or {}).get("total"), "at": time.time()})
-                path = Path(entry["input"])
-                if entry["status"] != "ok":
-                    failures += 1
-                    log.error("error: %s", entry["error"])
-                    report["cases"][path.name] = {"error": entry["error"]}
-                    continue
-                done.append(path.name)
-                report["cases"][path.name] = entry["report"]
-                seconds = {k: v for k, v in entry["report"].items() if isinstance(v, float)}
-                log.info("%s: %.2f s on worker %d", io.case_id(path), seconds.get("total", 0.0), entry["worker"])
-        return failures
+            for result in results:
+                journal.record(journal_entry(result))
+                yield result
     finally:
         ray.shutdown()
         remove_partials(next(iter(outputs.values())).parent)

@@ -119,3 +119,35 @@ def test_ray_workers_survive_a_killed_worker_and_a_rerun_resumes(folder, tmp_pat
     rerun = run_cli(*args)
     _, stderr = rerun.communicate(timeout=300)
     assert "5 of 6 case(s) already done, 1 to go" in stderr  # only the broken case is tried again
+
+
+@pytest.mark.parametrize("where", ["this process", "ray"])
+def test_on_error_empty_and_skip_existing_hold_wherever_the_cases_run(folder, tmp_path, where):
+    if where == "ray" and importlib.util.find_spec("ray") is None:
+        pytest.skip("ray is not installed (pip install '.[ray]')")
+    root, _, model_dir = folder
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    out.mkdir()
+    sitk.WriteImage(make_ct_image(shape_zyx=(20, 48, 48), seed=1), str(images / "good_0000.nii.gz"))
+    kept = make_ct_image(shape_zyx=(20, 48, 48), seed=2)
+    sitk.WriteImage(kept, str(images / "kept_0000.nii.gz"))
+    ones = sitk.Cast(kept * 0 + 1, sitk.sitkUInt8)  # a mask no engine would predict: it must stay as it is
+    sitk.WriteImage(ones, str(out / "kept.nii.gz"))
+    # 60 mm voxels: refused (8000x up-sampling to the model's 3 mm) after a readable header
+    sitk.WriteImage(make_ct_image(shape_zyx=(4, 8, 8), spacing_xyz=(60.0, 60.0, 60.0)), str(images / "coarse_0000.nii.gz"))
+    args = ["-i", images, "-o", out, "-m", model_dir, "--device", "cpu", "--on-error", "empty", "--skip-existing"]
+    if where == "ray":
+        args += ["--ray", "--ray-workers", "1", "--journal", tmp_path / "run.journal.jsonl"]
+    _, stderr = (process := run_cli(*args)).communicate(timeout=300)
+    assert process.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    assert [line.split(": ")[0] for line in stderr.splitlines() if line.startswith(("error", "warning"))] == [
+        "error", "warning", "error"]  # the coarse case fails, gets its empty mask, and the run says 1 failed
+    assert "wrote an empty mask coarse.nii.gz (--on-error empty)" in stderr
+    assert "error: 1 of 3 case(s) failed" in stderr
+    found = masks(out)
+    assert sorted(found) == ["coarse.nii.gz", "good.nii.gz", "kept.nii.gz"]
+    assert found["kept.nii.gz"].min() == 1  # not computed again
+    assert found["coarse.nii.gz"].shape == (4, 8, 8) and found["coarse.nii.gz"].max() == 0
+    assert found["good.nii.gz"].shape == (20, 48, 48)
