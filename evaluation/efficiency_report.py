@@ -24,8 +24,8 @@ from flare_common.files import atomic_path, write_json_atomically
 OFFICIAL_COLUMNS = ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "MaxCPU_Utilization", "AUC_CPU_Time",
                     "MaxRAM", "AUC_RAM_Time"]
 OUR_COLUMNS = ["time_over_limit", "gpu_mem_over_auc", "pass_time", "pass_gpu", "status", "output_found",
-               "error", "case", "returncode", "gpu_mem_before_mb", "MaxTreeCPU_Percent", "AUC_TreeCPU_Time",
-               "MaxTreeRSS_MB", "AUC_TreeRSS_Time", "n_samples"]
+               "error", "case", "returncode", "gpu_mem_before_mb", "MeanGPU_Util_Percent", "MaxTreeCPU_Percent",
+               "AUC_TreeCPU_Time", "MaxTreeRSS_MB", "AUC_TreeRSS_Time", "n_samples"]
 COLUMNS = OFFICIAL_COLUMNS + OUR_COLUMNS
 DEFAULT_TIME_LIMIT_S = 45.0
 DEFAULT_GPU_LIMIT_MB = 4096.0
@@ -58,6 +58,12 @@ def peak(samples, decimals: int = 0) -> float:
     """Largest sample, rounded; NaN when there is none."""
     values = _valid(samples)
     return float(np.round(max(values), decimals)) if values else math.nan
+
+
+def mean(samples, decimals: int = 1) -> float:
+    """Mean of the samples, rounded; NaN when there is none."""
+    values = _valid(samples)
+    return float(np.round(np.mean(values), decimals)) if values else math.nan
 
 
 def time_over_limit(seconds: float, limit_s: float) -> float:
@@ -97,6 +103,7 @@ def case_row(record: dict, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
         "case": record.get("case", ""),
         "returncode": record.get("returncode"),
         "gpu_mem_before_mb": peak(gpu[:1]),
+        "MeanGPU_Util_Percent": mean(record.get("gpu_utilization")),
         "MaxTreeCPU_Percent": peak(record.get("tree_cpu_percent"), 2),
         "AUC_TreeCPU_Time": auc(record.get("tree_cpu_percent"), interval, 2),
         "MaxTreeRSS_MB": peak(record.get("tree_rss_mb"), 2),

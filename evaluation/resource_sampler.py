@@ -4,6 +4,8 @@ Every `interval` seconds (0.1 s, as the official FLARE script) one sample record
 
 - `gpu_memory`: used memory of the whole GPU in MB (MiB), NVML total - free, as the official script reads
   it through `pynvml.smi` (CUDA contexts and every other process on that GPU included);
+- `gpu_utilization`: NVML's utilisation of that GPU in %, the share of its last sample period (1/6 s to 1 s by
+  product) in which a kernel was running: how busy a batch keeps the GPU, not how much of it a kernel fills;
 - `cpu_list`: system-wide CPU split `[user %, system %, idle %]` over the last interval and `RAM_list`:
   system-wide used RAM in MB, both with the official meaning (so the official `load_json.py` can read our
   JSON); the official script adds 0.1 s to the denominator of the CPU split, we do not;
@@ -94,6 +96,12 @@ def read_gpu_used_mb(handle) -> float:
     return (memory.total - memory.free) / MIB
 
 
+def read_gpu_busy_percent(handle) -> float:
+    """NVML's GPU utilisation in %: the share of the last sample period in which any kernel ran."""
+    import pynvml
+    return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+
 def _as_text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -181,6 +189,7 @@ class SampleSeries:
     """The raw samples, one entry per tick in every list (None where a reading failed)."""
     timestamps: list = field(default_factory=list)
     gpu_memory: list = field(default_factory=list)
+    gpu_utilization: list = field(default_factory=list)
     cpu_list: list = field(default_factory=list)
     RAM_list: list = field(default_factory=list)
     tree_cpu_percent: list = field(default_factory=list)
@@ -206,16 +215,18 @@ class ResourceProbe:
     def sample(self, series: SampleSeries) -> None:
         """Append one reading of everything to `series`."""
         now_wall, now = time.time(), time.monotonic()
-        gpu = None
+        gpu = busy = None
         if self.gpu_handle is not None and self.gpu_error is None:
             try:
                 gpu = read_gpu_used_mb(self.gpu_handle)
+                busy = read_gpu_busy_percent(self.gpu_handle)
             except Exception as error:  # the GPU fell off the bus, driver reset...: keep CPU/RAM going
                 self.gpu_error = f"NVML read failed: {error}"
         usage = process_tree_usage(self.roots)
         system = psutil.cpu_times()
         series.timestamps.append(now_wall)
         series.gpu_memory.append(gpu)
+        series.gpu_utilization.append(busy)
         series.cpu_list.append(system_cpu_split(self._previous_system, system))
         series.RAM_list.append(system_ram_used_mb())
         series.tree_cpu_percent.append(tree_cpu_percent(self._previous_tree, usage.cpu_seconds,

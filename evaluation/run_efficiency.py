@@ -359,11 +359,12 @@ def run_case(case: str, image: Path, settings: Settings, out_dir: Path) -> dict:
         record["timeline"] = engine_timeline(report, start, end)
         if report is not None:  # the case's stage seconds, patch, ... and the model's load time
             record["engine_case"] = dict(next(iter(report["cases"].values())), model_load_s=report["model_load_s"])
-    for key in ("gpu_memory", "cpu_list", "RAM_list", "timestamps", "tree_cpu_percent", "tree_rss_mb",
-                "tree_processes"):
+    for key in ("gpu_memory", "gpu_utilization", "cpu_list", "RAM_list", "timestamps", "tree_cpu_percent",
+                "tree_rss_mb", "tree_processes"):
         record[key] = samples.get(key, [])
-    if not any(value is not None for value in record["gpu_memory"]):
-        record["gpu_memory"] = []  # no GPU sampled: empty, not a list of nulls
+    for key in ("gpu_memory", "gpu_utilization"):
+        if not any(value is not None for value in record[key]):
+            record[key] = []  # no GPU sampled: empty, not a list of nulls
     record.update({key: samples.get(key) for key in ("interval_s", "gpu_index", "gpu_name", "sampler_error",
                                                       "followed_pids")})
     record["interval_s"] = record["interval_s"] or settings.interval_s

@@ -127,6 +127,7 @@ def test_tolerance_figures():
 
 def test_case_row_with_gpu_samples():
     record = {"name": "X_0000.nii.gz", "case": "X", "time": 46.004, "gpu_memory": [500.0, 4596.0, 5096.0],
+              "gpu_utilization": [0.0, 97.0, None, 100.0],  # a failed reading (None) is left out
               "cpu_list": [[10.0, 5.0, 85.0], [30.0, 10.0, 60.0]], "RAM_list": [1000.0, 1200.0],
               "tree_rss_mb": [10.0, 300.0], "tree_cpu_percent": [0.0, 150.0], "interval_s": 0.1,
               "status": "ok", "output_found": True, "timestamps": [1.0, 1.1, 1.2]}
@@ -137,6 +138,7 @@ def test_case_row_with_gpu_samples():
     assert row["MaxGPU_Mem"] == 5096.0 and row["AUC_GPU_Time"] == 1019.0  # 10192 * 0.1 = 1019.2
     assert row["gpu_mem_over_auc"] == 150.0 and row["pass_gpu"] is False  # (500 + 1000) * 0.1
     assert row["gpu_mem_before_mb"] == 500.0
+    assert row["MeanGPU_Util_Percent"] == 65.7  # (0 + 97 + 100) / 3
     assert row["MaxCPU_Utilization"] == 40.0 and row["AUC_CPU_Time"] == 5.5
     assert row["MaxRAM"] == 1200.0 and row["AUC_RAM_Time"] == 220.0
     assert row["MaxTreeRSS_MB"] == 300.0 and row["MaxTreeCPU_Percent"] == 150.0
@@ -306,10 +308,13 @@ def test_gpu_columns_follow_nvml_availability(command_run):
     info = json.loads((command_run.out / "run_info.json").read_text())
     if nvml_available(0):
         assert float(rows[0]["MaxGPU_Mem"]) > 0 and record["gpu_memory"] and info["gpu_name"]
+        assert len(record["gpu_utilization"]) == len(record["gpu_memory"])
     else:
-        for column in ("MaxGPU_Mem", "AUC_GPU_Time", "gpu_mem_over_auc", "pass_gpu", "gpu_mem_before_mb"):
+        for column in ("MaxGPU_Mem", "AUC_GPU_Time", "gpu_mem_over_auc", "pass_gpu", "gpu_mem_before_mb",
+                       "MeanGPU_Util_Percent"):
             assert rows[0][column] == "", column
-        assert record["gpu_memory"] == [] and info["gpu_name"] is None and info["gpu_note"]
+        assert record["gpu_memory"] == [] and record["gpu_utilization"] == []
+        assert info["gpu_name"] is None and info["gpu_note"]
         assert command_run.result.stderr.count("GPU memory is not sampled") == 1  # said once
 
 

@@ -135,7 +135,8 @@ def test_on_error_empty_and_skip_existing_hold_wherever_the_cases_run(folder, tm
     ones = sitk.Cast(kept * 0 + 1, sitk.sitkUInt8)  # a mask no engine would predict: it must stay as it is
     sitk.WriteImage(ones, str(out / "kept.nii.gz"))
     # 60 mm voxels: refused (8000x up-sampling to the model's 3 mm) after a readable header
-    sitk.WriteImage(make_ct_image(shape_zyx=(4, 8, 8), spacing_xyz=(60.0, 60.0, 60.0)), str(images / "coarse_0000.nii.gz"))
+    coarse = make_ct_image(shape_zyx=(4, 8, 8), spacing_xyz=(60.0, 60.0, 60.0))
+    sitk.WriteImage(coarse, str(images / "coarse_0000.nii.gz"))
     args = ["-i", images, "-o", out, "-m", model_dir, "--device", "cpu", "--on-error", "empty", "--skip-existing"]
     if where == "ray":
         args += ["--ray", "--ray-workers", "1", "--journal", tmp_path / "run.journal.jsonl"]
