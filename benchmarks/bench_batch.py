@@ -6,17 +6,20 @@
   (d) `nnUNetv2_predict_from_modelfolder`   nnU-Net 2.8.1 with its default preprocessing / export workers,
                                             TTA off (--disable_tta), with .venv-nnunet's python
 
-each over the same phantoms, whole command (start-up, model load, Ray's start included), the default model.
-Masks of (b) and (c) are compared with (a) voxel for voxel. Then a projection, on paper, of a 10,000-case
-archive on 8 GPUs from the per-stage times measured on the H200 (results/flare_sizes_default_nvidia-h200_*).
+each over the same phantoms, whole command (start-up, model load, Ray's start included) and "batch only" (first
+stage to last mask, from the engine's --timings), the default model, with the process tree's CPU time (and with
+--device cuda NVML's GPU utilisation) sampled by the efficiency harness's sampler. Masks of (b) and (c) are
+compared with (a) voxel for voxel. Then a projection, on paper, of a 10,000-case archive on 8 GPUs from the
+per-stage times measured on the H200 (results/flare_sizes_default_nvidia-h200_*).
 
-    .venv/bin/python benchmarks/bench_batch.py [--cases 12] [--nnunet-python .venv-nnunet/bin/python]
+    .venv/bin/python benchmarks/bench_batch.py [--cases 12] [--device cpu|cuda] [--nnunet-python PATH]
 
-Writes results/batch_throughput_<machine>_<date>.{json,md}.
+Writes results/batch_throughput_<device>_<date>.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -27,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from flare_common.files import write_json_atomically, write_text_atomically
-from flare_common.machine import cpu_label, machine_facts
+from evaluation.resource_sampler import SamplerProcess
+from flare_common.machine import cpu_label, device_tag, machine_facts
 from flare_common.results import REPO, RESULTS
 from phantoms import write_dataset
 
@@ -37,17 +42,49 @@ SHAPE, SPACING = (64, 192, 192), (4.0, 2.5, 2.5)  # a partial scan at a realisti
 H200_RESULTS = RESULTS / "flare_sizes_default_nvidia-h200_2026-11-30.json"
 
 
-def run(label: str, argv: list[str], out: Path) -> dict:
+def batch_window(timings: Path) -> tuple[float, float] | None:
+    """[first stage's start, last stage's end] over the run's cases (its --timings JSON): the batch itself,
+    without the start-up, model load (per worker with Ray) and Ray's own start and stop."""
+    try:
+        cases = json.loads(timings.read_text())["cases"].values()
+    except (OSError, ValueError, KeyError):
+        return None
+    spans = [span for case in cases for span in (case.get("at") or {}).values()]
+    return (min(s[0] for s in spans), max(s[1] for s in spans)) if spans else None
+
+
+def run(label: str, argv: list[str], out: Path, gpu_index: int | None = None) -> dict:
+    """The command, whole, with its process tree's CPU time and (gpu_index) NVML's GPU utilisation sampled
+    every 0.1 s by the efficiency harness's sampler."""
     out.mkdir(parents=True)
+    timings = out.parent / f"{out.name}.timings.json"
+    sampler = SamplerProcess(out.parent / f"{out.name}.samples.json", gpu_index)
     start = time.perf_counter()
-    done = subprocess.run([str(a) for a in argv], cwd=REPO, capture_output=True, text=True)
+    process = subprocess.Popen([str(a) for a in argv] + ["--timings", str(timings)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sampler.follow(process.pid)
+    _, stderr = process.communicate()
     seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        print(f"bench_batch: {label} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+    samples = sampler.stop()
+    if process.returncode != 0:
+        print(f"bench_batch: {label} failed:\n{stderr[-2000:]}", file=sys.stderr)
     written = len(list(out.glob("*.nii.gz")))
+    interval = samples["interval_s"]
+    result = {"label": label, "command": " ".join(map(str, argv)).replace(str(REPO) + "/", ""), "seconds": seconds,
+              "masks": written, "returncode": process.returncode,
+              "cpu_seconds": sum(samples["tree_cpu_percent"]) * interval / 100}
+    window = batch_window(timings)
+    if window is not None:
+        result["batch_seconds"] = window[1] - window[0]
+    busy = [(at, value) for at, value in zip(samples["timestamps"], samples.get("gpu_utilization") or [])
+            if value is not None]
+    if busy:
+        result["gpu_busy_percent"] = float(np.mean([value for _, value in busy]))
+        if window is not None:
+            inside = [value for at, value in busy if window[0] <= at <= window[1]]
+            result["gpu_busy_percent_in_batch"] = float(np.mean(inside)) if inside else None
     print(f"bench_batch: {label}: {seconds:.1f} s, {written} masks", file=sys.stderr)
-    return {"label": label, "command": " ".join(map(str, argv)).replace(str(REPO) + "/", ""), "seconds": seconds,
-            "masks": written, "returncode": done.returncode}
+    return result
 
 
 def same_masks(a: Path, b: Path) -> bool:
@@ -81,22 +118,43 @@ def projection() -> dict | None:
 
 
 def markdown(result: dict) -> str:
-    machine = result["machine"]
-    rows = ["| run | seconds | cases / hour | vs (a) | masks |", "|---|---|---|---|---|"]
+    machine, cases, cores = result["machine"], result["cases"], result["machine"]["cores"]
+    gpu = any("gpu_busy_percent" in r for r in result["runs"])
+    rows = ["| run | seconds | cases / hour | vs (a) | batch only (s) | cases / hour, batch only | CPU busy | "
+            + ("GPU busy, whole run / batch only | " if gpu else "") + "masks |",
+            "|---|---|---|---|---|---|---|" + ("---|" if gpu else "") + "---|"]
     base = result["runs"][0]["seconds"]
     for r in result["runs"]:
-        per_hour = result["cases"] * 3600 / r["seconds"]
         same = {True: ", identical to (a)", False: ", DIFFER from (a)", None: ""}[r.get("same_as_sequential")]
-        rows.append(f"| {r['label']} | {r['seconds']:.1f} | {per_hour:.0f} | {base / r['seconds']:.2f}x | "
-                    f"{r['masks']}{same} |")
-    lines = [f"# Batch throughput, {result['cases']} phantoms of {'x'.join(map(str, SHAPE))} voxels",
-             "", f"{cpu_label(machine)}, {machine['cores']} cores, {machine['date']}. Command: "
-             f"`{result['command']}`. Each run is the whole command (start-up, model load, Ray's own start "
-             "included); the machine is shared, so single runs vary by 10-25 %.", "", *rows, ""]
+        batch = r.get("batch_seconds")
+        busy = (f"{r['gpu_busy_percent']:.0f} % / {r.get('gpu_busy_percent_in_batch') or float('nan'):.0f} % | "
+                if "gpu_busy_percent" in r else ("| " if gpu else ""))
+        rows.append(f"| {r['label']} | {r['seconds']:.1f} | {cases * 3600 / r['seconds']:.0f} | "
+                    f"{base / r['seconds']:.2f}x | {f'{batch:.1f}' if batch else ''} | "
+                    f"{f'{cases * 3600 / batch:.0f}' if batch else ''} | "
+                    f"{100 * r['cpu_seconds'] / (r['seconds'] * cores):.0f} % | {busy}{r['masks']}{same} |")
+    where = machine.get("gpu") or "CPU"
+    lines = [f"# Batch throughput, {cases} phantoms of {'x'.join(map(str, SHAPE))} voxels, on the {where}",
+             "", f"{cpu_label(machine)}, {cores} cores, {machine['date']}. Command: `{result['command']}`. "
+             "Seconds are the whole command (start-up, model load, Ray's own start and stop included); "
+             "\"batch only\" is from the first case's first stage to the last mask written (the engine's "
+             "--timings), without them. CPU busy: the command's process tree's CPU time over seconds x cores "
+             "(the efficiency harness's sampler, every 0.1 s)"
+             + ("; GPU busy: NVML's utilisation, the mean of its 0.1 s samples" if gpu else "")
+             + ". The machine is shared, so single runs vary by 10-25 %.", "", *rows, ""]
+    sequential = result["runs"][0]
+    busy_share = sequential["cpu_seconds"] / (sequential["seconds"] * cores)
+    if result["device"] == "cpu" and busy_share > 0:
+        lines += [f"The sequential run already kept the {cores} cores {100 * busy_share:.0f} % busy, so no overlap "
+                  f"of its stages can make it more than {1 / busy_share:.2f}x faster on this machine: the pipelined "
+                  "mode gains where the network leaves the CPU idle while it waits (a GPU), not here.", ""]
     ray2, ray1 = (next((r for r in result["runs"] if r["label"].startswith(prefix)), None)
                   for prefix in ("(c) Ray, 2", "(c) Ray, 1"))
     if ray2 and ray1:
-        lines += [f"Ray with 2 workers against 1: {ray1['seconds'] / ray2['seconds']:.2f}x.", ""]
+        line = f"Ray with 2 workers against 1: {ray1['seconds'] / ray2['seconds']:.2f}x whole command"
+        if ray1.get("batch_seconds") and ray2.get("batch_seconds"):
+            line += f", {ray1['batch_seconds'] / ray2['batch_seconds']:.2f}x batch only"
+        lines += [line + ".", ""]
     p = result.get("projection")
     if p:
         lines += ["## 10,000 cases on 8 GPUs (projection, not a measurement)", "",
@@ -115,37 +173,49 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--nnunet-python", type=Path, default=REPO / ".venv-nnunet" / "bin" / "python")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: also NVML's GPU utilisation of GPU 0, and Ray with one worker per GPU")
+    parser.add_argument("--nnunet-python", type=Path, default=REPO / ".venv-nnunet" / "bin" / "python",
+                        help="python with nnU-Net for run (d); a path that is not a file skips it")
     parser.add_argument("--model", type=Path, default=REPO / "models" / "default")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    gpu_index = 0 if args.device == "cuda" else None
     work = Path(tempfile.mkdtemp(prefix="bench_batch_"))
     try:
         write_dataset(work / "data", args.cases, args.seed, shape_zyx=SHAPE, spacing_zyx=SPACING, progress=False)
         images, engine = work / "data" / "images", [sys.executable, "-m", "inference"]
-        common = ["-i", images, "-m", args.model, "--device", "cpu", "--quiet"]
+        common = ["-i", images, "-m", args.model, "--device", args.device, "--quiet"]
         # warm the ONNX export cache, so that no run pays for the one-off export
         subprocess.run(engine + common + ["-o", work / "warm"], cwd=REPO, capture_output=True)
-        runs = [run("(a) sequential CLI", engine + common + ["-o", work / "a", "--sequential"], work / "a"),
-                run("(b) pipelined CLI", engine + common + ["-o", work / "b"], work / "b"),
-                run("(c) Ray, 2 workers x 1 core", engine + common + ["-o", work / "c2", "--ray", "--journal",
-                                                                      work / "c2.jsonl"], work / "c2"),
-                run("(c) Ray, 1 worker x 1 core", engine + common + ["-o", work / "c1", "--ray", "--ray-workers", "1",
-                                                                     "--journal", work / "c1.jsonl"], work / "c1")]
-        for r, folder in zip(runs[1:], ("b", "c2", "c1")):
+        runs = [run("(a) sequential CLI", engine + common + ["-o", work / "a", "--sequential"], work / "a", gpu_index),
+                run("(b) pipelined CLI", engine + common + ["-o", work / "b"], work / "b", gpu_index)]
+        compared = ["b"]
+        if importlib.util.find_spec("ray") is not None:
+            ray_runs = [("c1", "(c) Ray, 1 worker" + (" (GPU 0)" if gpu_index is not None else " x 1 core"),
+                         ["--ray-workers", "1"])]
+            if gpu_index is None:
+                ray_runs.insert(0, ("c2", "(c) Ray, 2 workers x 1 core", []))
+            for folder, label, extra in ray_runs:
+                runs.append(run(label, engine + common + ["-o", work / folder, "--ray", "--journal",
+                                                          work / f"{folder}.jsonl", *extra], work / folder, gpu_index))
+                compared.append(folder)
+        for r, folder in zip(runs[1:], compared):
             r["same_as_sequential"] = same_masks(work / "a", work / folder)
         if args.nnunet_python.is_file():
             predict = args.nnunet_python.parent / "nnUNetv2_predict_from_modelfolder"
             runs.append(run("(d) nnUNetv2_predict, its default workers, TTA off",
                             [predict, "-i", images, "-o", work / "d", "-m", args.model, "-f", "all", "--disable_tta",
-                             "-device", "cpu", "--disable_progress_bar"], work / "d"))
-        result = {"machine": machine_facts(), "cases": args.cases, "shape_zyx": list(SHAPE),
+                             "-device", args.device, "--disable_progress_bar"], work / "d", gpu_index))
+        gpu = {"gpu": torch.cuda.get_device_name(0)} if args.device == "cuda" else {}
+        result = {"machine": machine_facts(**gpu), "device": args.device, "cases": args.cases, "shape_zyx": list(SHAPE),
                   "spacing_zyx": list(SPACING), "seed": args.seed,
                   "command": "python benchmarks/bench_batch.py " + " ".join(sys.argv[1:]), "runs": runs,
                   "projection": projection()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    stem = args.results / f"batch_throughput_{result['machine']['date'][:10]}"
+    machine = result["machine"]
+    stem = args.results / f"batch_throughput_{device_tag(machine.get('gpu') or machine['cpu'])}_{machine['date'][:10]}"
     write_json_atomically(stem.with_suffix(".json"), result)
     write_text_atomically(stem.with_suffix(".md"), markdown(result))
     print(markdown(result))

@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from flare_common.machine import device_tag
 from inference.model.folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
                                     plain_unet_arch_kwargs, write_random_model_folder)
 from inference.timing import STAGE_ORDER as STAGES
@@ -215,7 +216,7 @@ def main() -> int:
     device_name = (info.get("gpu_name") or (info.get("machine") or {}).get("cpu") or info.get("cpu_model")
                    or "unknown")
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    tag = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
+    tag = device_tag(device_name)
     stem = args.results / f"flare_sizes_{label}_{tag}_{date}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stage_columns = [f"{s}_s" for s in ("preprocess",) + STAGES]

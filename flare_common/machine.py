@@ -45,3 +45,8 @@ def cpu_label(facts: dict) -> str:
     only."""
     capability = facts.get("cpu_capability")
     return f"{facts['cpu']}, torch CPU capability {capability}" if capability else facts["cpu"]
+
+
+def device_tag(name: str) -> str:
+    """A device's name as part of a file name: "NVIDIA H200" -> "nvidia-h200", "AMD EPYC" -> "amd-epyc"."""
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
