@@ -53,14 +53,15 @@ def batch_window(timings: Path) -> tuple[float, float] | None:
     return (min(s[0] for s in spans), max(s[1] for s in spans)) if spans else None
 
 
-def run(label: str, argv: list[str], out: Path, gpu_index: int | None = None) -> dict:
+def run(label: str, argv: list[str], out: Path, gpu_index: int | None = None, ours: bool = True) -> dict:
     """The command, whole, with its process tree's CPU time and (gpu_index) NVML's GPU utilisation sampled
-    every 0.1 s by the efficiency harness's sampler."""
+    every 0.1 s by the efficiency harness's sampler; `ours`: our engine, asked for its --timings."""
     out.mkdir(parents=True)
     timings = out.parent / f"{out.name}.timings.json"
+    argv = [*argv, "--timings", timings] if ours else argv
     sampler = SamplerProcess(out.parent / f"{out.name}.samples.json", gpu_index)
     start = time.perf_counter()
-    process = subprocess.Popen([str(a) for a in argv] + ["--timings", str(timings)], cwd=REPO,
+    process = subprocess.Popen([str(a) for a in argv], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     sampler.follow(process.pid)
     _, stderr = process.communicate()
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
             predict = args.nnunet_python.parent / "nnUNetv2_predict_from_modelfolder"
             runs.append(run("(d) nnUNetv2_predict, its default workers, TTA off",
                             [predict, "-i", images, "-o", work / "d", "-m", args.model, "-f", "all", "--disable_tta",
-                             "-device", args.device, "--disable_progress_bar"], work / "d", gpu_index))
+                             "-device", args.device, "--disable_progress_bar"], work / "d", gpu_index, ours=False))
         gpu = {"gpu": torch.cuda.get_device_name(0)} if args.device == "cuda" else {}
         result = {"machine": machine_facts(**gpu), "device": args.device, "cases": args.cases, "shape_zyx": list(SHAPE),
                   "spacing_zyx": list(SPACING), "seed": args.seed,
