@@ -3,9 +3,14 @@
 nnU-Net itself calls `torch.load(weights_only=False)`, which unpickles arbitrary objects: a checkpoint
 could execute anything. We load with `weights_only=True` and allow-list only the few non-tensor globals
 real nnU-Net checkpoints contain (NumPy scalars in the training log, torch.device in init_args).
+
+The file is memory-mapped rather than read: a training checkpoint also holds the optimizer's state (SGD
+momentum, as large as the weights) and the training log, which inference never touches, so those pages are
+never read; the weights' pages are read once, where they are copied to the device.
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +34,8 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ModelError(f"{path}: checkpoint not found")
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            # torch's zip format can be mapped; the legacy format of torch < 1.6 is read whole
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, ... depending on the file
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{path}: refused or unreadable checkpoint ({first_line})") from None

@@ -87,16 +87,30 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
     for fold in fold_names:
         checkpoint_path = model_dir / f"fold_{fold}" / checkpoint_name
         checkpoint = load_checkpoint(checkpoint_path)
-        network = build_network(config)
-        try:
-            network.load_state_dict(checkpoint["network_weights"])
-        except RuntimeError as err:
-            first_line = str(err).splitlines()[0]
-            raise ModelError(f"{checkpoint_path}: weights do not fit the planned network "
-                             f"({first_line})") from None
+        network = network_with_weights(config, checkpoint["network_weights"], checkpoint_path)
         mirror_axes = tuple(checkpoint.get("inference_allowed_mirroring_axes") or mirror_axes)
         networks.append(TorchNetwork(network, device))
     return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter)
+
+
+def network_with_weights(config, weights: dict, checkpoint_path: Path) -> torch.nn.Module:
+    """The planned network holding the checkpoint's `weights` (fp32).
+
+    Built on the meta device, then given the checkpoint's tensors themselves (load_state_dict assign): a
+    network built the usual way first fills every parameter with random numbers that are overwritten at once,
+    a second or more of CPU time for a 100 M-parameter network, and then copies the weights over them."""
+    with torch.device("meta"):
+        network = build_network(config)
+    try:
+        network.load_state_dict(weights, assign=True)
+    except RuntimeError as err:
+        first_line = str(err).splitlines()[0]
+        raise ModelError(f"{checkpoint_path}: weights do not fit the planned network ({first_line})") from None
+    if any(tensor.is_meta for tensor in [*network.parameters(), *network.buffers()]):
+        # a buffer the checkpoint does not hold (not persistent) has no value yet: build it the usual way
+        network = build_network(config)
+        network.load_state_dict(weights)
+    return network.float()
 
 
 def fold_dir_name(fold: str | int) -> str:
