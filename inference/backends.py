@@ -37,11 +37,14 @@ class OnnxRuntimeNetwork:
     On CUDA (CUDA or TensorRT execution provider) the patch and the logits stay on the GPU: ONNX Runtime
     reads and writes torch tensors in place through io_binding. On the CPU: numpy in, numpy out.
     `device` is where the caller's tensors live; the logits are returned there, in the model's dtype.
+    `lanes`: how many calls it serves best at once (the session is thread-safe; see
+    sliding_window.window_lanes).
     """
 
     def __init__(self, session, device: torch.device, source=None, mirror_axes=(0, 1, 2),
-                 patch_range=None):
+                 patch_range=None, lanes: int = 1):
         self.session = session
+        self.lanes = lanes
         self.device = device
         self.source = source
         self.mirror_axes = tuple(mirror_axes)

@@ -9,7 +9,7 @@ import torch
 
 from .model import LoadedModel
 from .patch_policy import smaller_patch
-from .sliding_window import sliding_window_logits
+from .sliding_window import sliding_window_logits, window_lanes
 
 if TYPE_CHECKING:
     from .pipeline import PredictionSettings
@@ -48,7 +48,7 @@ def run_attempt(volume: torch.Tensor, model: LoadedModel, settings: "PredictionS
         return sliding_window_logits(volume, networks, attempt.patch, model.config.num_classes,
                                      step_size=settings.step_size, accumulate_on=attempt.accumulate_on,
                                      mirror_axes=model.mirror_axes if settings.tta else (),
-                                     progress=settings.progress)
+                                     progress=settings.progress, lanes=window_lanes(networks))
     finally:
         if attempt.networks_on_cpu:  # back where the next case expects them
             for network in model.networks:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Sequence
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,14 +78,40 @@ def predict_window(networks: Sequence[PatchPredictor], window: torch.Tensor,
     return total
 
 
+def window_lanes(networks: Sequence[PatchPredictor]) -> int:
+    """How many windows the networks run best at once: a network's `lanes` (ONNX Runtime on the CPU: one
+    single-threaded window per core, see onnx_loader.session_options), else 1."""
+    return min(int(getattr(network, "lanes", 1)) for network in networks)
+
+
+def in_order(function: Callable, items: Iterable, lanes: int = 1) -> Iterator:
+    """function(item) for each item, in the items' order; with lanes > 1 that many run at once on threads
+    (the function must release the GIL, as ONNX Runtime does), at most 2 x lanes ahead of the consumer."""
+    if lanes <= 1:
+        yield from map(function, items)
+        return
+    pool, pending = ThreadPoolExecutor(lanes, thread_name_prefix="window"), deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= 2 * lanes:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def sliding_window_logits(volume: torch.Tensor, networks: Sequence[PatchPredictor],
                           patch_size: Sequence[int], num_classes: int, step_size: float = 0.5,
                           mirror_axes: Sequence[int] = (), accumulate_on: torch.device | None = None,
-                          progress: bool = False) -> torch.Tensor:
+                          progress: bool = False, lanes: int = 1) -> torch.Tensor:
     """Logits [K, z, y, x] for a normalised volume [C, z, y, x], Gaussian-weighted over windows.
 
     Accumulates in fp16 on CUDA (half the memory of fp32; values are summed over few windows) and in
     fp32 on the CPU. `accumulate_on` moves the accumulators elsewhere (the CPU after an out-of-memory).
+    `lanes` windows are predicted at once (window_lanes); they are summed in the windows' order whatever
+    the lanes, so the logits are the same bits.
     """
     padded, unpad = pad_to_patch(volume, patch_size)
     accumulate_on = accumulate_on or volume.device
@@ -92,8 +120,12 @@ def sliding_window_logits(volume: torch.Tensor, networks: Sequence[PatchPredicto
     weight_sum = torch.zeros(padded.shape[1:], dtype=dtype, device=accumulate_on)
     gaussian = gaussian_importance_map(patch_size, device=accumulate_on, dtype=dtype)
     windows = window_slices(padded.shape[1:], patch_size, step_size)
-    for window in tqdm(windows, desc="windows", leave=False, disable=not progress):
-        logits = predict_window(networks, padded[(slice(None), *window)][None], mirror_axes)[0]
+
+    def predict(window: tuple[slice, ...]) -> torch.Tensor:
+        return predict_window(networks, padded[(slice(None), *window)][None], mirror_axes)[0]
+
+    predictions = zip(windows, in_order(predict, windows, lanes))
+    for window, logits in tqdm(predictions, total=len(windows), desc="windows", leave=False, disable=not progress):
         logits_sum[(slice(None), *window)] += logits.to(accumulate_on, dtype) * gaussian
         weight_sum[window] += gaussian
     logits_sum /= weight_sum

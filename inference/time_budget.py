@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .model import LoadedModel
-from .sliding_window import predict_window, window_slices
+from .sliding_window import in_order, predict_window, window_lanes, window_slices
 
 if TYPE_CHECKING:
     from .pipeline import PredictionSettings
@@ -22,16 +22,22 @@ BUDGET_RESERVE = 0.1  # of the time budget, kept for what follows the network (e
 
 
 def seconds_per_window(volume: torch.Tensor, model: LoadedModel, patch: tuple[int, ...], tta: bool) -> float:
-    """Wall time of one window (every fold, every flip), measured on a window of zeros."""
+    """Wall time a window adds (every fold, every flip), measured on windows of zeros: one window's time, or
+    with several lanes (sliding_window.window_lanes) that many windows at once, divided by their number."""
     window = torch.zeros((1, volume.shape[0], *patch), dtype=volume.dtype, device=volume.device)
-    predict_window(model.networks, window, model.mirror_axes if tta else ())  # the first call pays set-up
+    lanes = window_lanes(model.networks)
+
+    def predict(_) -> torch.Tensor:
+        return predict_window(model.networks, window, model.mirror_axes if tta else ())
+
+    list(in_order(predict, range(lanes), lanes))  # the first calls pay set-up
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     start = time.perf_counter()
-    predict_window(model.networks, window, model.mirror_axes if tta else ())
+    list(in_order(predict, range(lanes), lanes))
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / lanes
 
 
 def step_for_time_budget(volume: torch.Tensor, model: LoadedModel, settings: "PredictionSettings",

@@ -106,6 +106,22 @@ def test_onnx_masks_match_torch_on_a_phantom(exported_model):
     assert dice(torch_mask, onnx_mask) >= 0.999
 
 
+def test_cpu_session_runs_a_window_a_core_and_the_lanes_sum_the_same_bits(exported_model):
+    model = load_model(exported_model, device="cpu", backend="onnx")
+    network = model.networks[0]
+    assert network.lanes == torch.get_num_threads()
+    assert int(network.session.get_session_options().intra_op_num_threads) == 1
+    image = ct_volume()
+    array, spacing = sitk.GetArrayFromImage(image), tuple(image.GetSpacing())[::-1]
+    volume = to_model_space(array.copy(), spacing, model)
+    windows = {}
+    for lanes in (1, 2, 3):
+        windows[lanes] = sliding_window_logits(volume, model.networks, (32, 32, 32), model.config.num_classes,
+                                               step_size=0.5, lanes=lanes)
+    assert volume.shape[1] > 32 and volume.shape[2] > 32 and volume.shape[3] > 32  # several windows an axis
+    assert torch.equal(windows[1], windows[2]) and torch.equal(windows[1], windows[3])
+
+
 @pytest.mark.parametrize("patch", [(32, 32, 32), (48, 40, 32)])
 def test_patch_logits_match_torch_for_any_stride_multiple(exported_model, patch):
     torch_net = load_model(exported_model, device="cpu").networks[0]

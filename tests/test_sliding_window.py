@@ -1,10 +1,12 @@
-"""Sliding window: coverage, equivalence with a whole-volume pass, fold ensembling, TTA."""
+"""Sliding window: coverage, equivalence with a whole-volume pass, fold ensembling, TTA, windows in lanes."""
+import time
+
 import pytest
 import torch
 
 from inference.patch_policy import enlarged_patch_size
-from inference.sliding_window import (gaussian_importance_map, pad_to_patch, predict_window, sliding_window_logits,
-                                      window_slices, window_starts)
+from inference.sliding_window import (gaussian_importance_map, in_order, pad_to_patch, predict_window,
+                                      sliding_window_logits, window_slices, window_starts)
 
 
 def pointwise_network(seed=0, classes=3):
@@ -84,3 +86,29 @@ def test_enlarged_patch_size_rounds_to_stride_and_caps_at_volume():
     assert enlarged_patch_size((160, 160, 160), (32, 32, 32), (400, 400, 400), 1.2) == (192, 192, 192)
     # small volume: no point in a patch larger than the (stride-rounded) volume, never below training
     assert enlarged_patch_size((64, 64, 64), (16, 16, 16), (70, 40, 200), 1.5) == (80, 64, 96)
+
+
+def test_in_order_keeps_the_order_and_runs_at_most_a_bounded_number_ahead():
+    started, consumed = [], []
+
+    def slow_first(item):
+        started.append(item)
+        time.sleep(0.05 if item % 3 == 0 else 0.0)  # later items finish before earlier ones
+        return item * 10
+
+    for value in in_order(slow_first, range(20), lanes=2):
+        consumed.append(value)
+        assert len(started) <= len(consumed) + 2 * 2  # never more than 2 x lanes ahead of the consumer
+    assert consumed == [i * 10 for i in range(20)]
+
+
+def test_in_order_raises_the_first_failure_where_it_is_consumed():
+    def fails_on_three(item):
+        if item == 3:
+            raise ValueError("window 3")
+        return item
+
+    results = in_order(fails_on_three, range(10), lanes=2)
+    assert [next(results) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="window 3"):
+        next(results)

@@ -73,9 +73,18 @@ def session_options(on_gpu: bool):
     # 12 phantoms took 31.5 s with spinning and 21.1 s without (results/batch_throughput_*.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not on_gpu:
-        options.intra_op_num_threads = torch.get_num_threads()
+        # One thread a window, and as many windows at once as cores (cpu_lanes): a 48^3 window is too small
+        # to split well, 18.6 ms a window on 2 threads against 15.8 ms for 2 single-threaded windows at once
+        # on the 2-core CPU, with the same logits to the bit (results/onnx_latency.md).
+        options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
     return options
+
+
+def cpu_lanes() -> int:
+    """Windows an ONNX Runtime CPU session runs at once: one per core torch may use (torch.get_num_threads,
+    which a Ray worker or OMP_NUM_THREADS sets)."""
+    return max(1, torch.get_num_threads())
 
 
 def cuda_provider_options(device: torch.device) -> dict:
@@ -242,7 +251,7 @@ def open_fold(path: Path, config: ModelConfig, device: torch.device, providers: 
     metadata = session.get_modelmeta().custom_metadata_map
     mirror_axes = tuple(int(a) for a in metadata.get("flare.mirror_axes", "0,1,2").split(",") if a)
     return OnnxRuntimeNetwork(session, device, source=path, mirror_axes=mirror_axes,
-                              patch_range=patch_range)
+                              patch_range=patch_range, lanes=cpu_lanes() if started == CPU else 1)
 
 
 def checkpoint_fingerprint(path: Path) -> str:
