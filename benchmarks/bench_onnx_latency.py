@@ -1,17 +1,24 @@
-"""Per-window latency of the network on the CPU: torch backend vs ONNX Runtime backend, same model, same
-windows, same run (windows alternate between the backends, so that load from other processes hits both).
+"""Time a window adds to the sliding window on the CPU, three ways, same model, same windows, same run
+(the ways alternate group by group, so that load from other processes hits all of them):
 
-    .venv/bin/python benchmarks/bench_onnx_latency.py [-m models/default] [--windows 7] [--warmup 2]
+  torch                    the torch backend, torch.set_num_threads(cores), one window at a time
+  ORT, cores on a window   ONNX Runtime with intra-op threads = cores, one window at a time (our CPU path until
+                           session 21)
+  ORT, a window a core     ONNX Runtime with one intra-op thread, `cores` windows at once from as many threads
+                           (sliding_window.in_order): the engine's CPU path (--backend auto / onnx)
+
+    .venv/bin/python benchmarks/bench_onnx_latency.py [-m models/default] [--windows 8] [--warmup 2]
                                                       [--threads N] [--no-representative]
 
-Models measured:
+Seconds a window = a group of `threads` windows' wall time / `threads`. Models measured:
   * `-m` (default models/default) when it exists, at its inference patch (training patch x 1.2, rounded
     to the stride), else a model of the same architecture as training/train_default.py builds (random
     weights: latency does not depend on them);
   * a representative nnU-Net-like PlainConvUNet (5 stages, 32..320 features) at its 96^3 training
     patch, unless --no-representative.
 Each is exported with inference.export_onnx into a temporary copy of its folder (the model folder itself
-is not touched) and run through exactly the callables the pipeline uses (load_model(..., backend=...)).
+is not touched) and run through the callables the pipeline uses (load_model(..., backend=...)). The logits
+of the three are compared: "a window a core" must equal "cores on a window" to the bit.
 Writes results/onnx_latency.json and .md.
 """
 from __future__ import annotations
@@ -29,9 +36,12 @@ from pathlib import Path
 
 import torch
 
-from flare_common.machine import machine_facts
+from flare_common.machine import cpu_label, machine_facts
+from inference.backends import OnnxRuntimeNetwork
 from inference.export_onnx import export_fold
 from inference.model import load_model
+from inference.model.onnx_loader import session_options
+from inference.sliding_window import in_order, window_lanes
 from inference.model.folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
                                     plain_unet_arch_kwargs, write_random_model_folder)
 from inference.patch_policy import enlarged_patch_size
@@ -43,6 +53,7 @@ RESULTS = REPO / "results"
 # the architecture of training/train_default.py, for when models/default has not been trained yet
 DEFAULT_ARCHITECTURE = dict(n_stages=5, base_features=12, max_features=192, patch=(64, 64, 64))
 REPRESENTATIVE = dict(n_stages=5, base_features=32, max_features=320, patch=(96, 96, 96))
+TORCH, ORT_ALL_CORES, ORT_LANES = "torch", "ORT, cores on a window", "ORT, a window a core"
 
 
 def random_model_folder(out_dir: Path, n_stages: int, base_features: int, max_features: int,
@@ -61,27 +72,40 @@ def copy_model_folder(source: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def time_windows(networks: dict, patch: tuple[int, ...], channels: int, windows: int,
+def ort_on_all_cores(network: OnnxRuntimeNetwork, threads: int) -> OnnxRuntimeNetwork:
+    """The same export in a session whose intra-op threads are `threads`, one window at a time."""
+    import onnxruntime as ort
+
+    options = session_options(on_gpu=False)
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(network.source), options, providers=["CPUExecutionProvider"])
+    return OnnxRuntimeNetwork(session, torch.device("cpu"), source=network.source, lanes=1)
+
+
+def time_windows(networks: dict, patch: tuple[int, ...], channels: int, threads: int, groups: int,
                  warmup: int) -> dict:
-    """Seconds per window for each backend; backends alternate window by window."""
+    """Seconds a window adds for each way: groups of `threads` windows, through in_order with each network's
+    lanes (1: one after another), the ways alternating group by group."""
     generator = torch.Generator().manual_seed(0)
     seconds = {name: [] for name in networks}
-    max_diff = 0.0
-    for index in range(warmup + windows):
-        window = torch.randn((1, channels, *patch), generator=generator)
+    differences = {name: 0.0 for name in networks}
+    for index in range(warmup + groups):
+        windows = [torch.randn((1, channels, *patch), generator=generator) for _ in range(threads)]
         outputs = {}
         for name, network in networks.items():
             start = time.perf_counter()
-            outputs[name] = network(window)
-            elapsed = time.perf_counter() - start
+            outputs[name] = list(in_order(network, windows, window_lanes([network])))
             if index >= warmup:
-                seconds[name].append(elapsed)
-        max_diff = max(max_diff, (outputs["torch"] - outputs["onnx"]).abs().max().item())
-    return {name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "all_s": s}
-            for name, s in seconds.items()} | {"max_abs_logits_diff": max_diff}
+                seconds[name].append((time.perf_counter() - start) / threads)
+        reference = outputs[ORT_ALL_CORES]
+        for name, logits in outputs.items():
+            differences[name] = max(differences[name], max((a - b).abs().max().item()
+                                                           for a, b in zip(logits, reference)))
+    return {name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "all_s": s,
+                   "max_abs_logits_diff_vs_ort_cores": differences[name]} for name, s in seconds.items()}
 
 
-def measure(label: str, model_dir: Path, patch: tuple[int, ...] | None, windows: int,
+def measure(label: str, model_dir: Path, patch: tuple[int, ...] | None, threads: int, groups: int,
             warmup: int) -> dict:
     export = export_fold(model_dir, "all")
     torch_model = load_model(model_dir, device="cpu")
@@ -89,23 +113,20 @@ def measure(label: str, model_dir: Path, patch: tuple[int, ...] | None, windows:
     config = torch_model.config
     patch = patch or enlarged_patch_size(config.patch_size, config.total_stride,
                                          [10 ** 6] * len(config.patch_size), 1.2)
-    print(f"{label}: patch {'x'.join(map(str, patch))}, {windows} windows after {warmup} warm-up",
+    print(f"{label}: patch {'x'.join(map(str, patch))}, {groups} groups of {threads} windows after {warmup}",
           flush=True)
-    timing = time_windows({"torch": torch_model.networks[0], "onnx": onnx_model.networks[0]}, patch,
-                          config.num_input_channels, windows, warmup)
+    networks = {TORCH: torch_model.networks[0], ORT_ALL_CORES: ort_on_all_cores(onnx_model.networks[0], threads),
+                ORT_LANES: onnx_model.networks[0]}
+    timing = time_windows(networks, patch, config.num_input_channels, threads, groups, warmup)
     parameters = sum(p.numel() for p in torch_model.networks[0].module.parameters())
-    speedup = timing["torch"]["median_s"] / timing["onnx"]["median_s"]
-    print(f"  torch {timing['torch']['median_s']:.3f} s, onnxruntime {timing['onnx']['median_s']:.3f} s "
-          f"per window (median; torch/ORT {speedup:.2f}x); "
-          f"max |logits diff| {timing['max_abs_logits_diff']:.2g}",
+    print("  " + ", ".join(f"{name} {t['median_s']:.3f} s" for name, t in timing.items()) + " a window (median)",
           flush=True)
     features = config.arch_kwargs["features_per_stage"]
     return {"model": label, "network": config.network_class_name.rsplit(".", 1)[-1],
             "stages": config.arch_kwargs["n_stages"], "features": f"{features[0]}..{features[-1]}",
             "parameters": parameters, "training_patch": list(config.patch_size), "patch": list(patch),
             "onnx_file_mb": round(export.path.stat().st_size / 2 ** 20, 2),
-            "export_max_abs_diff": export.max_abs_diff, "torch": timing["torch"], "onnx": timing["onnx"],
-            "max_abs_logits_diff": timing["max_abs_logits_diff"], "torch_over_onnx": speedup}
+            "export_max_abs_diff": export.max_abs_diff, "ways": timing}
 
 
 def machine_info(threads: int) -> dict:
@@ -117,35 +138,31 @@ def machine_info(threads: int) -> dict:
 def write_markdown(report: dict, path: Path) -> None:
     machine = report["machine"]
     lines = [
-        "# Network latency per sliding-window patch on the CPU: torch vs ONNX Runtime",
-        "",
-        f"Date (UTC): {report['date']}. Machine: {machine['cpu']}, {machine['cores']} logical CPUs, "
-        f"{machine['threads']} threads for both (torch.set_num_threads; ORT intra-op threads = "
-        f"torch.get_num_threads()); torch {machine['torch']}, onnxruntime {machine['onnxruntime']}; "
+        "# Time a window adds to the sliding window on the CPU: torch, ONNX Runtime on all cores, ONNX Runtime "
+        "a window a core", "",
+        f"Date (UTC): {report['date']}. Machine: {cpu_label(machine)}, {machine['cores']} logical CPUs, "
+        f"{machine['threads']} threads; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}; "
         f"load average at start {', '.join(f'{x:.1f}' for x in machine['load_average_at_start'])}, at end "
-        f"{', '.join(f'{x:.1f}' for x in report['load_average_at_end'])} (a shared machine: other processes "
-        "were running; the backends alternate window by window so that both see the same load).",
-        "",
-        f"Median of {report['windows']} windows after {report['warmup']} warm-up windows, fp32, batch 1, "
-        "through the callables the pipeline uses (`load_model(..., backend=...)`). "
-        "Command: `" + report["command"] + "`.",
-        "",
-        "| model | network | params | patch | torch s/window | ONNX Runtime s/window | torch / ORT "
-        "(medians) | torch / ORT (minima) | max abs logits diff |",
+        f"{', '.join(f'{x:.1f}' for x in report['load_average_at_end'])} (a shared machine: the ways alternate "
+        "group by group so that all see the same load).", "",
+        f"Median of {report['groups']} groups of {machine['threads']} windows after {report['warmup']} warm-up "
+        "groups, fp32, batch 1, seconds a window = the group's wall time / its windows. Command: `"
+        + report["command"] + "`.", "",
+        f"| model | params | patch | {TORCH} | {ORT_ALL_CORES} | {ORT_LANES} | {ORT_ALL_CORES} / {ORT_LANES} | "
+        f"{TORCH} / {ORT_LANES} | max abs logits diff, {ORT_LANES} vs {ORT_ALL_CORES} |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["models"]:
+        ways = row["ways"]
+        median = {name: ways[name]["median_s"] for name in ways}
         lines.append(
-            f"| {row['model']} | {row['network']} {row['stages']} stages, {row['features']} features | "
+            f"| {row['model']} ({row['network']} {row['stages']} stages, {row['features']} features) | "
             f"{row['parameters'] / 1e6:.2f} M | {'x'.join(map(str, row['patch']))} | "
-            f"{row['torch']['median_s']:.3f} (min {row['torch']['min_s']:.3f}) | "
-            f"{row['onnx']['median_s']:.3f} (min {row['onnx']['min_s']:.3f}) | "
-            f"{row['torch_over_onnx']:.2f}x | {row['torch']['min_s'] / row['onnx']['min_s']:.2f}x | "
-            f"{row['max_abs_logits_diff']:.1e} |")
-    lines += ["", "Where the medians and the minima disagree on which backend is faster, the difference is "
-              "within the noise of the shared machine.", "",
-              "GPU (CUDAExecutionProvider fp16 / TensorRT) is not measured here: no GPU on this machine.",
-              ""]
+            + " | ".join(f"{median[name]:.4f} (min {ways[name]['min_s']:.4f})" for name in (TORCH, ORT_ALL_CORES,
+                                                                                         ORT_LANES))
+            + f" | {median[ORT_ALL_CORES] / median[ORT_LANES]:.2f}x | {median[TORCH] / median[ORT_LANES]:.2f}x | "
+            f"{ways[ORT_LANES]['max_abs_logits_diff_vs_ort_cores']:.1e} |")
+    lines += ["", "GPU (CUDAExecutionProvider fp16 / TensorRT) is not measured here: no GPU on this machine.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -154,7 +171,7 @@ def main() -> None:
     parser.add_argument("-m", "--model", default=str(REPO / "models" / "default"))
     parser.add_argument("--patch", type=int, nargs=3, default=None,
                         help="window size (default: the model's training patch x 1.2)")
-    parser.add_argument("--windows", type=int, default=7)
+    parser.add_argument("--groups", type=int, default=8, help="groups of --threads windows timed per way")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-representative", action="store_true")
@@ -163,7 +180,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
               "command": " ".join(["python benchmarks/bench_onnx_latency.py", *sys.argv[1:]]),
-              "machine": machine_info(args.threads), "windows": args.windows, "warmup": args.warmup,
+              "machine": machine_info(args.threads), "groups": args.groups, "warmup": args.warmup,
               "models": []}
     patch = tuple(args.patch) if args.patch else None
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,11 +194,12 @@ def main() -> None:
                   "(training/train_default.py) with random weights", flush=True)
             label = "default architecture (random weights)"
             source = random_model_folder(tmp / "default", **DEFAULT_ARCHITECTURE)
-        report["models"].append(measure(label, source, patch, args.windows, args.warmup))
+        report["models"].append(measure(label, source, patch, args.threads, args.groups, args.warmup))
         if not args.no_representative:
             source = random_model_folder(tmp / "representative", **REPRESENTATIVE)
             report["models"].append(measure("representative nnU-Net-like (random weights)", source,
-                                            patch or REPRESENTATIVE["patch"], args.windows, args.warmup))
+                                            patch or REPRESENTATIVE["patch"], args.threads, args.groups,
+                                            args.warmup))
     report["load_average_at_end"] = list(os.getloadavg())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

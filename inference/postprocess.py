@@ -36,15 +36,23 @@ def lesion_mask_at_shape(logits: torch.Tensor, shape: tuple[int, ...], lesion_id
         With two classes only their difference is interpolated: linear interpolation commutes with the
         subtraction, so the sign is the same as for the full tensors and memory is halved.
     method "labels": argmax at model resolution, then nearest-neighbour upsampling (least memory).
+    Where these cannot mark a voxel (no lesion at model resolution: the margin is <= 0 everywhere, and a
+    weighted mean of values <= 0 with weights >= 0 is <= 0 in floating point too), the zero mask is returned
+    without resampling: the same mask, without the largest tensor of the pipeline.
     """
     if method == "labels":
-        mask = argmax_lesion_mask(logits, lesion_ids).to(torch.float16 if logits.is_cuda else torch.float32)
+        mask = argmax_lesion_mask(logits, lesion_ids)
+        if not mask.any():
+            return torch.zeros(shape, dtype=torch.uint8, device=logits.device)
+        mask = mask.to(torch.float16 if logits.is_cuda else torch.float32)
         return resample_channels(mask[None], shape, mode="nearest")[0].to(torch.uint8)
     if method != "logits":
         raise ValueError(f"unknown resample-back method '{method}'")
     work_dtype = torch.float16 if logits.is_cuda else torch.float32
     if logits.shape[0] == 2 and lesion_ids == (1,):
         margin = (logits[1].to(work_dtype) - logits[0].to(work_dtype))[None]
+        if not (margin > 0).any():
+            return torch.zeros(shape, dtype=torch.uint8, device=logits.device)
         return (resample_channels(margin, shape)[0] > 0).to(torch.uint8)
     resampled = resample_channels(logits.to(work_dtype), shape)
     return argmax_lesion_mask(resampled, lesion_ids).to(torch.uint8)

@@ -33,6 +33,24 @@ def test_two_class_margin_interpolation_equals_full_interpolation():
     assert torch.equal(fast.bool(), full[1] > full[0])
 
 
+@pytest.mark.parametrize("method", ["logits", "labels"])
+def test_no_lesion_at_model_resolution_gives_the_zero_mask_the_resampling_would(method):
+    torch.manual_seed(1)
+    logits = torch.randn(2, 9, 11, 13)
+    logits[1] = logits[0] - torch.rand(9, 11, 13) * 1e-6  # background wins everywhere, by a hair
+    logits[1, 4, 5, 6] = logits[0, 4, 5, 6]  # a tie goes to background too
+    mask = lesion_mask_at_shape(logits, (20, 25, 31), (1,), method)
+    margin = (logits[1] - logits[0])[None, None]
+    if method == "logits":
+        full = torch.nn.functional.interpolate(margin, size=(20, 25, 31), mode="trilinear", align_corners=False)
+    else:
+        full = torch.nn.functional.interpolate((margin > 0).float(), size=(20, 25, 31), mode="nearest")
+    assert mask.shape == (20, 25, 31) and mask.dtype == torch.uint8
+    assert mask.sum() == 0 and (full > 0).sum() == 0
+    logits[1, 4, 5, 6] += 1e-3  # one lesion voxel: resampled as before
+    assert lesion_mask_at_shape(logits, (20, 25, 31), (1,), method).sum() > 0
+
+
 def test_labels_method_upsamples_nearest():
     logits = torch.zeros(2, 2, 2, 2)
     logits[1, 0, 0, 0] = 5
