@@ -74,8 +74,8 @@ def session_options(on_gpu: bool):
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not on_gpu:
         # One thread a window, and as many windows at once as cores (cpu_lanes): a 48^3 window is too small
-        # to split well, 18.6 ms a window on 2 threads against 15.8 ms for 2 single-threaded windows at once
-        # on the 2-core CPU, with the same logits to the bit (results/onnx_latency.md).
+        # to split well, 19.7 ms a window on 2 threads against 17.2 ms for 2 single-threaded windows at once
+        # on the 2-core CPU (1.02x at 96^3), with the same logits to the bit (results/onnx_latency.md).
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
     return options
