@@ -79,8 +79,8 @@ def predict_window(networks: Sequence[PatchPredictor], window: torch.Tensor,
 
 
 def window_lanes(networks: Sequence[PatchPredictor]) -> int:
-    """How many windows the networks run best at once: a network's `lanes` (ONNX Runtime on the CPU: one
-    single-threaded window per core, see onnx_loader.session_options), else 1."""
+    """How many windows the networks run best at once: a network's `lanes` (ONNX Runtime on the CPU: two,
+    each on half the cores, see onnx_loader.cpu_lanes), else 1."""
     return min(int(getattr(network, "lanes", 1)) for network in networks)
 
 

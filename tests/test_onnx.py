@@ -109,8 +109,9 @@ def test_onnx_masks_match_torch_on_a_phantom(exported_model):
 def test_cpu_session_runs_a_window_a_core_and_the_lanes_sum_the_same_bits(exported_model):
     model = load_model(exported_model, device="cpu", backend="onnx")
     network = model.networks[0]
-    assert network.lanes == torch.get_num_threads()
-    assert int(network.session.get_session_options().intra_op_num_threads) == 1
+    threads = torch.get_num_threads()
+    assert network.lanes == min(2, threads)
+    assert network.session.get_session_options().intra_op_num_threads == max(1, threads // network.lanes)
     image = ct_volume()
     array, spacing = sitk.GetArrayFromImage(image), tuple(image.GetSpacing())[::-1]
     volume = to_model_space(array.copy(), spacing, model)

@@ -73,18 +73,21 @@ def session_options(on_gpu: bool):
     # 12 phantoms took 31.5 s with spinning and 21.1 s without (results/batch_throughput_*.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not on_gpu:
-        # One thread a window, and as many windows at once as cores (cpu_lanes): a 48^3 window is too small
-        # to split well, 19.7 ms a window on 2 threads against 17.2 ms for 2 single-threaded windows at once
-        # on the 2-core CPU (1.02x at 96^3), with the same logits to the bit (results/onnx_latency.md).
-        options.intra_op_num_threads = 1
+        # Two windows at once, each on half the cores (cpu_lanes): a 48^3 window is too small to split well,
+        # 19.7 ms a window on 2 threads against 17.2 ms for 2 single-threaded windows at once on the 2-core
+        # CPU (1.02x at 96^3), with the same logits to the bit (results/onnx_latency.md).
+        options.intra_op_num_threads = max(1, torch.get_num_threads() // cpu_lanes())
         options.inter_op_num_threads = 1
     return options
 
 
+MAX_CPU_LANES = 2  # each window in flight holds its activations: gigabytes for a large model at a large patch
+
+
 def cpu_lanes() -> int:
-    """Windows an ONNX Runtime CPU session runs at once: one per core torch may use (torch.get_num_threads,
-    which a Ray worker or OMP_NUM_THREADS sets)."""
-    return max(1, torch.get_num_threads())
+    """Windows an ONNX Runtime CPU session runs at once: two where torch may use two cores or more
+    (torch.get_num_threads, which a Ray worker or OMP_NUM_THREADS sets), else one."""
+    return max(1, min(MAX_CPU_LANES, torch.get_num_threads()))
 
 
 def cuda_provider_options(device: torch.device) -> dict:
