@@ -9,7 +9,7 @@
 #   load            model load to the device, ours and nnUNetPredictor's (benchmarks/bench_model_load.py)
 #   memory          one forward pass by patch and precision, two allocator settings (gpu_forward_memory.py)
 # STEPS picks some (default: all, in this order). All of them may run past the device tool's 10 minutes a
-# command; two calls fit (the phantoms are made again in each, a minute):
+# command; two calls fit (each makes the phantoms it needs again):
 #
 #     OUT=/tmp/gpu STEPS="sizes representative" bash benchmarks/gpu_benchmarks.sh
 #     OUT=/tmp/gpu STEPS="batch load memory" bash benchmarks/gpu_benchmarks.sh
