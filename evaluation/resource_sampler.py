@@ -203,6 +203,7 @@ class ResourceProbe:
     def __init__(self, gpu_handle=None):
         self.gpu_handle = gpu_handle
         self.gpu_error = None
+        self.utilization_error = None
         self.roots: list[int] = []
         self._previous_tree: dict = {}
         self._previous_system = psutil.cpu_times()
@@ -219,9 +220,13 @@ class ResourceProbe:
         if self.gpu_handle is not None and self.gpu_error is None:
             try:
                 gpu = read_gpu_used_mb(self.gpu_handle)
-                busy = read_gpu_busy_percent(self.gpu_handle)
             except Exception as error:  # the GPU fell off the bus, driver reset...: keep CPU/RAM going
                 self.gpu_error = f"NVML read failed: {error}"
+        if self.gpu_handle is not None and self.gpu_error is None and self.utilization_error is None:
+            try:
+                busy = read_gpu_busy_percent(self.gpu_handle)
+            except Exception as error:  # not supported (MIG instances, some vGPUs): memory is still sampled
+                self.utilization_error = f"NVML utilisation not available: {error}"
         usage = process_tree_usage(self.roots)
         system = psutil.cpu_times()
         series.timestamps.append(now_wall)
@@ -289,6 +294,7 @@ def run_sampler(out_path: Path, gpu_index: int | None, interval: float, command_
     result.update(asdict(series))
     if probe.gpu_error:
         result["sampler_error"] = probe.gpu_error
+    result["utilization_error"] = probe.utilization_error
     temporary = out_path.with_name(out_path.name + ".tmp")
     temporary.write_text(json.dumps(result))
     os.replace(temporary, out_path)

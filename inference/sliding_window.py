@@ -5,6 +5,7 @@ import itertools
 import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -79,14 +80,17 @@ def predict_window(networks: Sequence[PatchPredictor], window: torch.Tensor,
 
 
 def window_lanes(networks: Sequence[PatchPredictor]) -> int:
-    """How many windows the networks run best at once: a network's `lanes` (ONNX Runtime on the CPU: two,
-    each on half the cores, see onnx_loader.cpu_lanes), else 1."""
+    """How many windows the networks run best at once: a network's `lanes` (ONNX Runtime on a CPU of two
+    cores: two, see onnx_loader.cpu_lanes), else 1."""
     return min(int(getattr(network, "lanes", 1)) for network in networks)
 
 
 def in_order(function: Callable, items: Iterable, lanes: int = 1) -> Iterator:
     """function(item) for each item, in the items' order; with lanes > 1 that many run at once on threads
-    (the function must release the GIL, as ONNX Runtime does), at most 2 x lanes ahead of the consumer."""
+    (the function must release the GIL, as ONNX Runtime does), at most 2 x lanes ahead of the consumer.
+
+    Closed early (an error, SIGTERM), the calls not yet started are cancelled and the running ones are not
+    waited for: a stop takes effect at once, not after the windows in flight (every fold, every flip)."""
     if lanes <= 1:
         yield from map(function, items)
         return
@@ -99,7 +103,7 @@ def in_order(function: Callable, items: Iterable, lanes: int = 1) -> Iterator:
         while pending:
             yield pending.popleft().result()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def sliding_window_logits(volume: torch.Tensor, networks: Sequence[PatchPredictor],
@@ -124,9 +128,10 @@ def sliding_window_logits(volume: torch.Tensor, networks: Sequence[PatchPredicto
     def predict(window: tuple[slice, ...]) -> torch.Tensor:
         return predict_window(networks, padded[(slice(None), *window)][None], mirror_axes)[0]
 
-    predictions = zip(windows, in_order(predict, windows, lanes))
-    for window, logits in tqdm(predictions, total=len(windows), desc="windows", leave=False, disable=not progress):
-        logits_sum[(slice(None), *window)] += logits.to(accumulate_on, dtype) * gaussian
-        weight_sum[window] += gaussian
+    with closing(in_order(predict, windows, lanes)) as predictions:  # closed here, whatever stops the loop
+        for window, logits in tqdm(zip(windows, predictions), total=len(windows), desc="windows", leave=False,
+                                   disable=not progress):
+            logits_sum[(slice(None), *window)] += logits.to(accumulate_on, dtype) * gaussian
+            weight_sum[window] += gaussian
     logits_sum /= weight_sum
     return logits_sum[unpad]

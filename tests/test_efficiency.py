@@ -396,3 +396,21 @@ def test_timeline_of_the_real_engine_is_recorded_and_drawn(tmp_path):
     assert record["engine_case"]["network"] > 0 and record["engine_case"]["model_load_s"] > 0
     assert (out / "cases" / "ct_0000.png").stat().st_size > 10_000
     assert not list((out / "predictions").glob(".*"))
+
+
+def test_a_gpu_without_utilisation_readings_keeps_its_memory_sampled(monkeypatch):
+    """NVML answers memory but not utilisation on MIG instances and some vGPUs: memory must go on."""
+    def no_utilisation(handle):
+        raise RuntimeError("Not Supported")
+
+    monkeypatch.setattr(sampler, "read_gpu_used_mb", lambda handle: 1234.0)
+    monkeypatch.setattr(sampler, "read_gpu_busy_percent", no_utilisation)
+    probe, series = sampler.ResourceProbe(gpu_handle=object()), sampler.SampleSeries()
+    for _ in range(3):
+        probe.sample(series)
+    assert series.gpu_memory == [1234.0] * 3 and series.gpu_utilization == [None] * 3
+    assert probe.gpu_error is None and "Not Supported" in probe.utilization_error
+    monkeypatch.setattr(sampler, "read_gpu_busy_percent", lambda handle: 87.0)
+    busy = sampler.ResourceProbe(gpu_handle=object())
+    busy.sample(series)
+    assert series.gpu_utilization[-1] == 87.0 and series.gpu_memory[-1] == 1234.0

@@ -1,4 +1,5 @@
 """Sliding window: coverage, equivalence with a whole-volume pass, fold ensembling, TTA, windows in lanes."""
+import threading
 import time
 
 import pytest
@@ -112,3 +113,19 @@ def test_in_order_raises_the_first_failure_where_it_is_consumed():
     assert [next(results) for _ in range(3)] == [0, 1, 2]
     with pytest.raises(ValueError, match="window 3"):
         next(results)
+
+
+def test_in_order_closed_early_does_not_wait_for_the_calls_in_flight():
+    release, finished = threading.Event(), []
+
+    def held(item):
+        if item > 0:
+            release.wait(10)
+        finished.append(item)
+        return item
+
+    results = in_order(held, range(6), lanes=2)
+    assert next(results) == 0
+    results.close()  # as a SIGTERM in the accumulation loop would: items 1 and 2 are running, 3 queued
+    assert finished == [0]  # closed without waiting for the running ones
+    release.set()

@@ -73,10 +73,11 @@ def session_options(on_gpu: bool):
     # 12 phantoms took 31.5 s with spinning and 21.1 s without (results/batch_throughput_*.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not on_gpu:
-        # Two windows at once, each on half the cores (cpu_lanes): a 48^3 window is too small to split well,
+        # On two cores, a window a core, two at once (cpu_lanes): a 48^3 window is too small to split well,
         # 19.7 ms a window on 2 threads against 17.2 ms for 2 single-threaded windows at once on the 2-core
         # CPU (1.02x at 96^3), with the same logits to the bit (results/onnx_latency.md).
-        options.intra_op_num_threads = max(1, torch.get_num_threads() // cpu_lanes())
+        lanes = cpu_lanes()
+        options.intra_op_num_threads = 1 if lanes > 1 else torch.get_num_threads()
         options.inter_op_num_threads = 1
     return options
 
@@ -85,9 +86,14 @@ MAX_CPU_LANES = 2  # each window in flight holds its activations: gigabytes for 
 
 
 def cpu_lanes() -> int:
-    """Windows an ONNX Runtime CPU session runs at once: two where torch may use two cores or more
-    (torch.get_num_threads, which a Ray worker or OMP_NUM_THREADS sets), else one."""
-    return max(1, min(MAX_CPU_LANES, torch.get_num_threads()))
+    """Windows an ONNX Runtime CPU session runs at once: one a core where torch may use two cores or one
+    (torch.get_num_threads, which a Ray worker or OMP_NUM_THREADS sets), else one window on all of them.
+
+    Concurrent runs of a session share its one intra-op thread pool, so two windows on a pool of N/2 threads
+    would keep only about N/2 + 1 cores busy; with one thread a window there is no pool to share. Lanes of
+    several threads each would need a session (and a copy of the weights) per lane: not measured, not done."""
+    threads = max(1, torch.get_num_threads())
+    return threads if threads <= MAX_CPU_LANES else 1
 
 
 def cuda_provider_options(device: torch.device) -> dict:
