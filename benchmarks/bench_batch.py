@@ -128,7 +128,8 @@ def markdown(result: dict) -> str:
     for r in result["runs"]:
         same = {True: ", identical to (a)", False: ", DIFFER from (a)", None: ""}[r.get("same_as_sequential")]
         batch = r.get("batch_seconds")
-        busy = (f"{r['gpu_busy_percent']:.0f} % / {r.get('gpu_busy_percent_in_batch') or float('nan'):.0f} % | "
+        in_batch = r.get("gpu_busy_percent_in_batch")
+        busy = (f"{r['gpu_busy_percent']:.0f} % / {'-' if in_batch is None else f'{in_batch:.0f} %'} | "
                 if "gpu_busy_percent" in r else ("| " if gpu else ""))
         rows.append(f"| {r['label']} | {r['seconds']:.1f} | {cases * 3600 / r['seconds']:.0f} | "
                     f"{base / r['seconds']:.2f}x | {f'{batch:.1f}' if batch else ''} | "

@@ -1,7 +1,7 @@
 """Model load, from a model folder to a network ready on the device, ours against nnU-Net's in the same run:
 
-  ours   `inference.load_model(folder, backend="torch")`: the checkpoint memory-mapped, the network built on
-         the meta device and given the checkpoint's tensors, then moved to the device
+  ours   `inference.load_model(folder, backend="torch")`: the network built on the meta device and given the
+         checkpoint's tensors (memory-mapped for a GPU), then moved to the device
   peer   `nnUNetPredictor.initialize_from_trained_model_folder` + `load_state_dict` + `.to(device)`, what its
          predictor does before the first window (nnU-Net 2.8.1, .venv-nnunet's python)
 
@@ -33,6 +33,10 @@ from flare_common.files import write_json_atomically, write_text_atomically
 from flare_common.machine import cpu_label, device_tag, machine_facts
 from flare_common.results import REPO, RESULTS
 
+HOW_OURS_LOADS = ("For a GPU ours memory-maps the checkpoint (the optimizer state is never read; the weights' pages "
+                  "are read as they are copied to the device); on the CPU it reads the file, so that the weights do "
+                  "not stay pages of it. On either device ours builds the network on the meta device. nnU-Net reads "
+                  "the whole checkpoint and initialises the network randomly first.")
 SYNC = "torch.cuda.synchronize() if DEVICE == 'cuda' else None"
 OURS = f"""
 import sys, time, torch
@@ -78,16 +82,20 @@ def with_optimizer_state(model_dir: Path) -> Path:
 
 
 def time_load(python: str, code: str, model: Path, device: str, repeats: int, repo: Path | None = None
-              ) -> list[float]:
+              ) -> list[float] | str:
     """Seconds to load `model`, one fresh process each, with the engine of checkout `repo` first on the path
-    (ours); the first (page cache) run is dropped."""
+    (ours); the first (page cache) run is dropped. A failed run: its error's last line, instead."""
     seconds = []
-    env = dict(os.environ, PYTHONPATH=str(repo)) if repo else None
+    env = None
+    if repo:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
     for _ in range(repeats + 1):
         done = subprocess.run([python, "-c", code, str(model), device], cwd=repo or REPO, capture_output=True,
                               text=True, env=env)
         if done.returncode != 0:
-            raise SystemExit(f"bench_model_load: {python} failed on {model}: {done.stderr.strip()[-500:]}")
+            error = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+            print(f"bench_model_load: {python} failed on {model}: {error}", file=sys.stderr)
+            return error
         seconds.append(float(done.stdout.split()[-1]))
     return seconds[1:]
 
@@ -96,22 +104,22 @@ def markdown(result: dict) -> str:
     machine = result["machine"]
     rows = ["| model | parameters | checkpoint (MB) | ours (s) | nnUNetPredictor (s) | peer / ours |",
             "|---|---|---|---|---|---|"]
+    def seconds(value) -> str:  # the median, or why there is none
+        return f"{statistics.median(value):.2f}" if isinstance(value, list) else f"failed: {value or 'not run'}"
+
     for r in result["models"]:
-        peer = r.get("peer_s")
-        ratio = f"{statistics.median(peer) / statistics.median(r['ours_s']):.1f}x" if peer else ""
+        ours, peer = r["ours_s"], r.get("peer_s")
+        both = isinstance(ours, list) and isinstance(peer, list)
+        ratio = f"{statistics.median(peer) / statistics.median(ours):.1f}x" if both else ""
         rows.append(f"| {r['name']} | {r['parameters'] / 1e6:.1f} M | {r['checkpoint_mb']:.0f} | "
-                    f"{statistics.median(r['ours_s']):.2f} | {f'{statistics.median(peer):.2f}' if peer else ''} | "
-                    f"{ratio} |")
+                    f"{seconds(ours)} | {seconds(peer) if peer is not None else ''} | {ratio} |")
     where = machine.get("gpu") or cpu_label(machine)
     return "\n".join([
         f"# Model load to a network ready on the {result['device'].upper()}", "",
         f"{where}, {machine['cores']} cores, torch {machine['torch']}, {machine['date']}. Command: "
         f"`{result['command']}`" + (f" (ours from `{result['ours_repo']}`)" if result.get("ours_repo") else "")
         + f". Median of {result['repeats']} fresh processes each, imports excluded, warm page cache.", "",
-        *rows, "", "Ours memory-maps the checkpoint: on the CPU the weights' pages are read where the first window "
-        "uses them, not within the load (a warm page cache gives 400 MB in about 0.1 s); on CUDA they are read "
-        "within the load, where they are copied to the device. nnU-Net reads the whole checkpoint, optimizer "
-        "state included.", ""])
+        *rows, "", HOW_OURS_LOADS if not result.get("ours_repo") else "Ours as that checkout loads.", ""])
 
 
 def main(argv=None) -> int:

@@ -4,15 +4,14 @@
   torch                    the torch backend, torch.set_num_threads(cores), one window at a time
   ORT, cores on a window   ONNX Runtime with intra-op threads = cores, one window at a time (our CPU path until
                            session 21)
-  ORT, a window a core     the engine's CPU path (--backend auto / onnx): two windows at once from two threads
-                           (sliding_window.in_order), each on half the cores (onnx_loader.cpu_lanes); on the
-                           2-core machine, a window a core
+  ORT, a window a core     the engine's CPU path (--backend auto / onnx): on 2 cores, two single-threaded
+                           windows at once from two threads (sliding_window.in_order, onnx_loader.cpu_lanes);
+                           on more cores the same as "cores on a window"
 
     .venv/bin/python benchmarks/bench_onnx_latency.py [-m models/default] [--windows 8] [--warmup 2]
                                                       [--threads N] [--no-representative]
 
-Seconds a window = a group of `threads` windows' wall time / `threads` (run with the defaults on a machine of
-more than 2 cores, "a window a core" is two windows on half the cores each). Models measured:
+Seconds a window = a group of `threads` windows' wall time / `threads`. Models measured:
   * `-m` (default models/default) when it exists, at its inference patch (training patch x 1.2, rounded
     to the stride), else a model of the same architecture as training/train_default.py builds (random
     weights: latency does not depend on them);

@@ -61,13 +61,14 @@ class _RunsCode:
         return (os.mkdir, (self.marker,))
 
 
-def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path):
+@pytest.mark.parametrize("mmap", [False, True])
+def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, mmap):
     marker = str(tmp_path / "pwned")
     path = tmp_path / "checkpoint_final.pth"
     # a checkpoint that creates a folder when unpickled unsafely
     torch.save({"network_weights": {}, "payload": _RunsCode(marker)}, path)
     with pytest.raises(ModelError, match="refused or unreadable checkpoint"):
-        load_checkpoint(path)
+        load_checkpoint(path, mmap=mmap)
     assert not os.path.exists(marker)
     with pytest.raises(FileNotFoundError):  # the same payload does run under an unsafe load
         os.rmdir(marker)
@@ -81,6 +82,29 @@ def test_checkpoint_with_numpy_scalars_in_logging_loads(tmp_path):
     torch.save({"network_weights": {"w": torch.ones(2)}, "logging": {"ema": [np.float64(0.5)]},
                 "init_args": {"device": torch.device("cpu")}}, path)
     assert load_checkpoint(path)["logging"]["ema"][0] == 0.5
+
+
+def test_a_mapped_checkpoint_holds_what_a_read_one_holds(tmp_path):
+    shared = torch.randn(3, 4)
+    path = tmp_path / "c.pth"
+    torch.save({"network_weights": {"a": shared, "b": shared, "c": torch.arange(5)},
+                "optimizer_state": {"state": {0: {"momentum_buffer": torch.ones(3, 4)}}}}, path)
+    mapped, read = load_checkpoint(path, mmap=True), load_checkpoint(path)
+    for key in ("a", "b", "c"):
+        assert torch.equal(mapped["network_weights"][key], read["network_weights"][key])
+    assert mapped["network_weights"]["a"].data_ptr() == mapped["network_weights"]["b"].data_ptr()  # still shared
+
+
+def test_loaded_weights_are_the_checkpoints_in_fp32_and_shared_modules_stay_shared(tmp_path):
+    model_dir = make_toy_model(tmp_path / "m", residual=True, seed=3)
+    weights = load_checkpoint(model_dir / "fold_all" / "checkpoint_final.pth")["network_weights"]
+    module = load_model(model_dir, device="cpu", backend="torch").networks[0].module
+    state = module.state_dict()
+    assert set(state) == set(weights)
+    assert all(torch.equal(state[key], weights[key]) and state[key].dtype == weights[key].dtype for key in state)
+    assert not any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+    if hasattr(module, "decoder") and hasattr(module.decoder, "encoder"):
+        assert module.decoder.encoder is module.encoder
 
 
 def test_plans_cannot_import_arbitrary_code(tmp_path):

@@ -86,7 +86,8 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
     networks, mirror_axes = [], (0, 1, 2)
     for fold in fold_names:
         checkpoint_path = model_dir / f"fold_{fold}" / checkpoint_name
-        checkpoint = load_checkpoint(checkpoint_path)
+        # mapped for a GPU only: on the CPU the weights would stay pages of the file (checkpoint.py)
+        checkpoint = load_checkpoint(checkpoint_path, mmap=device.type == "cuda")
         network = network_with_weights(config, checkpoint["network_weights"], checkpoint_path)
         mirror_axes = tuple(checkpoint.get("inference_allowed_mirroring_axes") or mirror_axes)
         networks.append(TorchNetwork(network, device))
@@ -99,18 +100,31 @@ def network_with_weights(config, weights: dict, checkpoint_path: Path) -> torch.
     Built on the meta device, then given the checkpoint's tensors themselves (load_state_dict assign): a
     network built the usual way first fills every parameter with random numbers that are overwritten at once,
     a second or more of CPU time for a 100 M-parameter network, and then copies the weights over them."""
-    with torch.device("meta"):
-        network = build_network(config)
+    network = network_on_meta(config)
+    assign = network is not None
+    network = network if assign else build_network(config)
     try:
-        network.load_state_dict(weights, assign=True)
+        network.load_state_dict(weights, assign=assign)
     except RuntimeError as err:
         first_line = str(err).splitlines()[0]
         raise ModelError(f"{checkpoint_path}: weights do not fit the planned network ({first_line})") from None
-    if any(tensor.is_meta for tensor in [*network.parameters(), *network.buffers()]):
-        # a buffer the checkpoint does not hold (not persistent) has no value yet: build it the usual way
+    if assign and any(tensor.is_meta for tensor in [*network.parameters(), *network.buffers()]):
+        # a buffer the checkpoint does not hold (not persistent) has no value yet: the usual way (weights fit)
         network = build_network(config)
         network.load_state_dict(weights)
     return network.float()
+
+
+def network_on_meta(config) -> torch.nn.Module | None:
+    """The planned network without storage (the meta device); None where its construction needs real
+    tensors (then it is built the usual way)."""
+    try:
+        with torch.device("meta"):
+            return build_network(config)
+    except ModelError:
+        raise
+    except Exception:
+        return None
 
 
 def fold_dir_name(fold: str | int) -> str:
