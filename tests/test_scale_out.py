@@ -42,11 +42,11 @@ def folder(tmp_path_factory):
     return root, images, make_toy_model(root / "model")
 
 
-def run_batch(images: Path, out: Path, model, pipelined: bool) -> list:
+def run_batch(images: Path, out: Path, model, pipelined: bool, settings: PredictionSettings | None = None) -> list:
     cases = sorted(images.iterdir())
     out.mkdir()
     outputs = {path: out / path.name.replace("_0000", "") for path in cases}
-    return list(predict_cases(cases, outputs, model, PredictionSettings(), pipelined=pipelined))
+    return list(predict_cases(cases, outputs, model, settings or PredictionSettings(), pipelined=pipelined))
 
 
 def masks(folder_path: Path) -> dict[str, np.ndarray]:
@@ -89,11 +89,12 @@ def worker_processes() -> list[psutil.Process]:
 def test_ray_workers_survive_a_killed_worker_and_a_rerun_resumes(folder, tmp_path):
     root, images, model_dir = folder
     reference = tmp_path / "reference"
-    run_batch(images, reference, load_model(model_dir, device="cpu"), pipelined=False)
+    # small windows at a fine step: hundreds of windows a case, long enough to be killed in the middle of
+    fine = PredictionSettings(patch_size=(16, 16, 16), step_size=0.1)
+    run_batch(images, reference, load_model(model_dir, device="cpu"), pipelined=False, settings=fine)
     out, journal = tmp_path / "out", tmp_path / "run.journal.jsonl"
-    # a fine step makes each case long enough to be killed in the middle of
     args = ["-i", images, "-o", out, "-m", model_dir, "--device", "cpu", "--backend", "torch", "--ray",
-            "--journal", journal, "--step-size", "0.1"]
+            "--journal", journal, "--patch-size", "16", "16", "16", "--step-size", "0.1"]
     process = run_cli(*args, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
     killed = None
     deadline = time.time() + 240
@@ -104,7 +105,7 @@ def test_ray_workers_survive_a_killed_worker_and_a_rerun_resumes(folder, tmp_pat
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.2)
     stdout, stderr = process.communicate(timeout=600)
-    assert killed is not None, "no worker was seen at work"
+    assert killed is not None, f"no worker was seen at work; the run said:\n{stderr[-3000:]}"
     assert process.returncode == 1, stderr  # the broken case fails, alone
     assert "Traceback" not in stderr
     assert [line for line in stderr.splitlines() if line.startswith("error")] == [
