@@ -30,12 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
-from flare_common.files import write_json_atomically, write_text_atomically
 from evaluation.resource_sampler import SamplerProcess
-from flare_common.machine import cpu_label, device_tag, machine_facts
-from flare_common.results import REPO, RESULTS
+from flare_common.machine import cpu_label, device_facts
+from flare_common.results import REPO, RESULTS, write_result
 from phantoms import write_dataset
 
 SHAPE, SPACING = (64, 192, 192), (4.0, 2.5, 2.5)  # a partial scan at a realistic scale: seconds a case
@@ -209,17 +207,13 @@ def main(argv=None) -> int:
             runs.append(run("(d) nnUNetv2_predict, its default workers, TTA off",
                             [predict, "-i", images, "-o", work / "d", "-m", args.model, "-f", "all", "--disable_tta",
                              "-device", args.device, "--disable_progress_bar"], work / "d", gpu_index, ours=False))
-        gpu = {"gpu": torch.cuda.get_device_name(0)} if args.device == "cuda" else {}
-        result = {"machine": machine_facts(**gpu), "device": args.device, "cases": args.cases, "shape_zyx": list(SHAPE),
-                  "spacing_zyx": list(SPACING), "seed": args.seed,
+        result = {"machine": device_facts(args.device), "device": args.device, "cases": args.cases,
+                  "shape_zyx": list(SHAPE), "spacing_zyx": list(SPACING), "seed": args.seed,
                   "command": "python benchmarks/bench_batch.py " + " ".join(sys.argv[1:]), "runs": runs,
                   "projection": projection()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    machine = result["machine"]
-    stem = args.results / f"batch_throughput_{device_tag(machine.get('gpu') or machine['cpu'])}_{machine['date'][:10]}"
-    write_json_atomically(stem.with_suffix(".json"), result)
-    write_text_atomically(stem.with_suffix(".md"), markdown(result))
+    write_result("batch_throughput", result, markdown(result), args.results)
     print(markdown(result))
     return 0
 

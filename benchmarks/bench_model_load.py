@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_flare_sizes import representative_model
-from flare_common.files import write_json_atomically, write_text_atomically
-from flare_common.machine import cpu_label, device_tag, machine_facts
-from flare_common.results import REPO, RESULTS
+from flare_common.machine import cpu_label, device_facts
+from flare_common.results import REPO, RESULTS, write_result
 
 HOW_OURS_LOADS = ("For a GPU ours memory-maps the checkpoint (the optimizer state is never read; the weights' pages "
                   "are read as they are copied to the device); on the CPU it reads the file, so that the weights do "
@@ -147,14 +146,10 @@ def main(argv=None) -> int:
             row["peer_s"] = time_load(str(args.nnunet_python), PEER, folder, args.device, args.repeats)
         print(f"bench_model_load: {name}: ours {row['ours_s']}, peer {row.get('peer_s')}", file=sys.stderr)
         rows.append(row)
-    gpu = {"gpu": torch.cuda.get_device_name(0)} if args.device == "cuda" else {}
-    result = {"machine": machine_facts(**gpu), "device": args.device, "repeats": args.repeats, "models": rows,
+    result = {"machine": device_facts(args.device), "device": args.device, "repeats": args.repeats, "models": rows,
               "command": "python benchmarks/bench_model_load.py " + " ".join(sys.argv[1:]),
               "ours_repo": str(args.repo) if args.repo != REPO else None}
-    machine = result["machine"]
-    stem = args.results / f"model_load_{device_tag(machine.get('gpu') or machine['cpu'])}_{machine['date'][:10]}"
-    write_json_atomically(stem.with_suffix(".json"), result)
-    write_text_atomically(stem.with_suffix(".md"), markdown(result))
+    write_result("model_load", result, markdown(result), args.results)
     print(markdown(result))
     return 0
 

@@ -40,6 +40,14 @@ def machine_facts(**extra) -> dict:
             "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, **extra}
 
 
+def device_facts(device: str, **extra) -> dict:
+    """machine_facts, with the GPU's name (`gpu`) where `device` is "cuda"."""
+    if device == "cuda":
+        import torch
+        extra["gpu"] = torch.cuda.get_device_name(0)
+    return machine_facts(**extra)
+
+
 def cpu_label(facts: dict) -> str:
     """"AMD EPYC, torch CPU capability AVX512"; results from before the capability was recorded show the name
     only."""

@@ -8,8 +8,8 @@ import psutil
 import pytest
 
 from flare_common.files import atomic_path, write_json_atomically, write_text_atomically
-from flare_common.machine import cpu_label, cpu_model, machine_facts
-from flare_common.results import REPO, display
+from flare_common.machine import cpu_label, cpu_model, device_facts, machine_facts
+from flare_common.results import REPO, display, write_result
 
 
 def test_atomic_path_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
@@ -52,3 +52,15 @@ def test_machine_facts_name_the_cpu_its_vector_level_and_take_a_benchmarks_own_f
 def test_display_is_relative_inside_the_repository(tmp_path):
     assert display(REPO / "results" / "x.md") == "results/x.md"
     assert display(tmp_path / "x.md") == str((tmp_path / "x.md").resolve())
+
+
+def test_write_result_names_the_files_by_device_and_date(tmp_path):
+    facts = device_facts("cpu")
+    assert "gpu" not in facts
+    result = {"machine": dict(facts, cpu="AMD EPYC 7B13", date="2026-12-01T18:00:00+00:00"), "value": 1.5}
+    stem = write_result("model_load", result, "# a table\n", tmp_path)
+    assert stem == tmp_path / "model_load_amd-epyc-7b13_2026-12-01"
+    assert json.loads(stem.with_suffix(".json").read_text())["value"] == 1.5
+    assert stem.with_suffix(".md").read_text() == "# a table\n"
+    on_gpu = dict(result, machine=dict(result["machine"], gpu="NVIDIA H200"))
+    assert write_result("batch_throughput", on_gpu, "", tmp_path).name == "batch_throughput_nvidia-h200_2026-12-01"
