@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from evaluation.efficiency_report import auc, mean
 from evaluation.resource_sampler import SamplerProcess
 from flare_common.machine import cpu_label, device_facts
 from flare_common.results import REPO, RESULTS, write_result
@@ -71,17 +73,16 @@ def run(label: str, argv: list[str], out: Path, gpu_index: int | None = None, ou
     interval = samples["interval_s"]
     result = {"label": label, "command": " ".join(map(str, argv)).replace(str(REPO) + "/", ""), "seconds": seconds,
               "masks": written, "returncode": process.returncode,
-              "cpu_seconds": sum(samples["tree_cpu_percent"]) * interval / 100}
+              "cpu_seconds": auc(samples["tree_cpu_percent"], interval, decimals=2) / 100}
     window = batch_window(timings)
     if window is not None:
         result["batch_seconds"] = window[1] - window[0]
-    busy = [(at, value) for at, value in zip(samples["timestamps"], samples.get("gpu_utilization") or [])
-            if value is not None]
-    if busy:
-        result["gpu_busy_percent"] = float(np.mean([value for _, value in busy]))
+    busy = samples.get("gpu_utilization") or []
+    if any(value is not None for value in busy):
+        result["gpu_busy_percent"] = mean(busy)
         if window is not None:
-            inside = [value for at, value in busy if window[0] <= at <= window[1]]
-            result["gpu_busy_percent_in_batch"] = float(np.mean(inside)) if inside else None
+            inside = [value for at, value in zip(samples["timestamps"], busy) if window[0] <= at <= window[1]]
+            result["gpu_busy_percent_in_batch"] = None if math.isnan(mean(inside)) else mean(inside)
     print(f"bench_batch: {label}: {seconds:.1f} s, {written} masks", file=sys.stderr)
     return result
 
