@@ -8,7 +8,7 @@
                            windows at once from two threads (sliding_window.in_order, onnx_loader.cpu_lanes);
                            on more cores the same as "cores on a window"
 
-    .venv/bin/python benchmarks/bench_onnx_latency.py [-m models/default] [--windows 8] [--warmup 2]
+    .venv/bin/python benchmarks/bench_onnx_latency.py [-m models/default] [--groups 8] [--warmup 2]
                                                       [--threads N] [--no-representative]
 
 Seconds a window = a group of `threads` windows' wall time / `threads`. Models measured:
