@@ -9,6 +9,8 @@ evaluation harness shares) can be imported without torch.
 """
 import importlib
 
+__version__ = "0.20.0"  # in every mask's provenance note (provenance.py): a new engine writes masks anew
+
 _EXPORTS = {"CaseError": ".errors", "ModelError": ".errors", "LoadedModel": ".model", "load_model": ".model",
             "PredictionSettings": ".pipeline", "predict_array": ".pipeline", "predict_image": ".pipeline",
             "predict_image_with_report": ".pipeline", "CaseReport": ".timing"}

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import SimpleITK as sitk
 
-from . import io, prefetch
+from . import io, prefetch, provenance
 from .errors import CaseError, ModelError
 from .pipeline import PredictionSettings, predict_image_with_report
 from .timing import CaseReport, StageTimer
@@ -48,9 +48,11 @@ def read_case(path: Path) -> sitk.Image:
     return prefetch.take(path) or io.read_image(path)
 
 
-def write_case(mask: sitk.Image, output: Path, report: CaseReport, started: float) -> CaseReport:
+def write_case(mask: sitk.Image, output: Path, report: CaseReport, started: float, source: Path | None = None,
+               run: str | None = None) -> CaseReport:
+    """Write `source`'s mask to `output`, with the note of what made it (provenance.py) where `run` is given."""
     with StageTimer(report)("write"):  # host-side: nothing to synchronise
-        io.write_image_atomically(mask, output)
+        io.write_image_atomically(mask, output, provenance.mask_note(run, source) if source else None)
     report.seconds["total"] = time.perf_counter() - started
     return report
 
@@ -78,9 +80,10 @@ def compute_case(image_future: Future, model, settings: PredictionSettings, star
 
 
 def predict_cases(cases: Sequence[Path], outputs: dict[Path, Path], model, settings: PredictionSettings,
-                  pipelined: bool = True) -> Iterator[CaseResult]:
+                  pipelined: bool = True, run: str | None = None) -> Iterator[CaseResult]:
     """Predict and write every case, yielding each result in order once its mask is written (or it failed).
-    `pipelined=False`: one case after another (read, compute, write), for comparison."""
+    `pipelined=False`: one case after another (read, compute, write), for comparison. `run`: the run's
+    fingerprint (provenance.run_fingerprint), written into each mask with its input's."""
     reader = ThreadPoolExecutor(1, thread_name_prefix="read") if pipelined else None
     writer = ThreadPoolExecutor(1, thread_name_prefix="write") if pipelined else None
     reads: deque[Future] = deque()
@@ -120,7 +123,7 @@ def predict_cases(cases: Sequence[Path], outputs: dict[Path, Path], model, setti
             if (previous := finish_writing()) is not None:  # one mask in flight at a time
                 yield previous
             submit = writer.submit if writer is not None else completed
-            writing = (path, submit(write_case, mask, outputs[path], report, started))
+            writing = (path, submit(write_case, mask, outputs[path], report, started, path, run))
             del mask
         if (previous := finish_writing()) is not None:
             yield previous

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -19,10 +20,14 @@ import SimpleITK as sitk
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import batch, io
+from flare_common.files import write_text_atomically
+
+from . import batch, io, provenance
 from .errors import CaseError, ModelError
 from .model import load_model
+from .patch_policy import check_patch_request
 from .pipeline import PredictionSettings
+from .postprocess import lesion_label_ids
 from .timing import STAGE_ORDER, process_start_time
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
@@ -37,15 +42,68 @@ EXAMPLES = """examples:
 log = logging.getLogger("inference")
 
 
-def non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+def number(text: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:
+    """A finite float within [low, high] (low excluded with `low_open`), for argparse: NaN, infinities and
+    values out of range are refused where the flag is parsed, not deep in a case."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    below = low is not None and (value <= low if low_open else value < low)
+    if not math.isfinite(value) or below or (high is not None and value > high):
+        if low is not None and high is not None:
+            wanted = f"within {'(' if low_open else '['}{low:g}, {high:g}]"
+        elif low is not None:
+            wanted = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            wanted = "a finite number"
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
     return value
 
 
+def non_negative(text: str) -> float:
+    return number(text, low=0)
+
+
+def probability(text: str) -> float:
+    return number(text, low=0, high=1)
+
+
+def step_fraction(text: str) -> float:
+    return number(text, low=0, high=1, low_open=True)
+
+
+def patch_scale(text: str) -> float:
+    # the patch never goes below the training patch (patch_policy.scaled_patch): a scale under 1 would be a no-op
+    return number(text, low=1, high=MAX_PATCH_SCALE)
+
+
+def finite(text: str) -> float:
+    return number(text)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+MAX_PATCH_SCALE = 8.0
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a refused flag said in one line (no usage block above it), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m inference", description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     parser.add_argument("-i", "--input", required=True, help="folder of <case>_0000.nii.gz images")
@@ -63,19 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto (default): torch on CUDA; ONNX Runtime on the CPU from an export of the same "
                              "checkpoint (the model folder's, else one made once into ~/.cache), else torch; "
                              "or force one (onnx/tensorrt need `python -m inference.export_onnx` first)")
-    parser.add_argument("-step_size", "--step-size", type=float, default=DEFAULTS.step_size,
-                        help="window step as a fraction of the patch (0.5 = half overlap)")
-    parser.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None,
-                        help="inference patch (default: training patch x --patch-scale)")
-    parser.add_argument("--patch-scale", type=float, default=DEFAULTS.patch_scale,
+    parser.add_argument("-step_size", "--step-size", type=step_fraction, default=DEFAULTS.step_size,
+                        help="window step as a fraction of the patch, within (0, 1] (0.5 = half overlap)")
+    parser.add_argument("--patch-size", type=positive_int, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                        help="inference patch, a multiple of the network's stride (default: training patch x "
+                             "--patch-scale)")
+    parser.add_argument("--patch-scale", type=patch_scale, default=DEFAULTS.patch_scale,
                         help="inference patch as a multiple of the training patch, rounded to the network's "
-                             f"stride (default {DEFAULTS.patch_scale}: fewer windows than the training patch)")
+                             f"stride, within [1, {MAX_PATCH_SCALE:g}] (default {DEFAULTS.patch_scale}: fewer windows than the "
+                             "training patch)")
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
     parser.add_argument("--no-crop", action="store_true", help="skip the body crop")
-    parser.add_argument("--crop-threshold", type=float, default=DEFAULTS.crop_threshold_hu, help="body threshold (HU)")
-    parser.add_argument("--crop-margin", type=float, default=DEFAULTS.crop_margin_mm,
+    parser.add_argument("--crop-threshold", type=finite, default=DEFAULTS.crop_threshold_hu,
+                        help="body threshold (HU)")
+    parser.add_argument("--crop-margin", type=non_negative, default=DEFAULTS.crop_margin_mm,
                         help="margin around the body (mm)")
-    parser.add_argument("--lesion-labels", type=int, nargs="+", default=None,
+    parser.add_argument("--lesion-labels", type=positive_int, nargs="+", default=None,
                         help="model labels mapped to 1 (default: every non-background label)")
     parser.add_argument("--resample-back", choices=["logits", "labels"], default=DEFAULTS.resample_back,
                         help="back to the input grid: logits (trilinear, then argmax; default, smoother) or "
@@ -83,9 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-lesion-ml", type=non_negative, default=None,
                         help="drop predicted lesions smaller than this (default: the model folder's "
                              "lesion_filter.json, else 0 = keep all)")
-    parser.add_argument("--min-lesion-probability", type=non_negative, default=None,
+    parser.add_argument("--min-lesion-probability", type=probability, default=None,
                         help="drop predicted lesions whose most confident voxel is below this lesion "
-                             "probability (default: lesion_filter.json, else 0 = keep all)")
+                             "probability, within [0, 1] (default: lesion_filter.json, else 0 = keep all)")
     parser.add_argument("--time-budget", type=non_negative, default=None, metavar="SECONDS",
                         help="per-case time budget: when the network is predicted (windows x the measured time "
                              "of one) to overrun it, take a larger step (0.75, then 1.0) and say so")
@@ -98,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                         help="spread the cases over Ray workers (one per GPU, else one per --ray-cpus cores): Ray "
                              "on this machine, or the cluster at ADDRESS (docs/scale-out.md)")
-    parser.add_argument("--ray-cpus", type=int, default=1, metavar="N", help="cores per worker without GPUs (1)")
-    parser.add_argument("--ray-workers", type=int, default=None, metavar="N",
+    parser.add_argument("--ray-cpus", type=positive_int, default=1, metavar="N",
+                        help="cores per worker without GPUs (1)")
+    parser.add_argument("--ray-workers", type=positive_int, default=None, metavar="N",
                         help="at most N workers (default: as many as the cluster's GPUs, or cores / --ray-cpus)")
     parser.add_argument("--journal", default=None, metavar="FILE",
                         help="with --ray: the run's journal, outside the output folder (default OUT.journal.jsonl); "
@@ -141,7 +203,8 @@ def _stop(signum, frame):
 
 
 def write_empty_mask(path: Path, output_path: Path) -> None:
-    """--on-error empty: the all-zero mask of a failed case, said in one line (or why there is none)."""
+    """--on-error empty: the all-zero mask of a failed case, said in one line (or why there is none). Its note
+    says it is no finished mask: --skip-existing and a resumed run compute the case again."""
     try:
         io.write_empty_mask(path, output_path)
         log.warning("warning: %s: wrote an empty mask %s (--on-error empty)", path, output_path.name)
@@ -183,23 +246,30 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> int:
     """The CLI's work; `done` receives the name of each case whose mask is written."""
+    settings = settings_from_args(args)
     try:
+        # every flag and path is checked before the first case: a run that cannot finish stops here
         scan = io.find_cases(args.input)
+        io.set_aside_earlier_masks(scan, args.output)
         outputs = io.output_paths(scan.cases + [path for path, _ in scan.broken], args.output)
         io.prepare_output_folder(args.output)
+        if args.timings:
+            io.check_file_can_be_written(Path(args.timings), "--timings")
+        journal = ray_journal(args) if args.ray is not None else None
         load_start = time.perf_counter()
         # with --ray the workers load the model; here it is only checked, on the CPU
         on_ray = args.ray is not None
         model = load_model(args.model, args.folds, args.checkpoint, "cpu" if on_ray else args.device,
                            args.configuration, "torch" if on_ray else args.backend)
+        check_settings(model, settings)
         load_seconds = time.perf_counter() - load_start
         model_loaded_at = time.time()
+        run_id = provenance.run_fingerprint(model.fingerprint(), settings)
     except (CaseError, ModelError, ValueError) as err:
         log.error("error: %s", err)
         return 2
     for path, reason in scan.skipped:
         log.warning("skipped: %s: %s", path, reason)
-    settings = settings_from_args(args)
     # Bars belong on a terminal: in a log (docker logs, the efficiency harness, CI) one line a case says it all.
     on_terminal = sys.stderr.isatty() and not args.quiet
     settings.progress = on_terminal and args.verbose
@@ -211,41 +281,72 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
     startup = {"process_start": process_start_time(), "imports_done": imports_done_at,
                "model_loaded": model_loaded_at}
     report = {"model": str(args.model), "device": str(model.device), "backend": model.backend,
-              "folds": list(model.folds), "model_load_s": load_seconds, "startup": startup, "cases": {}}
+              "folds": list(model.folds), "model_load_s": load_seconds, "run_fingerprint": run_id,
+              "startup": startup, "cases": {}}
     failures = len(scan.broken)
     for path, reason in scan.broken:
         log.error("error: %s: %s", path, reason)
         report["cases"][path.name] = {"error": reason}
         if args.on_error == "empty":
             write_empty_mask(path, outputs[path])
-    todo = [path for path in scan.cases if not (args.skip_existing and outputs[path].exists())]
+    todo = scan.cases
+    if args.skip_existing:
+        todo = [path for path in scan.cases if not kept_from_earlier_run(path, outputs[path], run_id)]
     try:
-        with closing(case_results(todo, outputs, model, settings, args)) as results, logging_redirect_tqdm():
+        with closing(case_results(todo, outputs, model, settings, args, run_id, journal)) as results, \
+                logging_redirect_tqdm():
             failures += record_results(results, len(todo), args, report, done,
                                        show_bar=on_terminal and len(todo) > 1)
     except ModelError as err:  # --ray: Ray missing, or no cluster at the address
         log.error("error: %s", err)
         return 2
     if args.timings:
-        Path(args.timings).write_text(json.dumps(report, indent=2))
+        try:
+            write_text_atomically(args.timings, json.dumps(report, indent=2))
+        except OSError as err:
+            log.error("error: %s: --timings not written (%s)", args.timings, err.strerror or err)
+            failures += 1
     if failures:
         log.error("error: %d of %d case(s) failed", failures, total)
     return 1 if failures else 0
 
 
+def check_settings(model, settings: PredictionSettings) -> None:
+    """What the flags ask of this model, checked before any case: the patch (patch_policy.check_patch_request)
+    and the lesion labels. ModelError or ValueError, one line."""
+    check_patch_request(model, settings)
+    lesion_label_ids(model.config.labels, settings.lesion_labels)
+
+
+def kept_from_earlier_run(path: Path, output: Path, run_id: str | None) -> bool:
+    """--skip-existing: whether the mask already at `output` is kept, which it is only where it passes the checks
+    of a fresh write and was made by this model and settings from this input (io.reusable_mask_problem); a
+    mask that is there and is not kept is said to be computed again."""
+    problem = io.reusable_mask_problem(path, output, provenance.mask_note(run_id, path))
+    if problem is not None and problem != "no mask":
+        log.info("%s: computed again (--skip-existing): the mask there is %s", output, problem)
+    return problem is None
+
+
+def ray_journal(args: argparse.Namespace):
+    """--ray's journal, its folder checked for writing before any work (scale_out.Journal)."""
+    from .scale_out import Journal, default_journal
+
+    return Journal(Path(args.journal) if args.journal else default_journal(args.output))
+
+
 def case_results(todo: list[Path], outputs: dict[Path, Path], model, settings: PredictionSettings,
-                 args: argparse.Namespace) -> Iterator[batch.CaseResult]:
+                 args: argparse.Namespace, run_id: str | None, journal) -> Iterator[batch.CaseResult]:
     """Each case's result as its mask is written or it fails: on Ray workers with --ray (scale_out.py, the only
     place Ray is imported), else in this process, pipelined unless --sequential (batch.py)."""
     if args.ray is None:
-        return batch.predict_cases(todo, outputs, model, settings, pipelined=not args.sequential)
-    from .scale_out import Journal, default_journal, predict_on_ray
+        return batch.predict_cases(todo, outputs, model, settings, pipelined=not args.sequential, run=run_id)
+    from .scale_out import predict_on_ray
 
     model_args = dict(model_dir=args.model, folds=args.folds, checkpoint_name=args.checkpoint,
                       device=args.device, configuration=args.configuration, backend=args.backend)
-    journal = Journal(Path(args.journal) if args.journal else default_journal(args.output))
     return predict_on_ray(todo, outputs, model_args, settings, args.ray or None, args.ray_cpus, journal,
-                          max_workers=args.ray_workers)
+                          max_workers=args.ray_workers, run=run_id)
 
 
 def record_results(results: Iterable[batch.CaseResult], total: int, args: argparse.Namespace, report: dict,

@@ -10,12 +10,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 import SimpleITK as sitk
 
-from flare_common.files import atomic_path
+from flare_common.files import atomic_path, itk_path
 
 from .errors import CaseError
 
@@ -101,6 +102,37 @@ def output_paths(cases: list[Path], output_dir: str | Path) -> dict[Path, Path]:
     return planned
 
 
+def set_aside_earlier_masks(scan: CaseScan, output_dir: str | Path) -> None:
+    """Where the output folder is the input folder, `<case>.nii.gz` beside `<case>_0000.*` is that case's mask
+    from an earlier run, not a case: moved to the skipped entries, with the reason."""
+    if not scan.cases or scan.cases[0].parent.resolve() != Path(output_dir).resolve():
+        return
+    first_channels = {case_id(path) for path in scan.cases + [path for path, _ in scan.broken]
+                      if split_suffix(path.name)[0].endswith(CHANNEL_SUFFIX)}
+    cases = []
+    for path in scan.cases:
+        stem, _ = split_suffix(path.name)
+        if path.name == f"{stem}.nii.gz" and stem in first_channels:
+            scan.skipped.append((path, f"the mask of {stem}{CHANNEL_SUFFIX} from an earlier run (the output "
+                                       "folder is the input folder)"))
+        else:
+            cases.append(path)
+    scan.cases[:] = cases
+
+
+def check_file_can_be_written(path: Path, flag: str) -> None:
+    """CaseError, before any work, unless a file can be created at `path` (named by the flag `flag`)."""
+    folder = path.parent
+    if path.is_dir():
+        raise CaseError(f"{path}: {flag} names a folder, not a file")
+    if not folder.is_dir():
+        raise CaseError(f"{path}: {flag}: the folder {folder} does not exist")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise CaseError(f"{path}: {flag}: the folder {folder} cannot be written ({err.strerror or err})") from None
+
+
 def prepare_output_folder(output_dir: str | Path) -> None:
     """Create the output folder, check it is writable (before any case runs the network), and remove
     partial masks that a killed run left in it."""
@@ -121,21 +153,110 @@ def prepare_output_folder(output_dir: str | Path) -> None:
 
 
 def read_image(path: str | Path) -> sitk.Image:
+    """The case's image, checked before its voxels are read (a header that declares more data than the file
+    can hold, a grid a mask cannot be written on) and after (NaN voxels)."""
     path = Path(path)
+    with itk_path(path) as name:
+        header = read_header(path, name)
+        if header.GetDimension() != 3:
+            raise CaseError(f"{path}: expected a 3D image, got {header.GetDimension()}D")
+        if header.GetNumberOfComponents() != 1:
+            raise CaseError(f"{path}: expected a scalar image, got "
+                            f"{header.GetNumberOfComponents()} components per voxel")
+        check_declared_size(path, header)
+        check_nifti_data_length(path)
+        if min(header.GetSize()) < 1 or min(header.GetSpacing()) <= 0:
+            raise CaseError(f"{path}: empty image or non-positive spacing {header.GetSpacing()}")
+        check_orthonormal(path, header.GetDirection())
+        warn_if_skewed_nifti(path)
+        try:
+            image = header.Execute()
+        except RuntimeError as err:
+            raise CaseError(f"{path}: cannot read image ({sitk_reason(str(err))})") from None
+    return replace_non_finite(image, path)
+
+
+def read_header(path: Path, name: str | None = None) -> sitk.ImageFileReader:
+    """A reader holding `path`'s header (size, spacing, origin, direction, pixel type, metadata), no voxels
+    read; `name`: the path as SimpleITK takes it (itk_path). CaseError when it cannot be read."""
+    reader = sitk.ImageFileReader()
+    if name is None:
+        with itk_path(path) as name:
+            return read_header(path, name)
+    reader.SetFileName(name)
     try:
-        image = sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
     except RuntimeError as err:
         raise CaseError(f"{path}: cannot read image ({sitk_reason(str(err))})") from None
-    check_nifti_data_length(path)
-    if image.GetDimension() != 3:
-        raise CaseError(f"{path}: expected a 3D image, got {image.GetDimension()}D")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise CaseError(f"{path}: expected a scalar image, got "
-                        f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
-    if min(image.GetSize()) < 1 or min(image.GetSpacing()) <= 0:
-        raise CaseError(f"{path}: empty image or non-positive spacing {image.GetSpacing()}")
-    warn_if_skewed_nifti(path)
-    return replace_non_finite(image, path)
+    return reader
+
+
+MAX_IMAGE_VOXELS = 2 ** 31  # 8 GB of float32: over four times a 512x512x2000 CT
+DEFLATE_MAX_RATIO = 1032  # zlib's ceiling: no deflate stream expands by more
+
+
+def _metaimage_storage(path: Path) -> str:
+    """How an .mha / .nrrd file holds its voxels: "raw", "compressed" or "detached" (in another file)."""
+    with open(path, "rb") as f:
+        header = f.read(1 << 16).split(b"\n\n", 1)[0].decode("latin-1")
+    fields = {}
+    for line in header.splitlines():
+        key, separator, value = line.replace("=", ":", 1).partition(":")
+        if separator:
+            fields[key.strip().lower()] = value.strip()
+    if path.name.lower().endswith(".mha"):
+        if fields.get("elementdatafile", "LOCAL").upper() != "LOCAL":
+            return "detached"
+        return "compressed" if fields.get("compresseddata", "false").lower() == "true" else "raw"
+    if "data file" in fields or "datafile" in fields:
+        return "detached"
+    return "raw" if fields.get("encoding", "raw").lower() == "raw" else "compressed"
+
+
+def check_declared_size(path: Path, header: sitk.ImageFileReader) -> None:
+    """Refuse (CaseError) a header that declares more voxels than the file can hold, before they are allocated:
+    a 93-byte .nii.gz can declare 1000^3 voxels (2 GB). Compressed data expands at most DEFLATE_MAX_RATIO
+    times; raw data is as large as declared. Voxels kept in another file than the header are refused."""
+    voxels = float(np.prod(header.GetSize(), dtype=np.float64))
+    bytes_per_voxel = _PIXEL_BYTES.get(header.GetPixelID(), 8) * max(1, header.GetNumberOfComponents())
+    declared = voxels * bytes_per_voxel
+    name = path.name.lower()
+    file_bytes = path.stat().st_size
+    if name.endswith((".mha", ".nrrd")):
+        storage = _metaimage_storage(path)
+        if storage == "detached":
+            raise CaseError(f"{path}: its voxels are kept in another file than its header; only single-file "
+                            "images are read")
+        capacity = file_bytes * (DEFLATE_MAX_RATIO if storage == "compressed" else 1)
+    elif name.endswith(".gz"):
+        capacity = file_bytes * DEFLATE_MAX_RATIO
+    else:
+        capacity = file_bytes
+    size = "x".join(map(str, header.GetSize()))
+    if voxels > MAX_IMAGE_VOXELS:
+        raise CaseError(f"{path}: its header declares {size} voxels, over the limit of {MAX_IMAGE_VOXELS:,}")
+    if declared > capacity:
+        raise CaseError(f"{path}: its header declares {size} voxels ({declared / 1e6:,.0f} MB), more than its "
+                        f"{file_bytes:,} bytes can hold: truncated or corrupt")
+
+
+_PIXEL_BYTES = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+                sitk.sitkInt32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat32: 4, sitk.sitkFloat64: 8}
+ORTHONORMAL_TOLERANCE = 1e-4
+
+
+def check_orthonormal(path: Path, direction: Sequence[float]) -> None:
+    """Refuse (CaseError) a grid whose axes are not perpendicular unit vectors (a sheared .mha): a NIfTI mask
+    cannot carry it, and ITK would write the mask on an orthonormal grid, moved by millimetres, without a word."""
+    matrix = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    if np.abs(matrix.T @ matrix - np.eye(3)).max() <= ORTHONORMAL_TOLERANCE:
+        return
+    lengths = np.linalg.norm(matrix, axis=0)
+    cosines = np.clip((matrix / lengths).T @ (matrix / lengths), -1, 1)
+    worst = float(np.degrees(np.arccos(np.abs(cosines[np.triu_indices(3, 1)]).max())))
+    raise CaseError(f"{path}: its direction matrix is not orthonormal (axes {worst:.1f} degrees apart, or not of "
+                    "unit length): a NIfTI mask cannot carry this grid; resample the image onto an orthonormal "
+                    "grid first")
 
 
 def replace_non_finite(image: sitk.Image, path: Path) -> sitk.Image:
@@ -257,40 +378,45 @@ def sitk_reason(message: str) -> str:
     return "corrupt or unsupported file"
 
 
-def write_image_atomically(image: sitk.Image, path: str | Path) -> None:
-    """Write into a hidden partial folder beside the target, check what was written, then rename: no partial
-    or cut-short mask ever exists under its final name.
+def write_image_atomically(image: sitk.Image, path: str | Path, note: str | None = None) -> None:
+    """Write into a hidden partial folder beside the target, check what was written, then rename: no partial,
+    cut-short or moved mask ever exists under its final name. `note`: what produced the mask (provenance.py),
+    kept in the NIfTI header's `descrip`.
 
-    ITK reports some write failures (a full disk among them) only on stderr and returns normally, so the
-    written file is checked: complete voxel data (check_nifti_data_length) and a readable header with the
-    image's size. A failed check is a CaseError and nothing is left behind.
+    ITK reports some write failures (a full disk among them) only on stderr and returns normally, and writes
+    a grid NIfTI cannot hold on another one without an error, so the written file is checked: complete voxel
+    data, its header's grid the image's (size, and every corner within a hundredth of a voxel) and the note.
+    A failed check is a CaseError and nothing is left behind.
     """
     path = Path(path)
+    if note is not None:
+        image.SetMetaData(NOTE_KEY, note)
     try:
-        with atomic_path(path, prefix=PARTIAL_PREFIX) as written:
+        with atomic_path(path, prefix=PARTIAL_PREFIX) as written, itk_path(written) as name:
             try:
-                sitk.WriteImage(image, str(written), useCompression=True)
+                sitk.WriteImage(image, name, useCompression=True)
             except RuntimeError as err:
                 raise CaseError(f"{path}: cannot write the mask ({sitk_reason(str(err))})") from None
-            verify_written(written, image, path)
+            verify_written(written, image, path, note)
             os.chmod(written, 0o644)  # the organisers read outputs as another user
     except OSError as err:
         raise CaseError(f"{path}: cannot write the mask ({err.strerror or err})") from None
 
 
+NOTE_KEY = "ITK_FileNotes"  # ITK's NIfTI writer puts it in the header's `descrip` (80 bytes), its reader back
+FAILED_NOTE = "flare-lesion failed case, empty mask (--on-error empty)"  # never kept as a finished mask
 MAX_EMPTY_MASK_VOXELS = 2 ** 31  # an empty mask is written only for a plausible header (2 GB of uint8)
 
 
 def write_empty_mask(source: Path, path: Path) -> None:
     """An all-zero mask on `source`'s grid (read from its header only), written as a mask is: for a case
-    that failed, in challenge mode, since a missing output scores zero anyway. CaseError if the header
-    cannot be read."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(source))
+    that failed, in challenge mode, since a missing output scores zero anyway. Its note (FAILED_NOTE) says it
+    is no finished mask. CaseError if the header cannot be read."""
     try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise CaseError(f"{source}: no empty mask either: header unreadable ({sitk_reason(str(err))})") from None
+        reader = read_header(source)
+    except CaseError as err:
+        raise CaseError(f"{source}: no empty mask either: header unreadable "
+                        f"({str(err).removeprefix(f'{source}: ')})") from None
     size = reader.GetSize()
     if len(size) != 3 or np.prod(size, dtype=np.float64) > MAX_EMPTY_MASK_VOXELS:
         raise CaseError(f"{source}: no empty mask either: implausible size {size}")
@@ -298,19 +424,91 @@ def write_empty_mask(source: Path, path: Path) -> None:
     empty.SetSpacing(reader.GetSpacing())
     empty.SetOrigin(reader.GetOrigin())
     empty.SetDirection(reader.GetDirection())
-    write_image_atomically(empty, path)
+    write_image_atomically(empty, path, FAILED_NOTE)
 
 
-def verify_written(written: Path, image: sitk.Image, target: Path) -> None:
-    """CaseError naming `target` unless `written` holds the whole image (see write_image_atomically)."""
+def grid_corners(size: Sequence[int], spacing: Sequence[float], origin: Sequence[float],
+                 direction: Sequence[float]) -> np.ndarray:
+    """The physical points (mm) of the 8 outer corners of a grid (voxel edges, not centres, so that an axis
+    of one voxel still counts its spacing and direction)."""
+    matrix = np.asarray(direction, dtype=np.float64).reshape(3, 3) * np.asarray(spacing, dtype=np.float64)
+    indices = np.array([[(-0.5 if bit == 0 else n - 0.5) for bit, n in zip(bits, size)]
+                        for bits in np.ndindex(2, 2, 2)], dtype=np.float64)
+    return np.asarray(origin, dtype=np.float64) + indices @ matrix.T
+
+
+GRID_TOLERANCE_VOXELS = 0.01
+
+
+def grid_difference(expected, actual) -> str:
+    """'' when `actual` lies on `expected`'s grid (each an image or a header reader): the same size and every
+    outer corner within GRID_TOLERANCE_VOXELS of the smallest voxel; else what differs, in one phrase."""
+    def grid(item):
+        return item.GetSize(), item.GetSpacing(), item.GetOrigin(), item.GetDirection()
+
+    want, got = grid(expected), grid(actual)
+    if tuple(want[0]) != tuple(got[0]):
+        return f"size {tuple(got[0])} instead of {tuple(want[0])}"
+    moved = float(np.linalg.norm(grid_corners(*want) - grid_corners(*got), axis=1).max())
+    if not moved <= GRID_TOLERANCE_VOXELS * min(want[1]):
+        return (f"its grid is moved by up to {moved:.3g} mm (origin {_rounded(got[2])}, spacing {_rounded(got[1])}, "
+                f"direction {_rounded(got[3])} instead of {_rounded(want[2])}, {_rounded(want[1])}, "
+                f"{_rounded(want[3])})")
+    return ""
+
+
+def _rounded(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def verify_written(written: Path, image: sitk.Image, target: Path, note: str | None = None) -> None:
+    """CaseError naming `target` unless `written` holds the whole image on its grid (see
+    write_image_atomically)."""
     try:
-        size_ok = written.stat().st_size > 0
+        complete = written.stat().st_size > 0
         check_nifti_data_length(written)
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(written))
-        reader.ReadImageInformation()
-        header_ok = reader.GetSize() == image.GetSize()
-    except (CaseError, RuntimeError, OSError):
-        size_ok = header_ok = False
-    if not (size_ok and header_ok):
+        header = read_header(written)
+    except (CaseError, OSError):
+        complete = False
+    if not complete:
         raise CaseError(f"{target}: the mask was not written completely (disk full or write error)")
+    moved = grid_difference(image, header)
+    if moved:
+        raise CaseError(f"{target}: not written: the file format cannot hold the input's grid ({moved})")
+    if note is not None and read_note(header) != note:
+        raise CaseError(f"{target}: the mask was not written completely (its header lost the provenance note)")
+
+
+def read_note(header: sitk.ImageFileReader) -> str | None:
+    """The provenance note of a mask's header (write_image_atomically), None where there is none."""
+    for key in (NOTE_KEY, "descrip"):
+        if header.HasMetaDataKey(key) and header.GetMetaData(key).strip():
+            return header.GetMetaData(key).strip()
+    return None
+
+
+def reusable_mask_problem(source: Path, mask: Path, note: str | None) -> str | None:
+    """Why the mask already at `mask` must not be kept as `source`'s (--skip-existing, a resumed Ray run), or
+    None when it passes every check a fresh write passes and was made as this run would make it: `note`, the
+    provenance this run writes (None: nothing is kept)."""
+    if not mask.is_file():
+        return "no mask"
+    if note is None:
+        return "this run's settings cannot be fingerprinted"
+    try:
+        if mask.stat().st_size == 0:
+            return "an empty file"
+        check_nifti_data_length(mask)
+        header = read_header(mask)
+        recorded = read_note(header)
+        if recorded == FAILED_NOTE:
+            return "the empty mask of a failed case"
+        if recorded != note:
+            return ("made by another model, other settings or from another input" if recorded
+                    else "no record of what made it")
+        moved = grid_difference(read_header(source), header)
+        if moved:
+            return f"not on the input's grid: {moved}"
+    except (CaseError, OSError) as err:
+        return f"unreadable ({str(err).removeprefix(f'{mask}: ')})"
+    return None

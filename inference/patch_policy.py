@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from .errors import ModelError
 from .gpu_memory import (ALLOCATOR_OVERHEAD, UNTRACKED_MB, ForwardMemory, accumulators_mb, device_used_mb,
                          forward_allocation_mb)
 
@@ -115,6 +116,9 @@ def inference_patch_size(volume: torch.Tensor, model: LoadedModel, settings: Pre
     smaller ones whose predicted whole-device peak stays within `gpu_memory_budget_mb` (gpu_memory.py).
     Returns (patch, predicted peak in MB, None where nothing was predicted)."""
     config = model.config
+    fixed = fixed_patch(model)
+    if fixed is not None:
+        return fixed, None
     patch = enlarged_patch_size(config.patch_size, config.total_stride, volume.shape[1:],
                                 settings.patch_scale)
     if model.device.type != "cuda" or model.backend != "torch":
@@ -136,3 +140,37 @@ def smaller_patch(patch: tuple[int, ...], model: LoadedModel) -> tuple[int, ...]
     config = model.config
     return tuple(train if size > train else max(stride, math.ceil(train / 2 / stride) * stride)
                  for size, train, stride in zip(patch, config.patch_size, config.total_stride))
+
+
+def fixed_patch(model: LoadedModel) -> tuple[int, ...] | None:
+    """The one patch the model's networks take, where their export fixed it (export_onnx --patch-size), else
+    None (any multiple of the stride)."""
+    patches = {tuple(getattr(network, "fixed_patch", None) or ()) for network in model.networks}
+    if patches == {()}:
+        return None
+    if len(patches) > 1:
+        shown = ", ".join("x".join(map(str, p)) if p else "any" for p in sorted(patches))
+        raise ModelError(f"{model.config.model_dir}: the folds' exports take different patches ({shown}); "
+                         "export them alike")
+    return next(iter(patches))
+
+
+def check_patch_request(model: LoadedModel, settings: PredictionSettings) -> None:
+    """Before any case: the patch asked for (--patch-size) is one the network takes, and an export fixed to one
+    patch is run at that patch (said once). ModelError otherwise."""
+    config, asked = model.config, settings.patch_size
+    stride = config.total_stride
+    if asked is not None and any(p <= 0 or p % s for p, s in zip(asked, stride)):
+        raise ModelError(f"--patch-size {'x'.join(map(str, asked))}: must be a multiple of the network's total "
+                         f"stride {'x'.join(map(str, stride))} ({config.model_dir / 'plans.json'})")
+    fixed = fixed_patch(model)
+    if fixed is None:
+        return
+    shown = "x".join(map(str, fixed))
+    if asked is not None and tuple(asked) != fixed:
+        raise ModelError(f"{getattr(model.networks[0], 'source', config.model_dir)}: exported for the fixed patch "
+                         f"{shown}, not the --patch-size {'x'.join(map(str, asked))} asked for; run with "
+                         f"--patch-size {' '.join(map(str, fixed))} or export with dynamic axes")
+    if asked is None:
+        log.info("%s takes only the %s patch it was exported for: windows of %s", model.networks[0].source, shown,
+                 shown)

@@ -10,9 +10,13 @@ on Kubernetes) the run joins that cluster, whose nodes must see IN, OUT and the 
 paths (a shared file system).
 
 A journal, kept outside the output folder (`OUT.journal.jsonl` unless `--journal`), gets a line per case as
-it finishes; a rerun skips every case the journal says is done whose mask is there, so a batch that was
-stopped resumes where it stopped and never computes a finished case again. Ray is imported here only: the
-plain CLI never loads it (`pip install .[ray]`).
+it finishes, with what made its mask (the run's fingerprint: the model folder's content, the settings that
+change a mask, the engine; and the input's: provenance.py). A rerun skips a case the journal says is done only
+where the same run made its mask from the same input and the mask still passes a fresh write's checks, so a
+stopped batch resumes where it stopped, and a rerun with another model (`-m OTHER`), other settings or changed
+inputs computes those cases again (a line says how many). Ray is imported here only: the plain CLI never loads
+it (`pip install .[ray]`). An address where no cluster answers fails in seconds, one that answers and does
+not start Ray within 30 s fails then.
 """
 from __future__ import annotations
 
@@ -20,14 +24,20 @@ import json
 import logging
 import os
 import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator
 
-from . import io
+from . import io, provenance
 from .batch import CaseResult, predict_cases
-from .errors import ModelError
+from .errors import CaseError, ModelError
 from .pipeline import PredictionSettings
 
 log = logging.getLogger("inference")
@@ -35,24 +45,32 @@ CASES_PER_TASK = 2  # pipelining within a worker, against retrying little when o
 
 
 class Journal:
-    """The cases a run finished (JSON lines: case file, mask, "ok" or the error, seconds, worker)."""
+    """The cases a run finished (JSON lines: case file, mask, "ok" or the error, seconds, worker, and what made
+    the mask: the run's fingerprint and the input's, provenance.py). Its folder is checked for writing when it
+    is opened, before any work."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # said by the check below
+        io.check_file_can_be_written(self.path, "the --ray journal (--journal)")
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise CaseError(f"{self.path}: the --ray journal cannot be written")
 
-    def finished(self) -> set[str]:
-        """Input paths the journal records as done."""
+    def finished(self) -> dict[str, dict]:
+        """The last "ok" entry of each input path the journal records as done."""
         if not self.path.is_file():
-            return set()
-        done = set()
-        for line in self.path.read_text().splitlines():
+            return {}
+        done = {}
+        for line in self.path.read_text(errors="replace").splitlines():
             try:
                 entry = json.loads(line)
             except ValueError:  # a line cut short when the driver was killed
                 continue
-            if entry.get("status") == "ok":
-                done.add(entry["input"])
+            if isinstance(entry, dict) and entry.get("status") == "ok" and isinstance(entry.get("input"), str):
+                done[entry["input"]] = entry
         return done
 
     def record(self, entry: dict) -> None:
@@ -66,33 +84,110 @@ def default_journal(output_dir: Path) -> Path:
     return Path(output_dir).resolve().parent / f"{Path(output_dir).resolve().name}.journal.jsonl"
 
 
+def still_done(path: Path, output: Path, entry: dict | None, run: str | None) -> str | None:
+    """Why a case the journal records as done must run again (None: it need not): another run fingerprint (a
+    changed model folder, settings or engine), another input, or a mask that no longer passes a fresh write's
+    checks (io.reusable_mask_problem)."""
+    if entry is None:
+        return "not done"
+    note = provenance.mask_note(run, path)
+    if run is None or entry.get("run") != run or note is None or entry.get("note") != note:
+        return "done by another model, other settings or from another input"
+    return io.reusable_mask_problem(path, output, note)
+
+
+RAY_START_TIMEOUT_S = 30
+TCP_TIMEOUT_S = 5
+
+
+def check_reachable(address: str) -> None:
+    """ModelError within TCP_TIMEOUT_S unless something answers at `address` (host:port, or ray://host:port):
+    Ray itself retries an address where nothing listens for minutes, printing warnings."""
+    target = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, separator, port = target.rpartition(":")
+    if not separator or not port.isdigit():
+        return  # "auto" and the like: Ray finds the cluster, bounded by RAY_START_TIMEOUT_S
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=TCP_TIMEOUT_S).close()
+    except OSError as err:
+        raise ModelError(f"--ray {address}: no Ray cluster answers there ({err.strerror or err})") from None
+
+
 def start_ray(address: str | None):
-    """Ray on this machine (address None) or the cluster at `address`; quiet either way."""
+    """Ray on this machine (address None) or the cluster at `address`; quiet either way. Joining a cluster is
+    bounded: ModelError after RAY_START_TIMEOUT_S (Ray waits for an unresponsive cluster for minutes). Ray's own
+    SIGTERM handler (which exits with a C++ stack dump) is replaced by the one that was there."""
     import ray
 
     options = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-    if address is None:
-        # paths, not images, travel through Ray: a small object store is enough
-        ray.init(object_store_memory=200 * 2 ** 20, **options)
-    else:
-        ray.init(address=address, **options)
+    outcome: dict = {}
+
+    def init():
+        try:
+            ray.init(**options)
+            outcome["ok"] = True
+        except Exception as err:  # ray.init raises ConnectionError, RuntimeError, ... by cause
+            outcome["error"] = err
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with ray_messages_to(tempfile.TemporaryFile()):  # Ray's C++ start-up warnings: our one line says it
+        if address is None:
+            # in this thread: Ray's own processes die with the thread that started them (PR_SET_PDEATHSIG)
+            options.update(object_store_memory=200 * 2 ** 20)  # paths, not images, travel through Ray
+            init()
+        else:
+            check_reachable(address)
+            options.update(address=address)
+            starter = threading.Thread(target=init, name="ray-start", daemon=True)
+            starter.start()
+            starter.join(RAY_START_TIMEOUT_S)
+            if starter.is_alive():
+                raise ModelError(f"--ray {address}: Ray did not start within {RAY_START_TIMEOUT_S} s (no Ray "
+                                 "cluster answering at the address?)")
+    if threading.current_thread() is threading.main_thread() and handler is not None:
+        signal.signal(signal.SIGTERM, handler)
+    if "error" in outcome:
+        raise ModelError(f"--ray {address or '(local)'}: Ray did not start "
+                         f"({str(outcome['error']).strip().splitlines()[0]})")
     return ray
+
+
+@contextmanager
+def ray_messages_to(sink):
+    """Whatever is written to the process's stderr (file descriptor 2) while Ray starts goes to `sink`: its
+    C++ core prints multi-line warnings there, beside our one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(sink.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        sink.close()
 
 
 def worker_resources(ray, cpus_per_worker: int) -> tuple[int, dict]:
     """How many workers, and what each asks of Ray: a GPU each where the cluster has GPUs, else
-    `cpus_per_worker` cores each."""
+    `cpus_per_worker` cores each. ModelError where no node has that many cores (a worker would wait forever)."""
     total = ray.cluster_resources()
     gpus = int(total.get("GPU", 0))
     if gpus:
         return gpus, {"num_gpus": 1, "num_cpus": 1}
+    largest = max((int(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
+                  default=0)
+    if cpus_per_worker > largest:
+        raise ModelError(f"--ray-cpus {cpus_per_worker}: no node of the cluster has that many cores (the largest "
+                         f"has {largest}); a worker would never start")
     return max(1, int(total.get("CPU", 1)) // cpus_per_worker), {"num_cpus": cpus_per_worker}
 
 
 class CaseWorker:
-    """A Ray actor: the model, loaded once; `predict` runs the pipelined loop on the cases it is given."""
+    """A Ray actor: the model, loaded once; `predict` runs the pipelined loop on the cases it is given. Each
+    mask carries the fingerprint of the model this worker loaded; where that is not the driver's (a node that
+    sees other files at the model folder's path), every case it is handed fails with one line."""
 
-    def __init__(self, model_args: dict, settings: dict):
+    def __init__(self, model_args: dict, settings: dict, run: str | None):
         import torch
 
         from .model import load_model
@@ -100,39 +195,55 @@ class CaseWorker:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
         self.model = load_model(**model_args)
         self.settings = PredictionSettings(**settings)
+        self.run = provenance.run_fingerprint(self.model.fingerprint(), self.settings)
+        self.expected = run
 
     def predict(self, cases: list[tuple[str, str]]) -> list[CaseResult]:
         paths = [Path(case) for case, _ in cases]
         outputs = {Path(case): Path(output) for case, output in cases}
+        if self.run != self.expected:
+            return [CaseResult(path, outputs[path], error=f"{path}: not run: the model folder seen by the worker on "
+                               f"{socket.gethostname()} is not the driver's ({self.model.config.model_dir})",
+                               worker=os.getpid()) for path in paths]
         return [replace(result, worker=os.getpid())
-                for result in predict_cases(paths, outputs, self.model, self.settings)]
+                for result in predict_cases(paths, outputs, self.model, self.settings, run=self.run)]
 
 
-def journal_entry(result: CaseResult) -> dict:
+def journal_entry(result: CaseResult, run: str | None) -> dict:
+    ok = result.error is None
     return {"input": str(result.path), "output": str(result.output), "worker": result.worker,
-            "status": "ok" if result.error is None else "failed", "error": result.error,
+            "status": "ok" if ok else "failed", "error": result.error,
+            "run": run, "note": provenance.mask_note(run, result.path) if ok and result.path.exists() else None,
             "seconds": result.report.seconds.get("total") if result.report is not None else None, "at": time.time()}
 
 
 def predict_on_ray(cases: list[Path], outputs: dict[Path, Path], model_args: dict, settings: PredictionSettings,
                    address: str | None, cpus_per_worker: int, journal: Journal,
-                   max_workers: int | None = None) -> Iterator[CaseResult]:
+                   max_workers: int | None = None, run: str | None = None) -> Iterator[CaseResult]:
     """Predict `cases` on Ray workers, yielding each case's result as a worker finishes it (in no fixed
-    order), once the journal has it. Cases the journal records as done, with their mask there, are skipped.
-    Raises ModelError, at the first result asked for, when Ray is missing or does not start."""
+    order), once the journal has it. A case the journal records as done is skipped where the same run
+    (`run`, provenance.run_fingerprint) made its mask from the same input and the mask passes a fresh write's
+    checks; otherwise it runs again (a line says how many). Raises ModelError, at the first result asked for,
+    when Ray is missing or does not start."""
     finished = journal.finished()
-    todo = [path for path in cases if not (str(path) in finished and outputs[path].exists())]
+    todo, redone = [], 0
+    for path in cases:
+        reason = still_done(path, outputs[path], finished.get(str(path)), run)
+        if reason is not None:
+            todo.append(path)
+            redone += str(path) in finished
     if len(todo) < len(cases):
         log.info("journal %s: %d of %d case(s) already done, %d to go", journal.path, len(cases) - len(todo),
                  len(cases), len(todo))
+    if redone:
+        log.info("journal %s: %d case(s) it records as done run again: made by another model, other settings or "
+                 "from other inputs, or their masks changed", journal.path, redone)
     if not todo:
         return
     try:
         ray = start_ray(address)
     except ImportError:
         raise ModelError("--ray: Ray is not installed (pip install '.[ray]' or pip install ray)") from None
-    except Exception as err:  # ray.init raises ConnectionError, RuntimeError, ... by cause
-        raise ModelError(f"--ray {address or '(local)'}: Ray did not start ({str(err).splitlines()[0]})") from None
     try:
         from ray.util import ActorPool
 
@@ -140,7 +251,7 @@ def predict_on_ray(cases: list[Path], outputs: dict[Path, Path], model_args: dic
         count = min(count, len(todo), max_workers or count)
         worker_class = ray.remote(max_restarts=-1, max_task_retries=3, **resources)(CaseWorker)
         plain = {key: value for key, value in asdict(settings).items() if key not in ("crop_function", "extra")}
-        workers = [worker_class.remote(model_args, plain) for _ in range(count)]
+        workers = [worker_class.remote(model_args, plain, run) for _ in range(count)]
         log.info("ray: %d worker(s), %s each; %d case(s)", count,
                  "one GPU" if "num_gpus" in resources else f"{resources['num_cpus']} core(s)", len(todo))
         tasks = [[(str(path), str(outputs[path])) for path in todo[start:start + CASES_PER_TASK]]
@@ -148,7 +259,7 @@ def predict_on_ray(cases: list[Path], outputs: dict[Path, Path], model_args: dic
         pool = ActorPool(workers)
         for results in pool.map_unordered(lambda worker, task: worker.predict.remote(task), tasks):
             for result in results:
-                journal.record(journal_entry(result))
+                journal.record(journal_entry(result, run))
                 yield result
     finally:
         ray.shutdown()

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .errors import CaseError
+
 PatchPredictor = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -24,8 +26,25 @@ def window_starts(size: int, patch: int, step_size: float) -> list[int]:
     return [int(round(spacing * i)) for i in range(n_steps)]
 
 
+# A whole-body CT at nnU-Net's step 0.5 needs hundreds to thousands of windows; a step of 1e-6 would need
+# more than could be listed (1.5 GB in 15 s before one ran). Counted, and refused, before any is built.
+MAX_WINDOWS = 200_000
+
+
+def window_count(shape: Sequence[int], patch: Sequence[int], step_size: float) -> int:
+    """How many windows window_slices would make, without making them."""
+    return math.prod(1 if size <= p else math.ceil((size - p) / (p * step_size)) + 1
+                     for size, p in zip(shape, patch))
+
+
 def window_slices(shape: Sequence[int], patch: Sequence[int], step_size: float) -> list[tuple[slice, ...]]:
-    """Every window of the sliding window over a (padded) volume of `shape`, as tuples of slices."""
+    """Every window of the sliding window over a (padded) volume of `shape`, as tuples of slices; CaseError
+    over MAX_WINDOWS."""
+    count = window_count(shape, patch, step_size)
+    if count > MAX_WINDOWS:
+        raise CaseError(f"step {step_size:g} of the {'x'.join(map(str, patch))} patch would make {count:,} windows "
+                        f"over {'x'.join(map(str, shape))} voxels, over the limit of {MAX_WINDOWS:,}: take a "
+                        "larger --step-size")
     starts = [window_starts(s, p, step_size) for s, p in zip(shape, patch)]
     return [tuple(slice(b, b + p) for b, p in zip(begin, patch)) for begin in itertools.product(*starts)]
 

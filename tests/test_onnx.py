@@ -300,7 +300,8 @@ def test_cli_backend_onnx_writes_the_same_mask_as_torch(tmp_path, exported_model
 
 def test_auto_backend_on_the_cpu_exports_once_into_its_cache_and_writes_torchs_mask(tmp_path, monkeypatch):
     """`--backend auto`: ONNX Runtime on the CPU from an export cached outside the (read-only) model folder,
-    made once; a changed checkpoint is exported again, never run from the old export."""
+    made once and found by content: a checkpoint touched (a new modification time, the same bytes) keeps it.
+    Changed content is exported again: tests/test_fingerprints.py."""
     model_dir = make_toy_model(tmp_path / "model", seed=7)
     calibrate_lesion_bias(model_dir, ct_volume())  # a mask worth comparing (see the function)
     monkeypatch.setenv("FLARE_ONNX_CACHE", str(tmp_path / "cache"))
@@ -322,9 +323,9 @@ def test_auto_backend_on_the_cpu_exports_once_into_its_cache_and_writes_torchs_m
         (model_dir / "fold_all").chmod(0o755)
         model_dir.chmod(0o755)
     checkpoint = model_dir / "fold_all" / "checkpoint_final.pth"
-    os.utime(checkpoint, ns=(stamp, stamp + 10 ** 9))  # another checkpoint, as far as the fingerprint knows
+    os.utime(checkpoint, ns=(stamp, stamp + 10 ** 9))  # the same bytes, another modification time
     assert load_model(model_dir, device="cpu", backend="auto").backend == "onnx"
-    assert len(list((tmp_path / "cache").rglob("model.onnx"))) == 2
+    assert list((tmp_path / "cache").rglob("model.onnx")) == cached and cached[0].stat().st_mtime_ns == stamp
 
 
 def test_auto_backend_without_onnxruntime_runs_torch(tmp_path, monkeypatch):

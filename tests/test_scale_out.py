@@ -124,17 +124,17 @@ def test_ray_workers_survive_a_killed_worker_and_a_rerun_resumes(folder, tmp_pat
 
 @pytest.mark.parametrize("where", ["this process", "ray"])
 def test_on_error_empty_and_skip_existing_hold_wherever_the_cases_run(folder, tmp_path, where):
+    """--on-error empty writes the failed case's empty mask; --skip-existing keeps only a mask this model and these
+    settings made from this input that passes a fresh write's checks: a mask of unknown origin, a 0-byte file and
+    the empty mask of a failed case are computed again."""
     if where == "ray" and importlib.util.find_spec("ray") is None:
         pytest.skip("ray is not installed (pip install '.[ray]')")
     root, _, model_dir = folder
     images, out = tmp_path / "images", tmp_path / "out"
     images.mkdir()
     out.mkdir()
-    sitk.WriteImage(make_ct_image(shape_zyx=(20, 48, 48), seed=1), str(images / "good_0000.nii.gz"))
-    kept = make_ct_image(shape_zyx=(20, 48, 48), seed=2)
-    sitk.WriteImage(kept, str(images / "kept_0000.nii.gz"))
-    ones = sitk.Cast(kept * 0 + 1, sitk.sitkUInt8)  # a mask no engine would predict: it must stay as it is
-    sitk.WriteImage(ones, str(out / "kept.nii.gz"))
+    for name, seed in (("good", 1), ("kept", 2), ("foreign", 3)):
+        sitk.WriteImage(make_ct_image(shape_zyx=(20, 48, 48), seed=seed), str(images / f"{name}_0000.nii.gz"))
     # 60 mm voxels: refused (8000x up-sampling to the model's 3 mm) after a readable header
     coarse = make_ct_image(shape_zyx=(4, 8, 8), spacing_xyz=(60.0, 60.0, 60.0))
     sitk.WriteImage(coarse, str(images / "coarse_0000.nii.gz"))
@@ -147,9 +147,21 @@ def test_on_error_empty_and_skip_existing_hold_wherever_the_cases_run(folder, tm
     assert [line.split(": ")[0] for line in stderr.splitlines() if line.startswith(("error", "warning"))] == [
         "error", "warning", "error"]  # the coarse case fails, gets its empty mask, and the run says 1 failed
     assert "wrote an empty mask coarse.nii.gz (--on-error empty)" in stderr
-    assert "error: 1 of 3 case(s) failed" in stderr
-    found = masks(out)
-    assert sorted(found) == ["coarse.nii.gz", "good.nii.gz", "kept.nii.gz"]
-    assert found["kept.nii.gz"].min() == 1  # not computed again
-    assert found["coarse.nii.gz"].shape == (4, 8, 8) and found["coarse.nii.gz"].max() == 0
-    assert found["good.nii.gz"].shape == (20, 48, 48)
+    assert "error: 1 of 4 case(s) failed" in stderr
+    first = masks(out)
+    assert sorted(first) == ["coarse.nii.gz", "foreign.nii.gz", "good.nii.gz", "kept.nii.gz"]
+    assert first["coarse.nii.gz"].shape == (4, 8, 8) and first["coarse.nii.gz"].max() == 0
+    assert first["good.nii.gz"].shape == (20, 48, 48)
+
+    kept_stamp = (out / "kept.nii.gz").stat().st_mtime_ns
+    (out / "good.nii.gz").write_bytes(b"")  # a 0-byte file: not a mask
+    foreign = sitk.Cast(sitk.ReadImage(str(images / "foreign_0000.nii.gz")) * 0 + 1, sitk.sitkUInt8)
+    sitk.WriteImage(foreign, str(out / "foreign.nii.gz"))  # a mask no engine would predict, of no known origin
+    _, stderr = (process := run_cli(*args)).communicate(timeout=300)
+    assert process.returncode == 1 and "Traceback" not in stderr, stderr
+    assert "good.nii.gz: computed again (--skip-existing): the mask there is an empty file" in stderr
+    assert "foreign.nii.gz: computed again (--skip-existing): the mask there is no record of what made it" in stderr
+    assert "coarse.nii.gz: computed again (--skip-existing): the mask there is the empty mask of a failed" in stderr
+    again = masks(out)
+    assert (out / "kept.nii.gz").stat().st_mtime_ns == kept_stamp  # kept, not computed again
+    assert all(np.array_equal(again[name], first[name]) for name in first)  # the same masks as the first run

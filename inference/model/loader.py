@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -12,8 +13,9 @@ from ..backends import TorchNetwork
 from ..errors import ModelError
 from ..lesion_filter import LesionFilter, read_lesion_filter
 from .checkpoint import load_checkpoint
+from .fingerprint import model_fingerprint
 from .network import build_network
-from .onnx_loader import current_cpu_networks
+from .onnx_loader import ONNX_FILE_NAME, current_cpu_networks, load_onnx_networks
 from .plans import ModelConfig, read_model_config
 
 PatchPredictor = Callable[[torch.Tensor], torch.Tensor]
@@ -28,6 +30,24 @@ class LoadedModel:
     backend: str = "torch"
     mirror_axes: tuple[int, ...] = (0, 1, 2)  # spatial axes TTA may flip, from the checkpoint
     lesion_filter: LesionFilter = LesionFilter()  # the folder's lesion_filter.json; default keeps all
+    content: Future | None = field(default=None, repr=False)  # the model folder's fingerprint, being hashed
+
+    def fingerprint(self) -> str:
+        """The content hash of what defines this model's masks (fingerprint.model_fingerprint): plans, dataset,
+        each fold's weights, the lesion filter. ModelError where a file cannot be read."""
+        if self.content is None:
+            raise ModelError(f"{self.config.model_dir}: loaded without its fingerprint")
+        try:
+            return self.content.result()
+        except OSError as err:
+            raise ModelError(f"{err.filename or self.config.model_dir}: cannot be read to fingerprint the model "
+                             f"({err.strerror or err})") from None
+
+
+# The fingerprint is hashed beside the load (a thread: hashlib releases the GIL), so that a large checkpoint's
+# 0.8 s a GB (first run on a machine; remembered after) is not added to a run that needs it only at its first
+# write.
+_HASHING = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -71,18 +91,19 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
     config = read_model_config(model_dir, configuration)
     device = resolve_device(device)
     fold_names = select_folds(model_dir, folds)
+    weights = fold_weight_files(model_dir, fold_names, checkpoint_name, backend)
     lesion_filter = read_lesion_filter(model_dir)
+    content = _HASHING.submit(model_fingerprint, model_dir, config.configuration, weights)
     if backend == "auto":  # torch (fp16) on CUDA; ONNX Runtime on the CPU where an export is or can be had
         networks = current_cpu_networks(config, fold_names, checkpoint_name) if device.type == "cpu" else None
         if networks:
             return LoadedModel(config, networks, device, tuple(fold_names), "onnx", networks[0].mirror_axes,
-                               lesion_filter)
+                               lesion_filter, content)
         backend = "torch"
     if backend != "torch":
-        from .onnx_loader import load_onnx_networks  # optional dependency, imported on demand
-        networks = load_onnx_networks(config, fold_names, device, backend)
+        networks = load_onnx_networks(config, fold_names, device, backend, checkpoint_name)
         mirror_axes = getattr(networks[0], "mirror_axes", (0, 1, 2))  # kept in the export's metadata
-        return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter)
+        return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter, content)
     networks, mirror_axes = [], (0, 1, 2)
     for fold in fold_names:
         checkpoint_path = model_dir / f"fold_{fold}" / checkpoint_name
@@ -91,7 +112,28 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
         network = network_with_weights(config, checkpoint["network_weights"], checkpoint_path)
         mirror_axes = tuple(checkpoint.get("inference_allowed_mirroring_axes") or mirror_axes)
         networks.append(TorchNetwork(network, device))
-    return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter)
+    return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter, content)
+
+
+def fold_weight_files(model_dir: Path, fold_names: Sequence[str], checkpoint_name: str,
+                      backend: str) -> list[tuple[str, Path]]:
+    """Each fold and the file its weights come from: the checkpoint, or for the ONNX backends the export where
+    there is no checkpoint. ModelError naming the first missing one, before anything is loaded."""
+    files = []
+    for fold in fold_names:
+        fold_dir = model_dir / fold_dir_name(fold)
+        checkpoint = fold_dir / checkpoint_name
+        if backend in ("onnx", "tensorrt") and not checkpoint.is_file():
+            checkpoint = fold_dir / ONNX_FILE_NAME
+            if not checkpoint.is_file():
+                raise ModelError(f"{checkpoint}: not found; export the model first with "
+                                 f"`python -m inference.export_onnx -m {model_dir}`")
+        elif not checkpoint.is_file():
+            present = sorted(p.name for p in fold_dir.glob("*.pth"))
+            raise ModelError(f"{checkpoint}: checkpoint not found (-chk; {fold_dir.name} has "
+                             f"{', '.join(present) or 'no .pth file'})")
+        files.append((fold, checkpoint))
+    return files
 
 
 def network_with_weights(config, weights: dict, checkpoint_path: Path) -> torch.nn.Module:

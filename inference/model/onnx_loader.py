@@ -28,6 +28,7 @@ import torch
 from ..backends import OnnxRuntimeNetwork
 from ..patch_policy import PATCH_SCALE, scaled_patch
 from ..errors import ModelError
+from .fingerprint import cache_root, network_fingerprint
 from .plans import ModelConfig
 
 INPUT_NAME = "patch"
@@ -263,37 +264,46 @@ def open_fold(path: Path, config: ModelConfig, device: torch.device, providers: 
                               patch_range=patch_range, lanes=cpu_lanes() if started == CPU else 1)
 
 
-def checkpoint_fingerprint(path: Path) -> str:
-    """Size and modification time of the checkpoint an export was made from (stored in its metadata): an
-    export of another checkpoint is never used in its place. Cheap, where hashing a 0.5 GB fold per case
-    would not be."""
-    stat = Path(path).stat()
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
+FINGERPRINT_KEY = "flare.network_fingerprint"  # export metadata: what the export was made from (fingerprint.py)
 
 
-def export_is_current(network: OnnxRuntimeNetwork, checkpoint: Path) -> bool:
-    metadata = network.session.get_modelmeta().custom_metadata_map
-    return checkpoint.is_file() and metadata.get("flare.checkpoint_fingerprint") == checkpoint_fingerprint(checkpoint)
+def export_fingerprint(config: ModelConfig, fold: str, checkpoint_name: str) -> str:
+    """The fingerprint an export of this fold must carry: plans, dataset, configuration, fold and checkpoint
+    (the plans alone where the folder ships no checkpoint, exports only)."""
+    checkpoint = config.model_dir / f"fold_{fold}" / checkpoint_name
+    return network_fingerprint(config.model_dir, config.configuration, fold,
+                               checkpoint if checkpoint.is_file() else None)
 
 
-CACHE_ENV = "FLARE_ONNX_CACHE"
+def stale_export_reason(network: OnnxRuntimeNetwork, config: ModelConfig, fold: str,
+                        checkpoint_name: str) -> str | None:
+    """Why the export `network` is not the one this fold's content defines, or None when it is."""
+    recorded = network.session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_KEY)
+    if recorded is None:
+        return "it carries no fingerprint of what it was exported from (made by an earlier version)"
+    if recorded != export_fingerprint(config, fold, checkpoint_name):
+        return (f"it was exported from another {checkpoint_name}, plans.json or dataset.json than the model folder "
+                "holds now")
+    return None
 
 
-def export_cache_path(config: ModelConfig, fold: str, checkpoint: Path) -> Path:
-    """Where `--backend auto` keeps its own export of a fold: outside the model folder (which may be
-    read-only, or committed), one folder per model folder, fold and checkpoint."""
-    root = Path(os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                / "flare-inference" / "onnx")
-    key = hashlib.sha1(f"{config.model_dir.resolve()}|{fold}|{checkpoint_fingerprint(checkpoint)}".encode())
-    return root / key.hexdigest()[:16] / ONNX_FILE_NAME
+ONNX_CACHE_ENV = "FLARE_ONNX_CACHE"
+
+
+def export_cache_path(fingerprint: str) -> Path:
+    """Where `--backend auto` keeps its own export of a fold, outside the model folder (which may be read-only,
+    or committed): one folder per network content, so that an export is never found for other weights."""
+    root = Path(os.environ.get(ONNX_CACHE_ENV) or cache_root() / "onnx")
+    return root / fingerprint[:24] / ONNX_FILE_NAME
 
 
 def current_cpu_networks(config: ModelConfig, fold_names: Sequence[str],
                          checkpoint_name: str) -> list[OnnxRuntimeNetwork] | None:
     """`--backend auto` on the CPU: ONNX Runtime networks of exports made from these very checkpoints (1.6x
     torch on the network of a 512x512x554 case, same mask: results/per_case_*.md): the model folder's own
-    export (fold_X/model.onnx) where it is current, else this machine's cached one (export_cache_path), made
-    first, once, where onnx is installed. None where there is none: the caller runs torch."""
+    export (fold_X/model.onnx) where it is current and takes any patch, else this machine's cached one
+    (export_cache_path), made first, once, where onnx is installed. None where there is none: the caller runs
+    torch."""
     try:
         import onnxruntime  # noqa: F401 - only whether it is there
     except ImportError:
@@ -301,26 +311,39 @@ def current_cpu_networks(config: ModelConfig, fold_names: Sequence[str],
     networks = []
     for fold in fold_names:
         fold_dir = config.model_dir / f"fold_{fold}"
-        checkpoint = fold_dir / checkpoint_name
-        candidates = [fold_dir / ONNX_FILE_NAME, export_cache_path(config, fold, checkpoint)]
-        network = next(filter(None, (current_export(path, checkpoint, config) for path in candidates)), None)
+        if not (fold_dir / checkpoint_name).is_file():
+            return None  # nothing to check an export against: torch says why
+        cached = export_cache_path(export_fingerprint(config, fold, checkpoint_name))
+        network = current_export(fold_dir / ONNX_FILE_NAME, config, fold, checkpoint_name, say_why=True)
+        network = network or current_export(cached, config, fold, checkpoint_name)
         if network is None:
-            if not export_for_the_cpu(config, fold, checkpoint_name, candidates[1]):
+            if not export_for_the_cpu(config, fold, checkpoint_name, cached):
                 return None
-            network = open_fold(candidates[1], config, torch.device("cpu"), [CPU])
+            network = open_fold(cached, config, torch.device("cpu"), [CPU])
         networks.append(network)
     return networks
 
 
-def current_export(path: Path, checkpoint: Path, config: ModelConfig) -> OnnxRuntimeNetwork | None:
-    """A CPU session of the export at `path` if it exists, opens and was made from `checkpoint`."""
+def current_export(path: Path, config: ModelConfig, fold: str, checkpoint_name: str,
+                   say_why: bool = False) -> OnnxRuntimeNetwork | None:
+    """A CPU session of the export at `path` if it exists, opens, takes any patch and was made from this fold's
+    current content; else None (`say_why`: with one line saying why it is not used)."""
     if not path.is_file():
         return None
     try:
         network = open_fold(path, config, torch.device("cpu"), [CPU])
-    except ModelError:  # unreadable or of another model: made again in the cache
-        return None
-    return network if export_is_current(network, checkpoint) else None
+    except ModelError as err:  # unreadable or of another model: made again in the cache
+        reason = str(err)
+    else:
+        reason = stale_export_reason(network, config, fold, checkpoint_name)
+        if reason is None and network.fixed_patch is not None:
+            reason = (f"it takes only the {'x'.join(map(str, network.fixed_patch))} patch it was exported for "
+                      "(--patch-size)")
+        if reason is None:
+            return network
+    if say_why:
+        log.info("%s not used: %s; using an export of the same checkpoint made for this machine", path, reason)
+    return None
 
 
 def export_for_the_cpu(config: ModelConfig, fold: str, checkpoint_name: str, path: Path) -> bool:
@@ -344,8 +367,9 @@ def export_for_the_cpu(config: ModelConfig, fold: str, checkpoint_name: str, pat
 
 
 def load_onnx_networks(config: ModelConfig, fold_names: Sequence[str], device: torch.device,
-                       backend: str) -> list[OnnxRuntimeNetwork]:
-    """One ONNX Runtime network per fold, from MODEL_DIR/fold_X/model.onnx (see module doc)."""
+                       backend: str, checkpoint_name: str = "checkpoint_final.pth") -> list[OnnxRuntimeNetwork]:
+    """One ONNX Runtime network per fold, from MODEL_DIR/fold_X/model.onnx (see module doc); an export that was
+not made from the fold's current plans and checkpoint (fingerprint.py) is refused."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -360,6 +384,11 @@ def load_onnx_networks(config: ModelConfig, fold_names: Sequence[str], device: t
         if not path.is_file():
             raise ModelError(f"{path}: not found; export the model first with "
                              f"`python -m inference.export_onnx -m {config.model_dir}`")
-        networks.append(open_fold(path, config, device, providers))
+        network = open_fold(path, config, device, providers)
+        reason = stale_export_reason(network, config, fold, checkpoint_name)
+        if reason is not None:
+            raise ModelError(f"{path}: not used: {reason}; export it again: "
+                             f"python -m inference.export_onnx -m {config.model_dir}")
+        networks.append(network)
         providers = providers[providers.index(networks[-1].provider):]  # a fallback holds for every fold
     return networks
