@@ -41,7 +41,10 @@ LABEL org.opencontainers.image.title="flare-lesion-inference" \
 # PYTHONDONTWRITEBYTECODE: every .pyc is made at build time; at run time Python only reads them and never
 # tries to write next to the code. PYTHONUNBUFFERED: log lines reach `docker logs` as they happen.
 # CUDA_VISIBLE_DEVICES is deliberately not set: the GPU is chosen by `docker run --gpus`.
+# FLARE_CACHE_DIR=off: every run is a fresh container and nothing may be written inside it: no remembered
+# checkpoint digests (inference/model/fingerprint.py), no cached ONNX export.
 ENV PYTHONPATH=/opt/flare/site-packages \
+    FLARE_CACHE_DIR=off \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PREDICT_ARGS="${PREDICT_ARGS}"

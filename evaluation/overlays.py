@@ -10,6 +10,7 @@ case's DSC / NSD in the title. And `overview.png`: every case's first panel on o
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from flare_common.files import atomic_path
+from inference.errors import CaseError
+from inference.io import read_checked
 
 WINDOW_HU = (40 - 200, 40 + 200)  # soft tissue: level 40, width 400
 TRUTH_COLOUR, PREDICTION_COLOUR = "#2ca02c", "#e377c2"
@@ -79,12 +82,20 @@ def draw_panel(axis, ct: np.ndarray, truth: np.ndarray, prediction: np.ndarray, 
 
 
 def read_case(image: Path, truth: Path, prediction: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """CT (HU), truth and prediction as (z, y, x) arrays, and the in-plane aspect (row / column spacing)."""
-    ct_image = sitk.ReadImage(str(image))
+    """CT (HU), truth and prediction as (z, y, x) arrays, and the in-plane aspect (row / column spacing). A
+    prediction that is missing, unreadable or not on the truth's grid is drawn as none (run_metrics scored it
+    0/0 and said why); CaseError where the CT or the truth cannot be read or do not match."""
+    ct_image = read_checked(image)
     ct = sitk.GetArrayFromImage(ct_image)
-    truth_array = sitk.GetArrayFromImage(sitk.ReadImage(str(truth))) > 0
-    prediction_array = (sitk.GetArrayFromImage(sitk.ReadImage(str(prediction))) > 0 if prediction.is_file()
-                        else np.zeros_like(truth_array))
+    truth_array = sitk.GetArrayFromImage(read_checked(truth)) > 0
+    if truth_array.shape != ct.shape:
+        raise CaseError(f"{truth}: {truth_array.shape[::-1]} voxels, its image {image.name} {ct.shape[::-1]}")
+    try:
+        prediction_array = sitk.GetArrayFromImage(read_checked(prediction)) > 0
+    except CaseError:
+        prediction_array = np.zeros_like(truth_array)
+    if prediction_array.shape != truth_array.shape:
+        prediction_array = np.zeros_like(truth_array)
     spacing_x, spacing_y = ct_image.GetSpacing()[:2]
     return ct, truth_array, prediction_array, spacing_y / spacing_x
 
@@ -142,8 +153,10 @@ def case_title(row) -> str:
     return "  ".join(parts)
 
 
-def write_overlays(per_case, images: Path, labels: Path, predictions: Path, out_dir: Path) -> list[Path]:
-    """A PNG per scored case (those with an image) and overview.png; returns the paths written."""
+def write_overlays(per_case, images: Path, labels: Path, predictions: Path, out_dir: Path,
+                   warn=lambda message: print(message, file=sys.stderr)) -> list[Path]:
+    """A PNG per scored case (those with an image) and overview.png; returns the paths written. A case whose
+    CT or truth cannot be read is left out with one line through `warn`."""
     out_dir = Path(out_dir)
     written, overview = [], []
     for _, row in per_case.iterrows():
@@ -154,7 +167,11 @@ def write_overlays(per_case, images: Path, labels: Path, predictions: Path, out_
             continue
         prediction = predictions / f"{case}.nii.gz"
         title = case_title(row)
-        case_figure(image, truth, prediction, title, out_dir / f"{case}.png")
+        try:
+            case_figure(image, truth, prediction, title, out_dir / f"{case}.png")
+        except CaseError as error:
+            warn(f"warning: no picture of case {case}: {error}")
+            continue
         written.append(out_dir / f"{case}.png")
         overview.append((title, image, truth, prediction))
     if overview:

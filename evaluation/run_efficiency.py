@@ -484,6 +484,19 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def remove_earlier_results(out_dir: Path) -> int:
+    """Empty the harness's own folders of an earlier run into `out_dir` (cases/, predictions/): a mask or a log
+    left there would be read as this run's. Returns how many files were removed."""
+    removed = 0
+    for folder in (out_dir / "cases", out_dir / "predictions"):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
+                    removed += 1
+    return removed
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # `kill` (SIGTERM/SIGHUP) ends the harness like Ctrl-C: the run's own session would outlive it otherwise.
@@ -524,6 +537,9 @@ def main(argv=None) -> int:
                         docker=shutil.which(args.engine) or args.engine, timeline=args.timeline)
 
     out_dir = args.out.resolve()
+    removed = remove_earlier_results(out_dir)
+    if removed:
+        _say(f"removed {removed} file(s) of an earlier run from {out_dir / 'cases'} and {out_dir / 'predictions'}")
     (out_dir / "cases").mkdir(parents=True, exist_ok=True)
     info = run_info(settings, gpu_info, gpu_note, args)
     info["subreaper"] = subreaper  # False: a process that escapes a run's session can outlive it

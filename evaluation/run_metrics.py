@@ -42,7 +42,7 @@ from tqdm import tqdm
 from evaluation.lesion_metrics import LESION_COLUMNS, lesion_metrics
 from flare_common.files import atomic_path
 from inference.errors import CaseError
-from inference.io import IMAGE_SUFFIXES, case_id, check_nifti_data_length, sitk_reason, split_suffix
+from inference.io import IMAGE_SUFFIXES, case_id, check_file_can_be_written, read_checked, split_suffix
 from evaluation.surface_dice import surface_dice, union_bounding_box
 
 GEOMETRY_TOLERANCE = 1e-3
@@ -143,16 +143,9 @@ def files_by_case(folder) -> dict[str, list[Path]]:
 
 
 def _read(path: Path) -> sitk.Image:
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise CaseError(f"{path}: cannot be read ({sitk_reason(str(error))})") from None
-    check_nifti_data_length(path)  # ITK reads a cut-short NIfTI as if the missing voxels were zeros
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise CaseError(f"{path}: not a 3D single-channel image "
-                        f"(dimension {image.GetDimension()}, "
-                        f"{image.GetNumberOfComponentsPerPixel()} components)")
-    return image
+    """The engine's checked read (inference.io.read_checked): a truncated NIfTI (which ITK reads as if the
+    missing voxels were zeros), a header that declares more than the file holds, a name SimpleITK cannot take."""
+    return read_checked(path)
 
 
 def _fmt(values) -> str:
@@ -310,8 +303,9 @@ def summary_path(output: Path) -> Path:
 
 
 def _write_atomically(frame: pd.DataFrame, path: Path, **to_csv) -> None:
+    # a case name that is not UTF-8 (a latin-1 file name, legal on Linux) is written with its bytes escaped
     with atomic_path(path) as written:
-        frame.to_csv(written, **to_csv)
+        frame.to_csv(written, errors="backslashreplace", **to_csv)
 
 
 def write_results(per_case: pd.DataFrame, summary: pd.DataFrame, output) -> tuple[Path, Path]:
@@ -381,14 +375,42 @@ def case_table(per_case: pd.DataFrame, timings: Path | None = None) -> str:
     return table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-")
 
 
+def output_problem(args) -> str | None:
+    """What stops the results from being written or read, found before any case is scored: -o (and its summary)
+    naming a folder or lying in a folder that cannot be written, --overlays naming a file, a --timings file that
+    is not the engine's JSON."""
+    for path in (args.output, summary_path(args.output)):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            check_file_can_be_written(path, "-o")
+        except (CaseError, OSError) as error:
+            return str(error) if isinstance(error, CaseError) else f"{path}: -o: {error.strerror or error}"
+    if args.overlays is not None and args.overlays.exists() and not args.overlays.is_dir():
+        return f"{args.overlays}: --overlays names a file, not a folder"
+    if args.timings is not None:
+        try:
+            cases = json.loads(args.timings.read_text()).get("cases")
+            if not isinstance(cases, dict):
+                raise ValueError("no 'cases' object")
+        except (OSError, ValueError, AttributeError) as error:
+            return f"{args.timings}: --timings is not the engine's timings JSON ({error})"
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    sys.stdout.reconfigure(errors="backslashreplace")  # case names that are not UTF-8, printed escaped
     for name, folder in (("--gt", args.gt), ("--pred", args.pred)):
         if not folder.is_dir():
             print(f"error: {folder}: {name} folder does not exist", file=sys.stderr)
             return 2
-    if args.tolerance < 0 or args.workers < 1:
-        print("error: --tolerance must be >= 0 and --workers >= 1", file=sys.stderr)
+    if not args.tolerance >= 0 or args.workers < 1 or not 0 <= args.nsd_dsc_threshold <= 1:
+        print("error: --tolerance must be >= 0, --workers >= 1 and --nsd-dsc-threshold within [0, 1]",
+              file=sys.stderr)
+        return 2
+    problem = output_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     rules = Rules(label_check=not args.no_label_check, both_empty=not args.no_both_empty_rule,
                   one_empty=not args.no_one_empty_rule,

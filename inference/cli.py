@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -20,6 +19,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from flare_common.arguments import OneLineParser, number, positive_int
 from flare_common.files import write_text_atomically
 
 from . import batch, io, provenance
@@ -40,25 +40,6 @@ EXAMPLES = """examples:
                                                                 # FLARE mode: never over 45 s, never no mask
 """
 log = logging.getLogger("inference")
-
-
-def number(text: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:
-    """A finite float within [low, high] (low excluded with `low_open`), for argparse: NaN, infinities and
-    values out of range are refused where the flag is parsed, not deep in a case."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    below = low is not None and (value <= low if low_open else value < low)
-    if not math.isfinite(value) or below or (high is not None and value > high):
-        if low is not None and high is not None:
-            wanted = f"within {'(' if low_open else '['}{low:g}, {high:g}]"
-        elif low is not None:
-            wanted = f"{'>' if low_open else '>='} {low:g}"
-        else:
-            wanted = "a finite number"
-        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
-    return value
 
 
 def non_negative(text: str) -> float:
@@ -82,24 +63,7 @@ def finite(text: str) -> float:
     return number(text)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 MAX_PATCH_SCALE = 8.0
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, with a refused flag said in one line (no usage block above it), exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,7 +162,11 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+_stopped_by: list[int] = []  # the signal, also where a library raises its own KeyboardInterrupt instead (Ray)
+
+
 def _stop(signum, frame):
+    _stopped_by.append(signum)
     raise Stopped(signum)
 
 
@@ -238,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args, imports_done_at, done)
     except KeyboardInterrupt as stop:
-        signum = getattr(stop, "signum", signal.SIGINT)
+        signum = getattr(stop, "signum", None) or (_stopped_by[0] if _stopped_by else signal.SIGINT)
         log.error("error: stopped by %s after %d case(s); no partial mask left", signal.Signals(signum).name,
                   len(done))
         return 128 + signum

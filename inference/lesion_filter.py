@@ -73,7 +73,7 @@ def read_lesion_filter(model_dir: str | Path) -> LesionFilter:
                                      float(values.get("min_peak_probability", 0.0)))
     except (ValueError, TypeError) as err:
         raise ModelError(f"{path}: not a valid lesion filter ({err})") from None
-    if lesion_filter.min_volume_ml < 0 or not 0 <= lesion_filter.min_peak_probability <= 1:
+    if not 0 <= lesion_filter.min_volume_ml < float("inf") or not 0 <= lesion_filter.min_peak_probability <= 1:
         raise ModelError(f"{path}: min_volume_ml must be >= 0 and min_peak_probability in [0, 1]")
     return lesion_filter
 

@@ -24,12 +24,16 @@ def start(argv: list[str]) -> None:
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("-i", "--input")
+    parser.add_argument("-o", "--output")
     parser.add_argument("--ray", nargs="?", const="")
     known, _ = parser.parse_known_args(argv)
-    if known.ray is not None:
+    if known.ray is not None or not known.input:
         return  # Ray's workers read the cases, not this process
     try:
-        cases = io.find_cases(known.input).cases if known.input else []
+        scan = io.find_cases(known.input)
+        if known.output:
+            io.set_aside_earlier_masks(scan, known.output)  # not an earlier run's mask (input = output folder)
+        cases = scan.cases
     except (io.CaseError, OSError):
         return  # the CLI reports it, in its place
     if cases:

@@ -103,10 +103,26 @@ def write_dataset(out_dir, cases: int, seed: int, flare_sizes: bool = False,
                                    shape_zyx=[int(s) for s in shape_zyx] if shape_zyx else None,
                                    spacing_zyx=[float(s) for s in spacing_zyx] if spacing_zyx else None),
                     tissue_classes=list(TISSUE_NAMES), cases=entries)
+    earlier = earlier_files(out_dir)
     with atomic_path(out_dir / "manifest.json") as written:
         written.write_text(json.dumps(manifest, indent=1))
         os.chmod(written, FILE_MODE)
+    for stale in sorted(earlier - {out_dir / entry[key] for entry in entries for key in ("image", "label")}):
+        stale.unlink(missing_ok=True)  # a case of an earlier run into this folder that this run did not write
     return entries
+
+
+def earlier_files(out_dir: Path) -> set[Path]:
+    """The images and labels an earlier run listed in `out_dir`'s manifest.json (only files it wrote itself:
+    inside out_dir/images or out_dir/labels); an empty set where there is no such manifest."""
+    try:
+        manifest = json.loads((out_dir / "manifest.json").read_text())
+        entries = manifest["cases"] if manifest.get("generator") == "phantoms" else []
+        listed = {out_dir / entry[key] for entry in entries for key in ("image", "label")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    folders = {(out_dir / "images").resolve(), (out_dir / "labels").resolve()}
+    return {path for path in listed if path.resolve().parent in folders}
 
 
 def write_eval_set(out: Path, seed: int, n_lesion: int, n_healthy: int, shape) -> list[dict]:

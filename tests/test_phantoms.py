@@ -146,11 +146,15 @@ def test_cli_writes_the_flare_layout(tmp_path):
 
 
 def test_cli_rejects_bad_arguments_in_one_line(tmp_path, capsys):
-    assert cli.main(["--out", str(tmp_path / "x"), "--healthy-fraction", "1.5", "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "healthy fraction" in err
-    assert cli.main(["--out", str(tmp_path / "y"), "--cases", "1", "--shape", "0", "8", "8"]) == 2
-    assert not (tmp_path / "y" / "manifest.json").exists()
+    for flags, said in ((["--healthy-fraction", "1.5"], "argument --healthy-fraction: must be within [0, 1], got 1.5"),
+                        (["--shape", "0", "8", "8"], "argument --shape: must be >= 1, got 0"),
+                        (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+                        (["--spacing", "nan", "1", "1"], "argument --spacing: must be > 0, got nan")):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["--out", str(tmp_path / "x"), "--cases", "1", "--no-progress", *flags])
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and err.splitlines() == [f"error: {said} (see python -m phantoms --help)"]
+    assert not (tmp_path / "x").exists()
     with pytest.raises(PhantomError):
         generate_phantom(0, 0, direction=(0, 1, 0, 1, 0, 0, 0, 0, 1), **SMALL)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,12 +29,20 @@ _hashing = threading.Lock()  # one file hashed at a time: a second caller for th
 _remembered: dict[tuple, str] = {}  # this process's digests, by path and identity
 
 
-def cache_root() -> Path:
-    """$FLARE_CACHE_DIR, else $XDG_CACHE_HOME/flare-inference, else ~/.cache/flare-inference."""
+def cache_root() -> Path | None:
+    """$FLARE_CACHE_DIR, else $XDG_CACHE_HOME/flare-inference, else ~/.cache/flare-inference; None where
+    FLARE_CACHE_DIR=off (the submission image: every run is a fresh container, and nothing may be written
+    inside it)."""
     explicit = os.environ.get(CACHE_ENV)
+    if explicit == "off":
+        return None
     if explicit:
         return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flare-inference"
+    try:
+        home = Path.home()
+    except RuntimeError:  # no HOME and no passwd entry: a container run as an arbitrary user id
+        return Path(tempfile.gettempdir()) / f"flare-inference-{os.getuid()}"
+    return Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "flare-inference"
 
 
 def _identity(stat: os.stat_result) -> list[int]:
@@ -52,9 +61,10 @@ def file_digest(path: str | Path) -> str:
 
 def _file_digest(path: Path) -> str:
     before = path.stat()
-    memo = cache_root() / "digests" / (hashlib.sha1(os.fsencode(path)).hexdigest() + ".json")
+    root = cache_root()
+    memo = root / "digests" / (hashlib.sha1(os.fsencode(path)).hexdigest() + ".json") if root else None
     try:
-        remembered = json.loads(memo.read_text())
+        remembered = json.loads(memo.read_text()) if memo else {}
         if remembered.get("identity") == _identity(before):
             return remembered["sha256"]
     except (OSError, ValueError, AttributeError, KeyError):
@@ -62,7 +72,7 @@ def _file_digest(path: Path) -> str:
     with open(path, "rb") as file:
         digest = hashlib.file_digest(file, "sha256").hexdigest()
     after = path.stat()
-    if _identity(after) == _identity(before) and time.time() - after.st_ctime_ns / 1e9 > RACY_S:
+    if memo and _identity(after) == _identity(before) and time.time() - after.st_ctime_ns / 1e9 > RACY_S:
         try:
             write_text_atomically(memo, json.dumps({"path": os.fsdecode(path), "identity": _identity(after),
                                                     "sha256": digest}))

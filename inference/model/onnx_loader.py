@@ -290,11 +290,14 @@ def stale_export_reason(network: OnnxRuntimeNetwork, config: ModelConfig, fold: 
 ONNX_CACHE_ENV = "FLARE_ONNX_CACHE"
 
 
-def export_cache_path(fingerprint: str) -> Path:
+def export_cache_path(fingerprint: str) -> Path | None:
     """Where `--backend auto` keeps its own export of a fold, outside the model folder (which may be read-only,
-    or committed): one folder per network content, so that an export is never found for other weights."""
-    root = Path(os.environ.get(ONNX_CACHE_ENV) or cache_root() / "onnx")
-    return root / fingerprint[:24] / ONNX_FILE_NAME
+    or committed): one folder per network content, so that an export is never found for other weights. None
+    where there is no cache (FLARE_CACHE_DIR=off, FLARE_ONNX_CACHE unset)."""
+    explicit, root = os.environ.get(ONNX_CACHE_ENV), cache_root()
+    if not explicit and root is None:
+        return None
+    return Path(explicit or root / "onnx") / fingerprint[:24] / ONNX_FILE_NAME
 
 
 def current_cpu_networks(config: ModelConfig, fold_names: Sequence[str],
@@ -315,8 +318,10 @@ def current_cpu_networks(config: ModelConfig, fold_names: Sequence[str],
             return None  # nothing to check an export against: torch says why
         cached = export_cache_path(export_fingerprint(config, fold, checkpoint_name))
         network = current_export(fold_dir / ONNX_FILE_NAME, config, fold, checkpoint_name, say_why=True)
-        network = network or current_export(cached, config, fold, checkpoint_name)
+        network = network or (current_export(cached, config, fold, checkpoint_name) if cached else None)
         if network is None:
+            if cached is None:
+                return None
             if not export_for_the_cpu(config, fold, checkpoint_name, cached):
                 return None
             network = open_fold(cached, config, torch.device("cpu"), [CPU])
@@ -342,7 +347,8 @@ def current_export(path: Path, config: ModelConfig, fold: str, checkpoint_name: 
         if reason is None:
             return network
     if say_why:
-        log.info("%s not used: %s; using an export of the same checkpoint made for this machine", path, reason)
+        log.info("%s not used: %s; using an export of the same checkpoint made for this machine, or torch", path,
+                 reason)
     return None
 
 

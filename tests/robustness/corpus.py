@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -45,12 +46,12 @@ MARKER = "CODE_RAN"  # written by the hostile model folder's Python file if it i
 
 # ------------------------------------------------------------------------------------------ ingredients
 
-def toy_model(folder: Path) -> Path:
+def toy_model(folder: Path, seed: int = 0) -> Path:
     """A small 3-stage U-Net model folder (random weights, 3 mm, 32^3 patch)."""
     arch = plain_unet_arch_kwargs(n_stages=3, base_features=4)
     plans = make_plans(spacing=[3.0, 3.0, 3.0], patch_size=[32, 32, 32], arch_kwargs=arch,
                        intensity_properties=SYNTHETIC_CT_INTENSITIES)
-    return write_random_model_folder(folder, plans, make_dataset_json())
+    return write_random_model_folder(folder, plans, make_dataset_json(), seed=seed)
 
 
 def ct_image(shape_zyx=(16, 40, 40), spacing_xyz=(2.0, 2.0, 3.0), dtype=np.int16, seed: int = 0) -> sitk.Image:
@@ -133,6 +134,7 @@ class Setup:
     cleanup: Callable[[], None] | None = None
     skip: str | None = None                        # why the scenario cannot run here
     interrupt_after: str | None = None             # send SIGTERM once stderr shows this text
+    env: dict[str, str] = field(default_factory=dict)  # added to the command's environment
 
 
 @dataclass
@@ -144,6 +146,7 @@ class Scenario:
     exit_code: int
     says: list[str]        # substrings of stderr (regular expressions), in one line each
     error_lines: int | None = None  # number of stderr lines starting with "error" (None: not checked)
+    max_seconds: float | None = None  # the command must end within this (None: RUN_TIMEOUT_S)
 
 
 @dataclass
@@ -168,6 +171,11 @@ def make_reference(root: Path) -> Reference:
 
 def engine_args(inputs: Path, outputs: Path, model: Path, *extra: str) -> list[str]:
     return ["-i", str(inputs), "-o", str(outputs), "-m", str(model), "--device", "cpu", "--quiet", *extra]
+
+
+def loud(args: list[str]) -> list[str]:
+    """The engine's arguments without --quiet: the lines a scenario expects are information, not warnings."""
+    return [arg for arg in args if arg != "--quiet"]
 
 
 def with_good_case(folder: Path, ref: Reference) -> None:
@@ -271,7 +279,7 @@ def interrupted(root: Path, ref: Reference) -> Setup:
         (partial / "large.nii.gz").write_bytes(b"partial")
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     # a step of 0.05 makes thousands of windows: the run is still in the network when it is stopped
-    args = [a for a in engine_args(root / "in", out, ref.model, "--step-size", "0.05") if a != "--quiet"]
+    args = loud(engine_args(root / "in", out, ref.model, "--step-size", "0.05"))
     return Setup(args, outputs=out, expected_outputs=[".flare-partial-live"], interrupt_after="loaded in")
 
 
@@ -360,6 +368,323 @@ def broken_prediction(root: Path, ref: Reference) -> Setup:
     (predictions / "b.nii.gz").write_bytes(full[: len(full) // 2])  # cut short
     return Setup(["--gt", str(labels), "--pred", str(predictions), "-o", str(root / "metrics.csv"), "--workers", "1"],
                  command="evaluation.run_metrics")
+
+
+# ---------------------------------------------------------------------------- issue 31: silent wrong answers
+
+def cache_env(root: Path) -> dict[str, str]:
+    """A cache of exports and digests of the scenario's own: nothing of another scenario or run is reused."""
+    return {"FLARE_ONNX_CACHE": str(root / "onnx-cache"), "FLARE_CACHE_DIR": str(root / "cache")}
+
+
+def engine_once(args: list[str], env: dict[str, str] | None = None, command: str = "inference") -> None:
+    """Run a command in a scenario's build (an earlier run); RuntimeError where it fails."""
+    result = run_command(command, args, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"python -m {command} {' '.join(args)} failed in a scenario's build:\n{result.stderr}")
+
+
+def read_mask(path: Path) -> np.ndarray:
+    from inference.io import read_checked
+    return sitk.GetArrayFromImage(read_checked(path))
+
+
+def require_different(first: Path, second: Path) -> None:
+    """A scenario about a changed model shows nothing unless the two models' masks differ."""
+    if np.array_equal(read_mask(first), read_mask(second)):
+        raise RuntimeError(f"{first} and {second} are the same mask: the scenario cannot tell the models apart")
+
+
+def fresh_reference(root: Path, model: Path, inputs: Path, name: str) -> Path:
+    """`model`'s masks of `inputs` from a run with a cache of its own (its own export), in root/name."""
+    engine_once(engine_args(inputs, root / name, model), cache_env(root / f"{name}-cache"))
+    return root / name
+
+
+def swap_checkpoint(model: Path, other: Path) -> None:
+    """Replace `model`'s checkpoint by `other`'s, keeping the size and the modification time (as `cp -p`, tar or a
+    reproducible image build would leave them)."""
+    checkpoint = model / "fold_all" / "checkpoint_final.pth"
+    replacement = other / "fold_all" / "checkpoint_final.pth"
+    if checkpoint.stat().st_size != replacement.stat().st_size:
+        raise RuntimeError("the two toy checkpoints differ in size: the scenario would not be the one it names")
+    stat = checkpoint.stat()
+    shutil.copyfile(replacement, checkpoint)
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def plans_edited_after_run(root: Path, ref: Reference) -> Setup:
+    model = toy_model(root / "model", seed=1)
+    with_good_case(root / "in", ref)
+    env = cache_env(root)
+    engine_once(engine_args(root / "in", root / "first", model), env)  # exports into the cache
+    plans = json.loads((model / "plans.json").read_text())
+    arch_kwargs(plans)["nonlin_kwargs"]["negative_slope"] = 0.3  # the LeakyReLU slope, edited after the run
+    (model / "plans.json").write_text(json.dumps(plans))
+    reference = fresh_reference(root, model, root / "in", "edited")
+    require_different(root / "first" / "good.nii.gz", reference / "good.nii.gz")
+    return Setup(loud(engine_args(root / "in", root / "out", model)), outputs=root / "out", env=env,
+                 expected_outputs=["good.nii.gz"], same_masks={"good.nii.gz": reference / "good.nii.gz"})
+
+
+def checkpoint_swapped(root: Path, ref: Reference) -> Setup:
+    model, other = toy_model(root / "model", seed=1), toy_model(root / "other", seed=2)
+    with_good_case(root / "in", ref)
+    env = cache_env(root)
+    engine_once(engine_args(root / "in", root / "first", model), env)
+    swap_checkpoint(model, other)
+    reference = fresh_reference(root, other, root / "in", "other-masks")
+    require_different(root / "first" / "good.nii.gz", reference / "good.nii.gz")
+    return Setup(loud(engine_args(root / "in", root / "out", model)), outputs=root / "out", env=env,
+                 expected_outputs=["good.nii.gz"], same_masks={"good.nii.gz": reference / "good.nii.gz"})
+
+
+def stale_folder_export(root: Path, ref: Reference) -> Setup:
+    model, other = toy_model(root / "model", seed=1), toy_model(root / "other", seed=2)
+    engine_once(["-m", str(model)], command="inference.export_onnx")  # fold_all/model.onnx
+    swap_checkpoint(model, other)
+    with_good_case(root / "in", ref)
+    return Setup(engine_args(root / "in", root / "out", model, "--backend", "onnx"), outputs=root / "out",
+                 env=cache_env(root))
+
+
+def ray_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("ray") is not None
+
+
+def ray_other_model(root: Path, ref: Reference) -> Setup:
+    if not ray_installed():
+        return Setup([], skip="ray is not installed (pip install '.[ray]')")
+    first, second = toy_model(root / "first-model", seed=1), toy_model(root / "second-model", seed=2)
+    with_good_case(root / "in", ref)
+    env, journal = cache_env(root), str(root / "run.journal.jsonl")
+    engine_once(engine_args(root / "in", root / "out", first, "--ray", "--journal", journal), env)
+    reference = fresh_reference(root, second, root / "in", "second-masks")
+    require_different(root / "out" / "good.nii.gz", reference / "good.nii.gz")
+    args = loud(engine_args(root / "in", root / "out", second, "--ray", "--journal", journal))
+    return Setup(args, outputs=root / "out", env=env, expected_outputs=["good.nii.gz"],
+                 same_masks={"good.nii.gz": reference / "good.nii.gz"})
+
+
+def skip_existing_broken(root: Path, ref: Reference) -> Setup:
+    with_good_case(root / "in", ref)
+    shutil.copy2(ref.good_image, root / "in" / "other_0000.nii.gz")
+    (root / "out").mkdir()
+    (root / "out" / "good.nii.gz").write_bytes(b"")  # 0 bytes
+    cut = ref.good_mask.read_bytes()
+    (root / "out" / "other.nii.gz").write_bytes(cut[: len(cut) // 2])  # cut short
+    args = loud(engine_args(root / "in", root / "out", ref.model, "--skip-existing"))
+    return Setup(args, outputs=root / "out", expected_outputs=["good.nii.gz", "other.nii.gz"],
+                 same_masks={"good.nii.gz": ref.good_mask, "other.nii.gz": ref.good_mask})
+
+
+def sheared_mha(root: Path, ref: Reference) -> Setup:
+    image = ct_image()
+    image.SetDirection((1.0, 0.2, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # the x and y axes 78.7 degrees apart
+    write(image, root / "in" / "sheared_0000.mha")
+    with_good_case(root / "in", ref)
+    return Setup(engine_args(root / "in", root / "out", ref.model), outputs=root / "out",
+                 expected_outputs=["good.nii.gz"], same_masks={"good.nii.gz": ref.good_mask})
+
+
+def with_flags(*flags: str) -> Callable[[Path, Reference], Setup]:
+    def build(root: Path, ref: Reference) -> Setup:
+        with_good_case(root / "in", ref)
+        return Setup(engine_args(root / "in", root / "out", ref.model, *flags), outputs=root / "out")
+    return build
+
+
+def efficiency_rerun_fails(root: Path, ref: Reference) -> Setup:
+    cases = root / "cases"
+    with_good_case(cases, ref)
+    copy = 'cp "$INPUT_DIR"/good_0000.nii.gz "$OUTPUT_DIR"/good.nii.gz'
+    engine_once(["--cases", str(cases), "--command", copy, "--out", str(root / "eff"), "--no-gpu", "--no-plots"],
+                command="evaluation.run_efficiency")
+    return Setup(["--cases", str(cases), "--command", "exit 3", "--out", str(root / "eff"), "--no-gpu", "--no-plots"],
+                 command="evaluation.run_efficiency", outputs=root / "eff" / "predictions")
+
+
+def phantoms_out_reused(root: Path, ref: Reference) -> Setup:
+    small = ["--shape", "24", "48", "48", "--spacing", "8", "8", "8", "--no-progress"]
+    engine_once(["--out", str(root / "ph"), "--cases", "3", *small], command="phantoms")
+    return Setup(["--out", str(root / "ph"), "--cases", "1", *small], command="phantoms",
+                 outputs=root / "ph" / "images", expected_outputs=["phantom_0000_0000.nii.gz"])
+
+
+LATIN1_NAME = os.fsdecode(b"caf\xe9")  # a file name that is not UTF-8, legal on Linux
+
+
+def latin1_name(root: Path, ref: Reference) -> Setup:
+    with_good_case(root / "in", ref)
+    shutil.copy2(ref.good_image, root / "in" / f"{LATIN1_NAME}_0000.nii.gz")
+    return Setup(engine_args(root / "in", root / "out", ref.model), outputs=root / "out",
+                 expected_outputs=[f"{LATIN1_NAME}.nii.gz", "good.nii.gz"],
+                 same_masks={f"{LATIN1_NAME}.nii.gz": ref.good_mask, "good.nii.gz": ref.good_mask})
+
+
+def metrics_latin1_name(root: Path, ref: Reference) -> Setup:
+    for folder in ("labels", "pred"):
+        (root / folder).mkdir()
+        shutil.copy2(ref.good_mask, root / folder / f"{LATIN1_NAME}.nii.gz")
+        shutil.copy2(ref.good_mask, root / folder / "good.nii.gz")
+    (root / "m").mkdir()
+    return Setup(["--gt", str(root / "labels"), "--pred", str(root / "pred"), "-o", str(root / "m" / "metrics.csv"),
+                  "--workers", "1"], command="evaluation.run_metrics", outputs=root / "m",
+                 expected_outputs=["metrics.csv", "metrics_summary.csv"])
+
+
+def journal_under_read_only_parent(root: Path, ref: Reference) -> Setup:
+    """`docker run --read-only` with a writable output mount: the journal's default place beside it is not."""
+    parent = root / "ro"
+    reason = mount_tmpfs(parent, "1m")
+    if reason:
+        return Setup([], skip=reason)
+    (parent / "out").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(parent)], check=True, capture_output=True, timeout=30)
+    reason = mount_tmpfs(parent / "out", "4m")
+    if reason:
+        unmount(parent)
+        return Setup([], skip=reason)
+    with_good_case(root / "in", ref)
+
+    def cleanup():
+        unmount(parent / "out")
+        unmount(parent)
+
+    return Setup(engine_args(root / "in", parent / "out", ref.model, "--ray"), outputs=parent / "out",
+                 cleanup=cleanup)
+
+
+def fixed_patch_folder_export(root: Path, ref: Reference) -> Setup:
+    model = root / "model"
+    shutil.copytree(ref.model, model)
+    engine_once(["-m", str(model), "--patch-size", "32", "32", "32"], command="inference.export_onnx")
+    with_good_case(root / "in", ref)
+    return Setup(loud(engine_args(root / "in", root / "out", model)), outputs=root / "out",
+                 expected_outputs=["good.nii.gz"], same_masks={"good.nii.gz": ref.good_mask})
+
+
+def header_bomb_bytes() -> bytes:
+    """A NIfTI-1 header declaring 1000^3 int16 voxels, and 4 bytes of them, gzipped: under 100 bytes."""
+    header = bytearray(348)
+    struct.pack_into("<i", header, 0, 348)
+    struct.pack_into("<8h", header, 40, 3, 1000, 1000, 1000, 1, 1, 1, 1)
+    struct.pack_into("<hh", header, 70, 4, 16)  # int16
+    struct.pack_into("<8f", header, 76, 1, 1, 1, 1, 1, 1, 1, 1)
+    struct.pack_into("<f", header, 108, 352.0)
+    header[344:348] = b"n+1\0"
+    return gzip.compress(bytes(header) + b"\0" * 8)
+
+
+def header_bomb(root: Path, ref: Reference) -> Setup:
+    (root / "in").mkdir(parents=True)
+    (root / "in" / "bomb_0000.nii.gz").write_bytes(header_bomb_bytes())
+    with_good_case(root / "in", ref)
+    return Setup(engine_args(root / "in", root / "out", ref.model), outputs=root / "out",
+                 expected_outputs=["good.nii.gz"], same_masks={"good.nii.gz": ref.good_mask})
+
+
+def metrics_header_bomb(root: Path, ref: Reference) -> Setup:
+    for folder in ("labels", "pred"):
+        (root / folder).mkdir()
+        shutil.copy2(ref.good_mask, root / folder / "good.nii.gz")
+    shutil.copy2(ref.good_mask, root / "labels" / "bomb.nii.gz")
+    (root / "pred" / "bomb.nii.gz").write_bytes(header_bomb_bytes())
+    return Setup(["--gt", str(root / "labels"), "--pred", str(root / "pred"), "-o", str(root / "metrics.csv"),
+                  "--workers", "1"], command="evaluation.run_metrics")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ray_unreachable(root: Path, ref: Reference) -> Setup:
+    with_good_case(root / "in", ref)
+    return Setup(engine_args(root / "in", root / "out", ref.model, "--ray", f"127.0.0.1:{free_port()}"),
+                 outputs=root / "out")
+
+
+def ray_silent_address(root: Path, ref: Reference) -> Setup:
+    """Something listens at the address, but it is not Ray: Ray itself would wait for minutes."""
+    if not ray_installed():
+        return Setup([], skip="ray is not installed (pip install '.[ray]')")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    with_good_case(root / "in", ref)
+    return Setup(engine_args(root / "in", root / "out", ref.model, "--ray",
+                             f"127.0.0.1:{listener.getsockname()[1]}"), outputs=root / "out", cleanup=listener.close)
+
+
+def ray_with(*flags: str) -> Callable[[Path, Reference], Setup]:
+    def build(root: Path, ref: Reference) -> Setup:
+        if not ray_installed():
+            return Setup([], skip="ray is not installed (pip install '.[ray]')")
+        with_good_case(root / "in", ref)
+        return Setup(engine_args(root / "in", root / "out", ref.model, "--ray", *flags), outputs=root / "out")
+    return build
+
+
+def tiny_step(root: Path, ref: Reference) -> Setup:
+    write(ct_image(shape_zyx=(60, 160, 160)), root / "in" / "large_0000.nii.gz")
+    with_good_case(root / "in", ref)
+    return Setup(engine_args(root / "in", root / "out", ref.model, "--step-size", "1e-6"), outputs=root / "out",
+                 expected_outputs=["good.nii.gz"], same_masks={"good.nii.gz": ref.good_mask})
+
+
+def ray_interrupted(root: Path, ref: Reference) -> Setup:
+    if not ray_installed():
+        return Setup([], skip="ray is not installed (pip install '.[ray]')")
+    write(ct_image(shape_zyx=(60, 160, 160)), root / "in" / "large_0000.nii.gz")
+    # a step of 0.05 makes thousands of windows: the worker is still in the network when the run is stopped
+    args = loud(engine_args(root / "in", root / "out", ref.model, "--ray", "--step-size", "0.05"))
+    return Setup(args, outputs=root / "out", interrupt_after="ray: ")
+
+
+def timings_folder_missing(root: Path, ref: Reference) -> Setup:
+    with_good_case(root / "in", ref)
+    return Setup(engine_args(root / "in", root / "out", ref.model, "--timings", str(root / "nowhere" / "t.json")),
+                 outputs=root / "out")
+
+
+def metrics_output_is_a_folder(root: Path, ref: Reference) -> Setup:
+    for folder in ("labels", "pred"):
+        (root / folder).mkdir()
+        shutil.copy2(ref.good_mask, root / folder / "good.nii.gz")
+    (root / "metrics.csv").mkdir()
+    return Setup(["--gt", str(root / "labels"), "--pred", str(root / "pred"), "-o", str(root / "metrics.csv"),
+                  "--workers", "1"], command="evaluation.run_metrics")
+
+
+def metrics_overlays_broken(root: Path, ref: Reference) -> Setup:
+    setup = broken_prediction(root, ref)
+    for case in ("a", "b"):  # the CT images the pictures are drawn on
+        write(ct_image(), root / "images" / f"{case}_0000.nii.gz")
+    write(ct_image(), root / "images" / "c_0000.nii.gz")
+    write(sitk.GetImageFromArray(np.zeros((16, 40, 40), np.uint8)), root / "labels" / "c.nii.gz")
+    wrong = sitk.GetImageFromArray(np.zeros((8, 20, 20), np.uint8))  # of another grid than its truth
+    write(wrong, root / "pred" / "c.nii.gz")
+    setup.args += ["--overlays", str(root / "pictures"), "--images", str(root / "images")]
+    setup.outputs, setup.expected_outputs = root / "pictures", ["a.png", "b.png", "c.png", "overview.png"]
+    return setup
+
+
+def same_folder_rerun(root: Path, ref: Reference) -> Setup:
+    folder = root / "data"
+    with_good_case(folder, ref)
+    engine_once(engine_args(folder, folder, ref.model))
+    args = loud(engine_args(folder, folder, ref.model, "--skip-existing"))
+    return Setup(args, outputs=folder, expected_outputs=["good.nii.gz", "good_0000.nii.gz"],
+                 same_masks={"good.nii.gz": ref.good_mask})
+
+
+def phantoms_flags(*flags: str) -> Callable[[Path, Reference], Setup]:
+    def build(root: Path, ref: Reference) -> Setup:
+        return Setup(["--out", str(root / "ph"), *flags], command="phantoms", outputs=root / "ph")
+    return build
 
 
 SCENARIOS = [
@@ -472,10 +797,107 @@ SCENARIOS = [
     # 11. metrics
     Scenario("metrics-broken-prediction", "11. run_metrics and broken predictions",
              "`run_metrics` with one perfect and one cut-short prediction", broken_prediction,
-             1, [r"b\.nii\.gz: (cannot be read|truncated or corrupt NIfTI)"], error_lines=1),
+             1, [r"b\.nii\.gz: (cannot read image|truncated or corrupt NIfTI)"], error_lines=1),
     # 12. slow to fail
     Scenario("read-only-output", "12. slow to fail", "a read-only output folder (a read-only tmpfs)",
              read_only_output, 2, [r"out: output folder cannot be written \(Read-only file system\)"],
+             error_lines=1),
+    # issue 31: silent wrong or stale results
+    Scenario("plans-edited-after-run", "13. stale exports (31.1)",
+             "`plans.json` edited after a run (the LeakyReLU slope); the same command again, `--backend auto` on the CPU",
+             plans_edited_after_run, 0, [r"exported fold all to .*model\.onnx for ONNX Runtime on the CPU"],
+             error_lines=0),
+    Scenario("checkpoint-swapped", "13. stale exports (31.1)",
+             "the checkpoint replaced by another of the same size and modification time (`cp -p`); the same command "
+             "again", checkpoint_swapped, 0, [r"exported fold all to .*model\.onnx for ONNX Runtime on the CPU"],
+             error_lines=0),
+    Scenario("stale-folder-export", "13. stale exports (31.1)",
+             "`--backend onnx` with a `fold_all/model.onnx` exported from the checkpoint before it was replaced",
+             stale_folder_export, 2,
+             [r"fold_all/model\.onnx: not used: it was exported from another checkpoint_final\.pth"], error_lines=1),
+    Scenario("ray-other-model", "14. resumed runs (31.2)",
+             "`--ray` into an output folder, then the same command with `-m OTHER`", ray_other_model, 0,
+             [r"1 case\(s\) it records as done run again: made by another model"], error_lines=0),
+    Scenario("skip-existing-broken-masks", "14. resumed runs (31.3)",
+             "`--skip-existing` over a 0-byte mask and a cut-short one", skip_existing_broken, 0,
+             [r"good\.nii\.gz: computed again \(--skip-existing\): the mask there is an empty file",
+              r"other\.nii\.gz: computed again \(--skip-existing\): the mask there is unreadable"], error_lines=0),
+    Scenario("sheared-mha", "9. geometry changed silently (31.4)",
+             "an .mha whose direction matrix is not orthogonal (axes 78.7 degrees apart), beside a good case",
+             sheared_mha, 1, [r"sheared_0000\.mha: its direction matrix is not orthonormal \(axes 78\.7 degrees apart"],
+             error_lines=2),
+    Scenario("flag-probability-50", "15. flags (31.5)", "`--min-lesion-probability 50`",
+             with_flags("--min-lesion-probability", "50"), 2,
+             [r"^error: argument --min-lesion-probability: must be within \[0, 1\], got 50"], error_lines=1),
+    Scenario("flag-min-ml-nan", "15. flags (31.5)", "`--min-lesion-ml nan`", with_flags("--min-lesion-ml", "nan"), 2,
+             [r"^error: argument --min-lesion-ml: must be >= 0, got nan"], error_lines=1),
+    Scenario("flag-step-0", "15. flags (31.5)", "`--step-size 0`", with_flags("--step-size", "0"), 2,
+             [r"^error: argument -step_size/--step-size: must be within \(0, 1\], got 0"], error_lines=1),
+    Scenario("flag-patch-not-stride", "15. flags (31.5)", "`--patch-size 30 32 32` (the network's stride is 4)",
+             with_flags("--patch-size", "30", "32", "32"), 2,
+             [r"--patch-size 30x32x32: must be a multiple of the network's total stride 4x4x4"], error_lines=1),
+    Scenario("efficiency-rerun-fails", "16. stale files (31.6)",
+             "`run_efficiency` into the same `--out` again, the command now failing", efficiency_rerun_fails, 1,
+             [r"removed \d+ file\(s\) of an earlier run", r"good_0000\.nii\.gz: nonzero_exit"]),
+    Scenario("phantoms-out-reused", "16. stale files (31.6)", "`phantoms --out` reused with 1 case instead of 3",
+             phantoms_out_reused, 0, []),
+    # issue 31: crashes that lose other cases' work
+    Scenario("latin1-name", "17. one case, never the batch (31.7)",
+             "a latin-1 file name `caf\\xe9_0000.nii.gz` (not UTF-8) beside a good case", latin1_name, 0, [],
+             error_lines=0),
+    Scenario("metrics-latin1-name", "17. one case, never the batch (31.7)",
+             "`run_metrics` with a latin-1 case name", metrics_latin1_name, 0, [], error_lines=0),
+    Scenario("journal-read-only-parent", "12. slow to fail (31.8)",
+             "`--ray`, a writable output folder under a read-only parent (the journal's default place)",
+             journal_under_read_only_parent, 2,
+             [r"out\.journal\.jsonl: the --ray journal \(--journal\): the folder .* cannot be written "
+              r"\(Read-only file system\)"], error_lines=1),
+    Scenario("fixed-patch-folder-export", "17. one case, never the batch (31.9)",
+             "the model folder's own export fixed to one patch (`export_onnx --patch-size 32 32 32`), default run",
+             fixed_patch_folder_export, 0,
+             [r"fold_all/model\.onnx not used: it takes only the 32x32x32 patch it was exported for"], error_lines=0),
+    # issue 31: unbounded memory or time, hangs
+    Scenario("header-bomb", "8. unbounded work (31.10)",
+             "a 54-byte .nii.gz whose header declares 1000^3 voxels, beside a good case", header_bomb, 1,
+             [r"bomb_0000\.nii\.gz: its header declares 1000x1000x1000 voxels \(2,000 MB\), more than its \d+ bytes"],
+             error_lines=2, max_seconds=60),
+    Scenario("metrics-header-bomb", "8. unbounded work (31.10)", "`run_metrics` with that file as a prediction",
+             metrics_header_bomb, 1, [r"bomb\.nii\.gz: its header declares 1000x1000x1000 voxels"], error_lines=1,
+             max_seconds=60),
+    Scenario("ray-unreachable", "8. unbounded work (31.11)", "`--ray 127.0.0.1:PORT` where nothing listens",
+             ray_unreachable, 2, [r"--ray 127\.0\.0\.1:\d+: no Ray cluster answers there"], error_lines=1,
+             max_seconds=30),
+    Scenario("ray-silent-address", "8. unbounded work (31.11)",
+             "`--ray 127.0.0.1:PORT` where something listens that is not Ray", ray_silent_address, 2,
+             [r"--ray 127\.0\.0\.1:\d+: Ray did not start within 30 s"], error_lines=1, max_seconds=60),
+    Scenario("ray-cpus-above-cores", "8. unbounded work (31.12)", "`--ray --ray-cpus 512` on a 2-core machine",
+             ray_with("--ray-cpus", "512"), 2, [r"--ray-cpus 512: no node of the cluster has that many cores"],
+             error_lines=1, max_seconds=60),
+    Scenario("step-tiny", "8. unbounded work (31.13)", "`--step-size 1e-6` on a 60x160x160 case, beside a small one",
+             tiny_step, 1, [r"large_0000\.nii\.gz: step 1e-06 of the .* patch would make [\d,]+ windows .* over the "
+                            r"limit of 200,000"], error_lines=2, max_seconds=60),
+    Scenario("ray-sigterm", "6. SIGTERM and leftovers (31.14)", "SIGTERM during the network under `--ray`",
+             ray_interrupted, 143, [r"stopped by SIGTERM after 0 case\(s\); no partial mask left"], error_lines=1),
+    # issue 31: tracebacks or wrong exits
+    Scenario("checkpoint-missing", "7. tracebacks (31.15)", "`-chk checkpoint_best.pth`, which the fold does not have",
+             with_flags("-chk", "checkpoint_best.pth"), 2,
+             [r"fold_all/checkpoint_best\.pth: checkpoint not found \(-chk; fold_all has checkpoint_final\.pth\)"],
+             error_lines=1),
+    Scenario("timings-folder-missing", "7. tracebacks (31.16)", "`--timings` into a folder that does not exist",
+             timings_folder_missing, 2, [r"t\.json: --timings: the folder .*nowhere does not exist"], error_lines=1),
+    Scenario("metrics-output-is-a-folder", "7. tracebacks (31.17)", "`run_metrics -o` naming an existing folder",
+             metrics_output_is_a_folder, 2, [r"metrics\.csv: -o names a folder, not a file"], error_lines=1),
+    Scenario("metrics-overlays-broken", "7. tracebacks (31.17)",
+             "`run_metrics --overlays` with a cut-short prediction and one on another grid", metrics_overlays_broken, 1,
+             [r"b\.nii\.gz: (cannot read image|truncated or corrupt NIfTI)", r"c\.nii\.gz: geometry differs"], error_lines=2),
+    Scenario("same-folder-rerun", "4. name collisions (31.18)",
+             "`-i` and `-o` the same folder of `_0000` inputs, the identical command again with `--skip-existing`",
+             same_folder_rerun, 0, [r"skipped: .*good\.nii\.gz: the mask of good_0000 from an earlier run"],
+             error_lines=0),
+    Scenario("phantoms-negative-seed", "7. tracebacks (31.19)", "`phantoms --seed -1`",
+             phantoms_flags("--seed", "-1"), 2, [r"^error: argument --seed: must be >= 0, got -1"], error_lines=1),
+    Scenario("phantoms-nan-spacing", "7. tracebacks (31.19)", "`phantoms --spacing nan 1 1`",
+             phantoms_flags("--spacing", "nan", "1", "1"), 2, [r"^error: argument --spacing: must be > 0, got nan"],
              error_lines=1),
 ]
 
@@ -488,15 +910,20 @@ class Outcome:
     skipped: str | None = None
     returncode: int | None = None
     stderr: str = ""
+    seconds: float | None = None
     outputs: list[str] | None = None
     problems: list[str] = field(default_factory=list)
 
 
-def run_command(command: str, args: list[str], interrupt_after: str | None = None) -> subprocess.CompletedProcess:
+def run_command(command: str, args: list[str], interrupt_after: str | None = None,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", command, *args]
+    environment = {**os.environ, **(env or {})}
     if interrupt_after is None:
-        return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=environment,
+                              errors="backslashreplace")
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=environment, errors="backslashreplace")
     lines = []
     for line in process.stderr:  # until the text appears, then stop it as `docker stop` would
         lines.append(line)
@@ -516,7 +943,9 @@ def run_scenario(scenario: Scenario, root: Path, ref: Reference) -> Outcome:
         outcome.skipped = setup.skip
         return outcome
     try:
-        result = run_command(setup.command, setup.args, setup.interrupt_after)
+        started = time.perf_counter()
+        result = run_command(setup.command, setup.args, setup.interrupt_after, setup.env)
+        outcome.seconds = time.perf_counter() - started
         outcome.returncode, outcome.stderr = result.returncode, result.stderr
         if setup.outputs is not None:
             outcome.outputs = sorted(p.name for p in setup.outputs.iterdir()) if setup.outputs.is_dir() else []
@@ -535,6 +964,10 @@ def check(scenario: Scenario, setup: Setup, outcome: Outcome) -> list[str]:
         problems.append(f"exit code {outcome.returncode}, expected {scenario.exit_code}")
     if "Traceback" in stderr:
         problems.append("a traceback on stderr")
+    if "*** SIG" in stderr or "Fatal Python error" in stderr:
+        problems.append("a crash report (a C++ or Python stack dump) on stderr")
+    if scenario.max_seconds is not None and outcome.seconds > scenario.max_seconds:
+        problems.append(f"took {outcome.seconds:.1f} s, over {scenario.max_seconds:g} s")
     lines = stderr.splitlines()
     for pattern in scenario.says:
         if not any(re.search(pattern, line) for line in lines):
@@ -548,8 +981,7 @@ def check(scenario: Scenario, setup: Setup, outcome: Outcome) -> list[str]:
         problems.append(f"output folder holds {outcome.outputs}, expected {sorted(setup.expected_outputs)}")
     for name, reference in setup.same_masks.items():
         path = setup.outputs / name
-        if path.is_file() and not np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(path))),
-                                                  sitk.GetArrayFromImage(sitk.ReadImage(str(reference)))):
+        if path.is_file() and not np.array_equal(read_mask(path), read_mask(reference)):
             problems.append(f"{name} differs from the mask of the same case run alone")
     for folder in setup.marker_dirs:
         if (folder / MARKER).exists():
@@ -558,10 +990,20 @@ def check(scenario: Scenario, setup: Setup, outcome: Outcome) -> list[str]:
 
 
 def first_line(outcome: Outcome, root: Path) -> str:
-    """The engine's most telling stderr line, paths shortened to the scenario's folder."""
-    lines = [line for line in outcome.stderr.splitlines() if line.startswith(("error", "warning", "skipped"))]
+    """The engine's most telling stderr line (the first the scenario expects, else its first error, warning or
+    skipped line), paths shortened to the scenario's folder."""
+    lines = outcome.stderr.splitlines()
+    expected = [line for line in lines if outcome.scenario.says and re.search(outcome.scenario.says[0], line)]
+    lines = expected or [line for line in lines if line.startswith(("error", "warning", "skipped"))]
     chosen = lines[0] if lines else "(no warning, no error)"
-    return chosen.replace(str(root) + "/", "").replace(str(REPO) + "/", "")
+    for folder in (root, root.parent, REPO):
+        chosen = chosen.replace(str(folder) + "/", "")
+    return chosen
+
+
+def shown(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (a latin-1 name) as escapes, \\xe9."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def table(outcomes: list[tuple[Outcome, Path]]) -> str:
@@ -579,7 +1021,7 @@ def table(outcomes: list[tuple[Outcome, Path]]) -> str:
         if outcome.skipped:
             rows.append(f"| {scenario.defect} | {scenario.fault} | - | skipped here: {outcome.skipped} | - | - |")
             continue
-        outputs = "-" if outcome.outputs is None else (", ".join(f"`{o}`" for o in outcome.outputs) or "empty")
+        outputs = "-" if outcome.outputs is None else (", ".join(f"`{shown(o)}`" for o in outcome.outputs) or "empty")
         verdict = "pass" if not outcome.problems else "FAIL: " + "; ".join(outcome.problems)
         message = first_line(outcome, root).replace("|", "\\|")
         rows.append(f"| {scenario.defect} | {scenario.fault} | {outcome.returncode} | `{message}` | {outputs} | "
@@ -596,7 +1038,19 @@ def table(outcomes: list[tuple[Outcome, Path]]) -> str:
              "- `--time-budget SECONDS`: when windows x the measured time of one overrun what is left of the "
              "budget, the step grows (0.75, then 1.0) and a warning says so.",
              "- `evaluation.run_efficiency`: a process a run leaves behind in a session of its own (a double "
-             "fork) is killed at the end of the run (the harness is a child subreaper), also after a timeout."]
+             "fork) is killed at the end of the run (the harness is a child subreaper), also after a timeout.",
+             "- Fingerprints (`tests/test_fingerprints.py`): a file's digest follows its bytes, not its size and "
+             "modification time (another checkpoint of the same size and mtime, as `cp -p` leaves it, gets another; "
+             "a touched one keeps it); a digest is remembered only by a file's identity with its change time, never "
+             "for a file changed within the last second; the model fingerprint changes with `plans.json`, "
+             "`dataset.json`, a checkpoint and `lesion_filter.json`, the run fingerprint with every setting that "
+             "changes a mask (and not with `--verbose`); a mask's note reads back from its header, and a mask of "
+             "another run, of a replaced input or off the input's grid is not reused.",
+             "- `--skip-existing` (`tests/test_scale_out.py`, in one process and under `--ray`): a mask of unknown "
+             "origin, a 0-byte file and a failed case's empty mask (`--on-error empty`) are computed again; a mask "
+             "this run made is kept, untouched.",
+             "- A written mask is read back and its grid compared with the input's: an oblique (rotated, "
+             "orthonormal) grid passes, a sheared one is refused and leaves nothing behind."]
     return "\n".join(rows) + "\n"
 
 
