@@ -83,8 +83,8 @@ def draw_panel(axis, ct: np.ndarray, truth: np.ndarray, prediction: np.ndarray, 
 
 def read_case(image: Path, truth: Path, prediction: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """CT (HU), truth and prediction as (z, y, x) arrays, and the in-plane aspect (row / column spacing). A
-    prediction that is missing, unreadable or not on the truth's grid is drawn as none (run_metrics scored it
-    0/0 and said why); CaseError where the CT or the truth cannot be read or do not match."""
+    prediction that is missing, unreadable or of another size than the truth is drawn as none (run_metrics
+    scored it and said why); CaseError where the CT or the truth cannot be read or differ in size."""
     ct_image = read_checked(image)
     ct = sitk.GetArrayFromImage(ct_image)
     truth_array = sitk.GetArrayFromImage(read_checked(truth)) > 0

@@ -485,9 +485,12 @@ def _interrupt(signum, frame):
 
 
 def remove_earlier_results(out_dir: Path) -> int:
-    """Empty the harness's own folders of an earlier run into `out_dir` (cases/, predictions/): a mask or a log
-    left there would be read as this run's. Returns how many files were removed."""
+    """Empty the harness's own folders of an earlier run into `out_dir` (cases/, predictions/; only where its
+    run_info.json says a run of the harness made them): a mask or a log left there would be read as this run's.
+    Returns how many files were removed."""
     removed = 0
+    if not (out_dir / "run_info.json").is_file():
+        return removed
     for folder in (out_dir / "cases", out_dir / "predictions"):
         if folder.is_dir():
             for path in folder.iterdir():

@@ -18,13 +18,13 @@ Python API: score_case(gt, pred, spacing_zyx, ...) -> dict, evaluate_folders(gt_
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import dataclasses
 import multiprocessing
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 if __name__ == "__main__" and __package__ in (None, ""):
@@ -40,6 +40,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from evaluation.lesion_metrics import LESION_COLUMNS, lesion_metrics
+from flare_common.arguments import OneLineParser, number, positive_int
 from flare_common.files import atomic_path
 from inference.errors import CaseError
 from inference.io import IMAGE_SUFFIXES, case_id, check_file_can_be_written, read_checked, split_suffix
@@ -323,8 +324,8 @@ def write_results(per_case: pd.DataFrame, summary: pd.DataFrame, output) -> tupl
 # CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
         prog="python -m evaluation.run_metrics",
         description="FLARE24-style lesion DSC/NSD and lesion-wise metrics for a folder of predictions.")
     parser.add_argument("--gt", required=True, type=Path, help="ground-truth folder (<case>.nii.gz)")
@@ -332,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prediction folder (<case>.nii.gz; .nii, .mha, .nrrd accepted)")
     parser.add_argument("-o", "--output", type=Path, default=Path("results.csv"),
                         help="per-case CSV (default results.csv); the summary goes to <out>_summary.csv")
-    parser.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
-    parser.add_argument("--workers", type=int, default=default_workers(),
+    parser.add_argument("--tolerance", type=partial(number, low=0), default=2.0, help="NSD tolerance in mm (default 2)")
+    parser.add_argument("--workers", type=positive_int, default=default_workers(),
                         help="parallel processes (default min(4, CPU count))")
     parser.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=26,
                         help="connectivity of lesion components (default 26)")
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="both empty: NaN instead of DSC 1, NSD 1")
     rules.add_argument("--no-one-empty-rule", action="store_true",
                        help="exactly one empty: compute instead of setting 0/0")
-    rules.add_argument("--nsd-dsc-threshold", type=float, default=0.2,
+    rules.add_argument("--nsd-dsc-threshold", type=partial(number, low=0, high=1), default=0.2,
                        help="NSD is set to 0 without computing it when DSC < this (default 0.2)")
     rules.add_argument("--no-dsc-threshold", action="store_true", help="always compute NSD")
     pictures = parser.add_argument_group("pictures and the per-case table")
@@ -404,10 +405,6 @@ def main(argv=None) -> int:
         if not folder.is_dir():
             print(f"error: {folder}: {name} folder does not exist", file=sys.stderr)
             return 2
-    if not args.tolerance >= 0 or args.workers < 1 or not 0 <= args.nsd_dsc_threshold <= 1:
-        print("error: --tolerance must be >= 0, --workers >= 1 and --nsd-dsc-threshold within [0, 1]",
-              file=sys.stderr)
-        return 2
     problem = output_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

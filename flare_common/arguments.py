@@ -48,7 +48,3 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     return integer(text, low=0)
-
-
-def positive(text: str) -> float:
-    return number(text, low=0, low_open=True)

@@ -43,16 +43,17 @@ def error_line(path: Path, err: Exception) -> str:
     return message if message.startswith(str(path)) else f"{path}: {message}"
 
 
-def read_case(path: Path) -> sitk.Image:
-    """The case's image: the one read while the engine was imported (prefetch.py), else read now."""
-    return prefetch.take(path) or io.read_image(path)
+def read_case(path: Path) -> tuple[sitk.Image, str]:
+    """The case's image and input fingerprint: those taken while the engine was imported (prefetch.py), else now
+    (prefetch.read_with_fingerprint)."""
+    return prefetch.take(path) or prefetch.read_with_fingerprint(path)
 
 
-def write_case(mask: sitk.Image, output: Path, report: CaseReport, started: float, source: Path | None = None,
-               run: str | None = None) -> CaseReport:
-    """Write `source`'s mask to `output`, with the note of what made it (provenance.py) where `run` is given."""
+def write_case(mask: sitk.Image, output: Path, report: CaseReport, started: float, note: str | None = None
+               ) -> CaseReport:
+    """Write the mask to `output`, with `note`, what made it (provenance.mask_note)."""
     with StageTimer(report)("write"):  # host-side: nothing to synchronise
-        io.write_image_atomically(mask, output, provenance.mask_note(run, source) if source else None)
+        io.write_image_atomically(mask, output, note)
     report.seconds["total"] = time.perf_counter() - started
     return report
 
@@ -69,14 +70,15 @@ def completed(function, *args) -> Future:
 
 
 def compute_case(image_future: Future, model, settings: PredictionSettings, started: float
-                 ) -> tuple[sitk.Image, CaseReport]:
-    """Wait for the case's image (the wait is its "read" stage), then predict its mask."""
+                 ) -> tuple[sitk.Image, CaseReport, str]:
+    """Wait for the case's image (the wait is its "read" stage), then predict its mask: the mask, the case's
+    report and the input's fingerprint."""
     report = CaseReport()
     with StageTimer(report)("read"):
-        image = image_future.result()
+        image, fingerprint = image_future.result()
     if settings.time_budget_s is not None:  # the budget is the whole case's: the read has used some
         settings = replace(settings, time_budget_s=settings.time_budget_s - (time.perf_counter() - started))
-    return predict_image_with_report(image, model, settings, report)
+    return *predict_image_with_report(image, model, settings, report), fingerprint
 
 
 def predict_cases(cases: Sequence[Path], outputs: dict[Path, Path], model, settings: PredictionSettings,
@@ -114,7 +116,7 @@ def predict_cases(cases: Sequence[Path], outputs: dict[Path, Path], model, setti
             read_ahead(index + 1)  # the next case is read while this one is computed
             started = time.perf_counter()
             try:
-                mask, report = compute_case(image_of(path), model, settings, started)
+                mask, report, fingerprint = compute_case(image_of(path), model, settings, started)
             except Exception as err:  # one broken case must not stop the others
                 if (previous := finish_writing()) is not None:
                     yield previous
@@ -123,7 +125,8 @@ def predict_cases(cases: Sequence[Path], outputs: dict[Path, Path], model, setti
             if (previous := finish_writing()) is not None:  # one mask in flight at a time
                 yield previous
             submit = writer.submit if writer is not None else completed
-            writing = (path, submit(write_case, mask, outputs[path], report, started, path, run))
+            note = provenance.mask_note(run, source_fingerprint=fingerprint)
+            writing = (path, submit(write_case, mask, outputs[path], report, started, note))
             del mask
         if (previous := finish_writing()) is not None:
             yield previous

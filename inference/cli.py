@@ -194,6 +194,7 @@ def entry_point() -> None:
 def main(argv: list[str] | None = None) -> int:
     imports_done_at = time.time()  # this module's imports (torch among them) are the start-up's bulk
     args = build_parser().parse_args(argv)
+    _stopped_by.clear()
     # Before CUDA starts: without it the caching allocator's reserve ran 1.53x the allocated peak on a
     # 192^3 ResEnc-L window, with it 1.26x (results/gpu_forward_memory.md), and the whole device is what counts.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -232,7 +233,7 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
         check_settings(model, settings)
         load_seconds = time.perf_counter() - load_start
         model_loaded_at = time.time()
-        run_id = provenance.run_fingerprint(model.fingerprint(), settings)
+        run_id = provenance.run_fingerprint(model.fingerprint(), settings, args.backend, args.device)
     except (CaseError, ModelError, ValueError) as err:
         log.error("error: %s", err)
         return 2
@@ -253,10 +254,7 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
               "startup": startup, "cases": {}}
     failures = len(scan.broken)
     for path, reason in scan.broken:
-        log.error("error: %s: %s", path, reason)
-        report["cases"][path.name] = {"error": reason}
-        if args.on_error == "empty":
-            write_empty_mask(path, outputs[path])
+        report_failure(path, outputs[path], f"{path}: {reason}", args, report)
     todo = scan.cases
     if args.skip_existing:
         todo = [path for path in scan.cases if not kept_from_earlier_run(path, outputs[path], run_id)]
@@ -290,8 +288,14 @@ def kept_from_earlier_run(path: Path, output: Path, run_id: str | None) -> bool:
     """--skip-existing: whether the mask already at `output` is kept, which it is only where it passes the checks
     of a fresh write and was made by this model and settings from this input (io.reusable_mask_problem); a
     mask that is there and is not kept is said to be computed again."""
-    problem = io.reusable_mask_problem(path, output, provenance.mask_note(run_id, path))
-    if problem is not None and problem != "no mask":
+    if not output.is_file():
+        return False
+    try:
+        note = provenance.mask_note(run_id, path)
+    except OSError:
+        return False  # the case fails where it is read, with its line
+    problem = io.reusable_mask_problem(path, output, note)
+    if problem is not None:
         log.info("%s: computed again (--skip-existing): the mask there is %s", output, problem)
     return problem is None
 
@@ -317,6 +321,26 @@ def case_results(todo: list[Path], outputs: dict[Path, Path], model, settings: P
                           max_workers=args.ray_workers, run=run_id)
 
 
+def report_failure(path: Path, output: Path, error: str, args: argparse.Namespace, report: dict) -> None:
+    """A failed case: its one line, its entry in the report, and no mask of an earlier run left where its mask
+    would be (a scorer would take it for this run's); under --on-error empty, the empty mask instead."""
+    log.error("error: %s%s", error, remove_earlier_mask(output))
+    report["cases"][path.name] = {"error": error}
+    if args.on_error == "empty":
+        write_empty_mask(path, output)
+
+
+def remove_earlier_mask(output: Path) -> str:
+    """Remove the file an earlier run left at a failed case's mask path; what the error line adds about it."""
+    if not (output.is_file() or output.is_symlink()):
+        return ""
+    try:
+        output.unlink()
+    except OSError as err:
+        return f" (and {output}, an earlier run's mask, could not be removed: {err.strerror or err})"
+    return f" (removed {output.name}, an earlier run's mask)"
+
+
 def record_results(results: Iterable[batch.CaseResult], total: int, args: argparse.Namespace, report: dict,
                    done: list[str], show_bar: bool) -> int:
     """Log and report each result, with an empty mask for a failed case under --on-error empty; returns the
@@ -326,10 +350,7 @@ def record_results(results: Iterable[batch.CaseResult], total: int, args: argpar
         path = result.path
         if result.error is not None:
             failures += 1
-            log.error("error: %s", result.error)
-            report["cases"][path.name] = {"error": result.error}
-            if args.on_error == "empty":
-                write_empty_mask(path, result.output)
+            report_failure(path, result.output, result.error, args, report)
             continue
         done.append(path.name)
         report["cases"][path.name] = result.report.as_dict()

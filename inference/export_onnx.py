@@ -34,7 +34,7 @@ import torch
 from .errors import ModelError
 from .model.loader import available_folds, fold_dir_name, load_model
 from .model.onnx_loader import (FINGERPRINT_KEY, FP16_FILE_NAME, INPUT_NAME, ONNX_FILE_NAME, OUTPUT_NAME,
-                                export_fingerprint, float16_model)
+                                PLANS_FINGERPRINT_KEY, export_fingerprint, float16_model)
 from .model.plans import ModelConfig
 
 DEFAULT_OPSET = 17  # supported by onnxruntime(-gpu) >= 1.14 and TensorRT 8.6 / 10
@@ -138,6 +138,7 @@ def export_fold(model_dir: str | Path, fold: str, output: str | Path | None = No
         "flare.fold": fold,
         "flare.checkpoint": checkpoint_name,
         FINGERPRINT_KEY: export_fingerprint(config, fold, checkpoint_name),
+        PLANS_FINGERPRINT_KEY: export_fingerprint(config, fold, checkpoint_name, with_checkpoint=False),
         "flare.configuration": config.configuration,
         "flare.num_classes": config.num_classes,
         "flare.num_input_channels": config.num_input_channels,

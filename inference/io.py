@@ -216,6 +216,8 @@ def _metaimage_storage(path: Path) -> str:
         key, separator, value = line.replace("=", ":", 1).partition(":")
         if separator:
             fields[key.strip().lower()] = value.strip()
+        if key.strip().lower() == "elementdatafile":
+            break  # MetaIO's last header line: the voxels follow
     if path.name.lower().endswith(".mha"):
         if fields.get("elementdatafile", "LOCAL").upper() != "LOCAL":
             return "detached"

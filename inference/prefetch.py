@@ -13,7 +13,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from . import io
+from . import io, provenance
 
 _pending: dict[Path, tuple[threading.Thread, dict]] = {}
 
@@ -46,13 +46,24 @@ def start(argv: list[str]) -> None:
 
 def _read(path: Path, result: dict) -> None:
     try:
-        result["image"] = io.read_image(path)
+        result["read"] = read_with_fingerprint(path)
     except Exception as error:  # raised again by `take`, where the read would have been
         result["error"] = error
 
 
-def take(path: Path) -> sitk.Image | None:
-    """The prefetched image of `path` (waiting for the read to end), None when it was not prefetched."""
+def read_with_fingerprint(path: Path) -> tuple[sitk.Image, str]:
+    """The case's image and its input fingerprint (provenance.input_fingerprint), taken before the read: a file
+    replaced while it is read or computed is never named by its new content in the mask's note."""
+    try:
+        fingerprint = provenance.input_fingerprint(path)
+    except OSError as err:
+        raise io.CaseError(f"{path}: cannot read image ({err.strerror or err})") from None
+    return io.read_image(path), fingerprint
+
+
+def take(path: Path) -> tuple[sitk.Image, str] | None:
+    """The prefetched image of `path` and its input fingerprint (waiting for the read to end), None when it was
+    not prefetched."""
     pending = _pending.pop(Path(path), None)
     if pending is None:
         return None
@@ -60,4 +71,4 @@ def take(path: Path) -> sitk.Image | None:
     thread.join()
     if "error" in result:
         raise result["error"]
-    return result["image"]
+    return result["read"]

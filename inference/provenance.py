@@ -1,17 +1,23 @@
 """What produced a mask, written into it: the run's fingerprint (the model folder's content, the settings that
-change a mask, the engine's version) and the input's. `--skip-existing` and a resumed `--ray` run keep a mask
-only where this run would write the same one (io.reusable_mask_problem); anything else is computed again.
+change a mask, the backend and device asked for, the engine's version) and the input's. `--skip-existing` and a
+resumed `--ray` run keep a mask only where this run would write the same one (io.reusable_mask_problem); anything
+else is computed again.
 
-The device and backend are not part of it: fp16 on a GPU and fp32 on the CPU give the same model's answer,
-within rounding. The input's fingerprint is its size, modification time and the first and last MiB of its bytes
-(a .nii.gz ends with the CRC-32 of all its voxels), not a hash of the whole file, which would cost a read of
-every input on every rerun.
+Not in the run's fingerprint: choices the engine makes per machine and case within the same request, namely the
+patch that fits the GPU's memory budget and the larger step a `--time-budget` takes on a slow machine; a mask made
+under `--backend auto --device auto` on one machine is kept by a rerun of the same command on another.
+
+The input's fingerprint is taken before the input is read. For a gzipped file it is the size, the modification time
+and the first and last MiB of its bytes (gzip's trailer holds the CRC-32 of every byte inside); any other file is
+hashed whole (SHA-256, remembered by file identity: flare_common/digests.py).
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import fields
 from pathlib import Path
+
+from flare_common.digests import file_digest
 
 from . import __version__
 
@@ -21,20 +27,25 @@ EDGE_BYTES = 1 << 20
 NOT_IN_FINGERPRINT = {"progress"}
 
 
-def run_fingerprint(model_fingerprint: str, settings) -> str | None:
-    """16 hex digits naming the model content, the mask-changing settings and the engine version; None where a
-    setting cannot be named (a crop function, extra options): such a run's masks are never reused."""
+def run_fingerprint(model_fingerprint: str, settings, backend: str, device: str) -> str | None:
+    """16 hex digits naming the model content, the mask-changing settings, the backend and device asked for
+    (--backend, --device: "auto" too) and the engine version; None where a setting cannot be named (a crop
+    function, extra options): such a run's masks are never reused."""
     if settings.crop_function is not None or settings.extra:
         return None
     named = sorted((f.name, repr(getattr(settings, f.name))) for f in fields(settings)
                    if f.name not in NOT_IN_FINGERPRINT | {"crop_function", "extra"})
-    text = "\n".join([__version__, model_fingerprint, *(f"{name}={value}" for name, value in named)])
+    text = "\n".join([__version__, model_fingerprint, f"backend={backend}", f"device={device}",
+                      *(f"{name}={value}" for name, value in named)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def input_fingerprint(path: Path) -> str:
-    """16 hex digits from the input file's size, modification time and first and last MiB (see module doc)."""
-    stat = Path(path).stat()
+    """16 hex digits naming the input file's content (see module doc). OSError where it cannot be read."""
+    path = Path(path)
+    if not path.name.lower().endswith(".gz"):
+        return file_digest(path)[:16]
+    stat = path.stat()
     digest = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
     with open(path, "rb") as file:
         digest.update(file.read(EDGE_BYTES))
@@ -44,6 +55,10 @@ def input_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def mask_note(run: str | None, source: Path) -> str | None:
-    """The note a mask of `source` made by run `run` carries (at most 80 bytes: a NIfTI header's `descrip`)."""
-    return None if run is None else f"{NOTE_PREFIX} run={run} input={input_fingerprint(source)}"
+def mask_note(run: str | None, source: Path | None = None, source_fingerprint: str | None = None) -> str | None:
+    """The note a mask of `source` (or of the input whose fingerprint is `source_fingerprint`) made by run `run`
+    carries, at most 80 bytes (a NIfTI header's `descrip`); None without a run. OSError where `source` cannot
+    be read."""
+    if run is None:
+        return None
+    return f"{NOTE_PREFIX} run={run} input={source_fingerprint or input_fingerprint(source)}"

@@ -27,7 +27,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -90,7 +89,10 @@ def still_done(path: Path, output: Path, entry: dict | None, run: str | None) ->
     checks (io.reusable_mask_problem)."""
     if entry is None:
         return "not done"
-    note = provenance.mask_note(run, path)
+    try:
+        note = provenance.mask_note(run, path)
+    except OSError as err:
+        return f"its input cannot be read ({err.strerror or err})"
     if run is None or entry.get("run") != run or note is None or entry.get("note") != note:
         return "done by another model, other settings or from another input"
     return io.reusable_mask_problem(path, output, note)
@@ -130,7 +132,7 @@ def start_ray(address: str | None):
             outcome["error"] = err
 
     handler = signal.getsignal(signal.SIGTERM)
-    with ray_messages_to(tempfile.TemporaryFile()):  # Ray's C++ start-up warnings: our one line says it
+    with ray_messages_to(open(os.devnull, "w")):  # Ray's C++ start-up warnings: our one line says it
         if address is None:
             # in this thread: Ray's own processes die with the thread that started them (PR_SET_PDEATHSIG)
             options.update(object_store_memory=200 * 2 ** 20)  # paths, not images, travel through Ray
@@ -195,7 +197,9 @@ class CaseWorker:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
         self.model = load_model(**model_args)
         self.settings = PredictionSettings(**settings)
-        self.run = provenance.run_fingerprint(self.model.fingerprint(), self.settings)
+        # the driver's None: settings no fingerprint can name; its masks carry none either
+        self.run = run and provenance.run_fingerprint(self.model.fingerprint(), self.settings, model_args["backend"],
+                                                      model_args["device"])
         self.expected = run
 
     def predict(self, cases: list[tuple[str, str]]) -> list[CaseResult]:
@@ -213,8 +217,17 @@ def journal_entry(result: CaseResult, run: str | None) -> dict:
     ok = result.error is None
     return {"input": str(result.path), "output": str(result.output), "worker": result.worker,
             "status": "ok" if ok else "failed", "error": result.error,
-            "run": run, "note": provenance.mask_note(run, result.path) if ok and result.path.exists() else None,
+            "run": run, "note": written_note(result.output) if ok else None,
             "seconds": result.report.seconds.get("total") if result.report is not None else None, "at": time.time()}
+
+
+def written_note(mask: Path) -> str | None:
+    """The provenance note the worker wrote into the mask (taken from the input as it was read), None where the
+    mask cannot be read: the journal then never counts the case as done."""
+    try:
+        return io.read_note(io.read_header(mask))
+    except (CaseError, OSError):
+        return None
 
 
 def predict_on_ray(cases: list[Path], outputs: dict[Path, Path], model_args: dict, settings: PredictionSettings,

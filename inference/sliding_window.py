@@ -19,9 +19,9 @@ PatchPredictor = Callable[[torch.Tensor], torch.Tensor]
 
 def window_starts(size: int, patch: int, step_size: float) -> list[int]:
     """Evenly spread window starts covering [0, size), at most `patch * step_size` apart (nnU-Net's rule)."""
-    if size <= patch:
+    n_steps = starts_along(size, patch, step_size)
+    if n_steps == 1:
         return [0]
-    n_steps = math.ceil((size - patch) / (patch * step_size)) + 1
     spacing = (size - patch) / (n_steps - 1)
     return [int(round(spacing * i)) for i in range(n_steps)]
 
@@ -31,10 +31,14 @@ def window_starts(size: int, patch: int, step_size: float) -> list[int]:
 MAX_WINDOWS = 200_000
 
 
+def starts_along(size: int, patch: int, step_size: float) -> int:
+    """How many windows cover an axis of `size` voxels, at most `patch * step_size` apart (nnU-Net's rule)."""
+    return 1 if size <= patch else math.ceil((size - patch) / (patch * step_size)) + 1
+
+
 def window_count(shape: Sequence[int], patch: Sequence[int], step_size: float) -> int:
     """How many windows window_slices would make, without making them."""
-    return math.prod(1 if size <= p else math.ceil((size - p) / (p * step_size)) + 1
-                     for size, p in zip(shape, patch))
+    return math.prod(starts_along(size, p, step_size) for size, p in zip(shape, patch))
 
 
 def window_slices(shape: Sequence[int], patch: Sequence[int], step_size: float) -> list[tuple[slice, ...]]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .model import LoadedModel
-from .sliding_window import in_order, predict_window, window_lanes, window_slices
+from .sliding_window import in_order, predict_window, window_count, window_lanes
 
 if TYPE_CHECKING:
     from .pipeline import PredictionSettings
@@ -47,12 +47,12 @@ def step_for_time_budget(volume: torch.Tensor, model: LoadedModel, settings: "Pr
     per_window = seconds_per_window(volume, model, patch, settings.tta)
     padded = tuple(max(size, p) for size, p in zip(volume.shape[1:], patch))
     steps = [settings.step_size] + [step for step in CHEAPER_STEPS if step > settings.step_size]
-    predicted = {step: len(window_slices(padded, patch, step)) * per_window for step in steps}
+    predicted = {step: window_count(padded, patch, step) * per_window for step in steps}
     chosen = next((step for step in steps if predicted[step] <= seconds_left), steps[-1])
     if chosen != settings.step_size:
-        first = len(window_slices(padded, patch, settings.step_size))
+        first = window_count(padded, patch, settings.step_size)
         log.warning("warning: predicted network time %.1f s (%d windows x %.3f s) over the %.1f s left of the "
                     "time budget: step %g -> %g (%d windows, %.1f s predicted)", predicted[settings.step_size],
                     first, per_window, seconds_left, settings.step_size, chosen,
-                    len(window_slices(padded, patch, chosen)), predicted[chosen])
+                    window_count(padded, patch, chosen), predicted[chosen])
     return chosen

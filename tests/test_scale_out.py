@@ -165,3 +165,43 @@ def test_on_error_empty_and_skip_existing_hold_wherever_the_cases_run(folder, tm
     again = masks(out)
     assert (out / "kept.nii.gz").stat().st_mtime_ns == kept_stamp  # kept, not computed again
     assert all(np.array_equal(again[name], first[name]) for name in first)  # the same masks as the first run
+
+
+def test_the_journal_counts_a_case_done_only_for_the_same_run_input_and_mask(folder, tmp_path):
+    """scale_out.still_done, without Ray: what a resumed --ray run skips."""
+    from inference import io, provenance
+    from inference.scale_out import Journal, journal_entry, still_done
+    from inference.batch import CaseResult
+    from inference.timing import CaseReport
+    _, images, model_dir = folder
+    source = images / "case0_0000.nii.gz"
+    model = load_model(model_dir, device="cpu")
+    run = provenance.run_fingerprint(model.fingerprint(), PredictionSettings(), "auto", "cpu")
+    out = tmp_path / "out"
+    out.mkdir()
+    [result] = predict_cases([source], {source: out / "case0.nii.gz"}, model, PredictionSettings(), run=run)
+    journal = Journal(tmp_path / "run.journal.jsonl")
+    journal.record(journal_entry(result, run))
+    journal.record({"input": str(images / "case1_0000.nii.gz"), "status": "failed"})
+    (tmp_path / "run.journal.jsonl").open("a").write('{"input": "cut short')  # a driver killed mid-line
+    entry = journal.finished()[str(source)]
+    assert list(journal.finished()) == [str(source)]
+    assert still_done(source, out / "case0.nii.gz", entry, run) is None
+    other = provenance.run_fingerprint(model.fingerprint(), PredictionSettings(step_size=0.7), "auto", "cpu")
+    assert still_done(source, out / "case0.nii.gz", entry, other) == (
+        "done by another model, other settings or from another input")
+    assert still_done(source, out / "case0.nii.gz", None, run) == "not done"
+    (out / "case0.nii.gz").unlink()
+    assert still_done(source, out / "case0.nii.gz", entry, run) == "no mask"
+
+
+def test_a_worker_that_loads_another_model_than_the_driver_runs_no_case(folder, tmp_path):
+    """A node that sees other files at the model folder's path: every case it is handed fails with one line."""
+    from inference.scale_out import CaseWorker
+    _, images, model_dir = folder
+    worker = CaseWorker(dict(model_dir=model_dir, folds=None, checkpoint_name="checkpoint_final.pth", device="cpu",
+                             configuration=None, backend="torch"), {}, run="0123456789abcdef")
+    source = images / "case0_0000.nii.gz"
+    [result] = worker.predict([(str(source), str(tmp_path / "case0.nii.gz"))])
+    assert "not run: the model folder seen by the worker on" in result.error and str(model_dir) in result.error
+    assert not (tmp_path / "case0.nii.gz").exists()

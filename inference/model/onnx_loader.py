@@ -25,10 +25,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from flare_common.digests import cache_root
+
 from ..backends import OnnxRuntimeNetwork
 from ..patch_policy import PATCH_SCALE, scaled_patch
 from ..errors import ModelError
-from .fingerprint import cache_root, network_fingerprint
+from .fingerprint import network_fingerprint
 from .plans import ModelConfig
 
 INPUT_NAME = "patch"
@@ -265,25 +267,35 @@ def open_fold(path: Path, config: ModelConfig, device: torch.device, providers: 
 
 
 FINGERPRINT_KEY = "flare.network_fingerprint"  # export metadata: what the export was made from (fingerprint.py)
+PLANS_FINGERPRINT_KEY = "flare.plans_fingerprint"  # the same without the checkpoint: a folder shipped exports only
 
 
-def export_fingerprint(config: ModelConfig, fold: str, checkpoint_name: str) -> str:
-    """The fingerprint an export of this fold must carry: plans, dataset, configuration, fold and checkpoint
-    (the plans alone where the folder ships no checkpoint, exports only)."""
+def export_fingerprint(config: ModelConfig, fold: str, checkpoint_name: str, with_checkpoint: bool = True) -> str:
+    """The fingerprint an export of this fold carries: plans, dataset, configuration, fold and checkpoint (the
+    plans' part alone with `with_checkpoint=False`). ModelError where a file cannot be read."""
     checkpoint = config.model_dir / f"fold_{fold}" / checkpoint_name
-    return network_fingerprint(config.model_dir, config.configuration, fold,
-                               checkpoint if checkpoint.is_file() else None)
+    try:
+        return network_fingerprint(config.model_dir, config.configuration, fold,
+                                   checkpoint if with_checkpoint else None)
+    except OSError as err:
+        raise ModelError(f"{err.filename or checkpoint}: cannot be read to fingerprint the model "
+                         f"({err.strerror or err})") from None
 
 
 def stale_export_reason(network: OnnxRuntimeNetwork, config: ModelConfig, fold: str,
                         checkpoint_name: str) -> str | None:
-    """Why the export `network` is not the one this fold's content defines, or None when it is."""
-    recorded = network.session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_KEY)
+    """Why the export `network` is not the one this fold's content defines, or None when it is. A folder with
+    the export and no checkpoint (shipped for ONNX only) is checked against its plans and dataset."""
+    metadata = network.session.get_modelmeta().custom_metadata_map
+    with_checkpoint = (config.model_dir / f"fold_{fold}" / checkpoint_name).is_file()
+    key = FINGERPRINT_KEY if with_checkpoint else PLANS_FINGERPRINT_KEY
+    recorded = metadata.get(key)
     if recorded is None:
         return "it carries no fingerprint of what it was exported from (made by an earlier version)"
-    if recorded != export_fingerprint(config, fold, checkpoint_name):
-        return (f"it was exported from another {checkpoint_name}, plans.json or dataset.json than the model folder "
-                "holds now")
+    if recorded != export_fingerprint(config, fold, checkpoint_name, with_checkpoint):
+        made_from = f"another {checkpoint_name}, plans.json or dataset.json" if with_checkpoint else \
+            "another plans.json or dataset.json"
+        return f"it was exported from {made_from} than the model folder holds now"
     return None
 
 

@@ -479,6 +479,14 @@ def skip_existing_broken(root: Path, ref: Reference) -> Setup:
                  same_masks={"good.nii.gz": ref.good_mask, "other.nii.gz": ref.good_mask})
 
 
+def failed_over_earlier_mask(root: Path, ref: Reference) -> Setup:
+    """A case that fails where an earlier run left its mask: no mask of it may stay."""
+    setup = bogus_spacing((60.0, 60.0, 60.0))(root, ref)
+    (root / "out").mkdir()
+    shutil.copy2(ref.good_mask, root / "out" / "bogus.nii.gz")
+    return setup
+
+
 def sheared_mha(root: Path, ref: Reference) -> Setup:
     image = ct_image()
     image.SetDirection((1.0, 0.2, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # the x and y axes 78.7 degrees apart
@@ -822,6 +830,10 @@ SCENARIOS = [
              "`--skip-existing` over a 0-byte mask and a cut-short one", skip_existing_broken, 0,
              [r"good\.nii\.gz: computed again \(--skip-existing\): the mask there is an empty file",
               r"other\.nii\.gz: computed again \(--skip-existing\): the mask there is unreadable"], error_lines=0),
+    Scenario("failed-over-earlier-mask", "14. resumed runs (31.3)",
+             "the 60 mm case again, where an earlier run left a mask `bogus.nii.gz`", failed_over_earlier_mask, 1,
+             [r"bogus_0000\.nii\.gz: voxels of .* \(removed bogus\.nii\.gz, an earlier run's mask\)"],
+             error_lines=2),
     Scenario("sheared-mha", "9. geometry changed silently (31.4)",
              "an .mha whose direction matrix is not orthogonal (axes 78.7 degrees apart), beside a good case",
              sheared_mha, 1, [r"sheared_0000\.mha: its direction matrix is not orthonormal \(axes 78\.7 degrees apart"],
