@@ -28,8 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.bench_flare_sizes import representative_model
-from benchmarks.bench_model_load import with_optimizer_state
+from benchmarks.bench_model_load import benchmark_models
 from flare_common.machine import cpu_label, device_facts
 from flare_common.results import REPO, RESULTS, display, write_result
 
@@ -124,9 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_fingerprint_"))
-    models = {"default": REPO / "models" / "default",
-              "representative (ResEnc-L size, + optimizer state)":
-                  with_optimizer_state(representative_model(work / "representative"))}
+    models = benchmark_models(work)
     rows = []
     for name, folder in models.items():
         checkpoint = folder / "fold_all" / "checkpoint_final.pth"

@@ -80,6 +80,13 @@ def with_optimizer_state(model_dir: Path) -> Path:
     return model_dir
 
 
+def benchmark_models(work: Path) -> dict[str, Path]:
+    """The default model and a FLARE24-winner-sized one with its optimizer state, made once in `work`."""
+    return {"default": REPO / "models" / "default",
+            "representative (ResEnc-L size, + optimizer state)":
+                with_optimizer_state(representative_model(work / "representative"))}
+
+
 def time_load(python: str, code: str, model: Path, device: str, repeats: int, repo: Path | None = None
               ) -> list[float] | str:
     """Seconds to load `model`, one fresh process each, with the engine of checkout `repo` first on the path
@@ -131,10 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="where the model folders go (default: a temp dir)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench_model_load_"))
-    models = {"default": REPO / "models" / "default",
-              "representative (ResEnc-L size, + optimizer state)":
-                  with_optimizer_state(representative_model(work / "representative"))}
+    models = benchmark_models(args.work or Path(tempfile.mkdtemp(prefix="bench_model_load_")))
     rows = []
     for name, folder in models.items():
         checkpoint = folder / "fold_all" / "checkpoint_final.pth"

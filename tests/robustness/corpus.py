@@ -413,30 +413,32 @@ def swap_checkpoint(model: Path, other: Path) -> None:
     os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-def plans_edited_after_run(root: Path, ref: Reference) -> Setup:
-    model = toy_model(root / "model", seed=1)
-    with_good_case(root / "in", ref)
-    env = cache_env(root)
-    engine_once(engine_args(root / "in", root / "first", model), env)  # exports into the cache
+def changed_after_run(change: Callable[[Path, Path], Path]) -> Callable[[Path, Reference], Setup]:
+    """A run with `--backend auto` (which caches an export), then `change(model, root)` changes the model folder and
+    returns a folder of the content it now holds; the same command again must write that content's masks."""
+    def build(root: Path, ref: Reference) -> Setup:
+        model = toy_model(root / "model", seed=1)
+        with_good_case(root / "in", ref)
+        env = cache_env(root)
+        engine_once(engine_args(root / "in", root / "first", model), env)
+        reference = fresh_reference(root, change(model, root), root / "in", "expected")
+        require_different(root / "first" / "good.nii.gz", reference / "good.nii.gz")
+        return Setup(loud(engine_args(root / "in", root / "out", model)), outputs=root / "out", env=env,
+                     expected_outputs=["good.nii.gz"], same_masks={"good.nii.gz": reference / "good.nii.gz"})
+    return build
+
+
+def edit_leaky_relu_slope(model: Path, root: Path) -> Path:
     plans = json.loads((model / "plans.json").read_text())
-    arch_kwargs(plans)["nonlin_kwargs"]["negative_slope"] = 0.3  # the LeakyReLU slope, edited after the run
+    arch_kwargs(plans)["nonlin_kwargs"]["negative_slope"] = 0.3
     (model / "plans.json").write_text(json.dumps(plans))
-    reference = fresh_reference(root, model, root / "in", "edited")
-    require_different(root / "first" / "good.nii.gz", reference / "good.nii.gz")
-    return Setup(loud(engine_args(root / "in", root / "out", model)), outputs=root / "out", env=env,
-                 expected_outputs=["good.nii.gz"], same_masks={"good.nii.gz": reference / "good.nii.gz"})
+    return model
 
 
-def checkpoint_swapped(root: Path, ref: Reference) -> Setup:
-    model, other = toy_model(root / "model", seed=1), toy_model(root / "other", seed=2)
-    with_good_case(root / "in", ref)
-    env = cache_env(root)
-    engine_once(engine_args(root / "in", root / "first", model), env)
+def swap_in_another_checkpoint(model: Path, root: Path) -> Path:
+    other = toy_model(root / "other", seed=2)
     swap_checkpoint(model, other)
-    reference = fresh_reference(root, other, root / "in", "other-masks")
-    require_different(root / "first" / "good.nii.gz", reference / "good.nii.gz")
-    return Setup(loud(engine_args(root / "in", root / "out", model)), outputs=root / "out", env=env,
-                 expected_outputs=["good.nii.gz"], same_masks={"good.nii.gz": reference / "good.nii.gz"})
+    return other
 
 
 def stale_folder_export(root: Path, ref: Reference) -> Setup:
@@ -813,11 +815,11 @@ SCENARIOS = [
     # issue 31: silent wrong or stale results
     Scenario("plans-edited-after-run", "13. stale exports (31.1)",
              "`plans.json` edited after a run (the LeakyReLU slope); the same command again, `--backend auto` on the CPU",
-             plans_edited_after_run, 0, [r"exported fold all to .*model\.onnx for ONNX Runtime on the CPU"],
+             changed_after_run(edit_leaky_relu_slope), 0, [r"exported fold all to .*model\.onnx for ONNX Runtime on the CPU"],
              error_lines=0),
     Scenario("checkpoint-swapped", "13. stale exports (31.1)",
              "the checkpoint replaced by another of the same size and modification time (`cp -p`); the same command "
-             "again", checkpoint_swapped, 0, [r"exported fold all to .*model\.onnx for ONNX Runtime on the CPU"],
+             "again", changed_after_run(swap_in_another_checkpoint), 0, [r"exported fold all to .*model\.onnx for ONNX Runtime on the CPU"],
              error_lines=0),
     Scenario("stale-folder-export", "13. stale exports (31.1)",
              "`--backend onnx` with a `fold_all/model.onnx` exported from the checkpoint before it was replaced",
