@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from evaluation.efficiency_report import case_file
 from flare_common.machine import device_tag
 from inference.model.folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
                                     plain_unet_arch_kwargs, write_random_model_folder)
@@ -76,8 +77,8 @@ def run_harness(images: Path, command: str, out: Path, max_cases: int | None, ti
         argv += ["--max-cases", str(max_cases)]
     subprocess.run(argv, cwd=REPO, check=False)
     table = pd.read_csv(out / "efficiency.csv")
-    for i, name in enumerate(table["Name"]):
-        record = json.loads((out / "cases" / (name.removesuffix(".nii.gz") + ".json")).read_text())
+    for i, (name, case) in enumerate(zip(table["Name"], table["case"])):
+        record = json.loads(case_file(out, case, ".json").read_text())
         for point, column in TIMELINE_POINTS.items():
             table.loc[i, column] = (record.get("timeline") or {}).get(point)
         path = timings_dir / f"{name}.json"

@@ -76,6 +76,11 @@ def official_cpu_used(cpu_list) -> list:
     return [100.0 - sample[2] for sample in (cpu_list or []) if sample is not None]
 
 
+def case_file(out_dir: Path, case: str, suffix: str) -> Path:
+    """A case's own file in the results folder: cases/<case>.log, .json, .png (the case without _0000)."""
+    return Path(out_dir) / "cases" / f"{case}{suffix}"
+
+
 def case_row(record: dict, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
              gpu_limit_mb: float = DEFAULT_GPU_LIMIT_MB) -> dict:
     """One CSV row (all of COLUMNS) from a per-case record."""
@@ -84,6 +89,7 @@ def case_row(record: dict, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
     gpu = record.get("gpu_memory") or []
     cpu_used = official_cpu_used(record.get("cpu_list"))
     max_gpu = peak(gpu)
+    ok = record.get("status") == "ok"
     return {
         "Name": record["name"],
         "Time": float(np.round(seconds, 2)),
@@ -95,8 +101,9 @@ def case_row(record: dict, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
         "AUC_RAM_Time": auc(record.get("RAM_list"), interval),
         "time_over_limit": time_over_limit(seconds, time_limit_s),
         "gpu_mem_over_auc": over_limit_auc(gpu, gpu_limit_mb, interval),
-        "pass_time": bool(seconds <= time_limit_s),
-        "pass_gpu": None if math.isnan(max_gpu) else bool(max_gpu <= gpu_limit_mb),
+        # a case whose command failed passes nothing: its time and memory are not those of a mask
+        "pass_time": ok and bool(seconds <= time_limit_s),
+        "pass_gpu": None if math.isnan(max_gpu) else ok and bool(max_gpu <= gpu_limit_mb),
         "status": record.get("status", ""),
         "output_found": bool(record.get("output_found", False)),
         "error": record.get("error") or "",
@@ -316,7 +323,7 @@ def build_report(out_dir: Path, records: list[dict], time_limit_s: float = DEFAU
     write_csv(rows, out_dir / CSV_NAME)
     if plots:
         for record in records:
-            plot_case(record, out_dir / "cases" / (record["name"].removesuffix(".nii.gz") + ".png"),
+            plot_case(record, case_file(out_dir, record["case"], ".png"),
                       time_limit_s, gpu_limit_mb)
         if rows:
             plot_summary(rows, out_dir / SUMMARY_PNG, time_limit_s, gpu_limit_mb)

@@ -18,7 +18,7 @@ case's own, the only addition to the command) and draws them on the per-case fig
 container's end.
 
 OUT gets: run_info.json (GPU name, host, date, settings), efficiency.csv (official columns + ours),
-summary.png, cases/<case>_0000.json (raw samples; official keys + ours), cases/<case>_0000.png,
+summary.png, cases/<case>.json (raw samples; official keys + ours), cases/<case>.png,
 cases/<case>.log (the run's stdout/stderr) and predictions/<case>.nii.gz. See docs/efficiency.md.
 """
 from __future__ import annotations
@@ -46,6 +46,7 @@ import psutil
 from flare_common.machine import machine_facts
 from inference import io
 from inference.errors import CaseError
+from evaluation.efficiency_report import case_file
 from evaluation.resource_sampler import (REPO_ROOT, GpuUnavailable, SamplerError, SamplerProcess, close_gpu,
                                          open_gpu)
 
@@ -243,12 +244,18 @@ def kill_run(process: subprocess.Popen, container: str | None, docker: str) -> N
     process.wait()
 
 
-def _last_log_line(log_path: Path) -> str:
+def failure_cause(log_path: Path) -> str:
+    """The line of a failed run's log that says why: its last line that speaks of an error (the engine's one-line
+    `error: ...`, docker's `Error response from daemon: ...`), else its last line (not a client's usage hint
+    after the real cause, such as docker's "See 'docker run --help'.")."""
     try:
         lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return ""
-    return lines[-1][:200] if lines else ""
+    errors = [line for line in lines if "error" in line.lower() and not line.startswith("error: stopped by")]
+    summary = [line for line in errors if re.match(r"error: \d+ of \d+ case\(s\) failed", line)]
+    cause = [line for line in errors if line not in summary] or summary or lines
+    return cause[-1][:200] if cause else ""
 
 
 def engine_report(timings_path: Path) -> dict | None:
@@ -281,7 +288,7 @@ def engine_timeline(report: dict | None, launch: float, end: float) -> dict | No
 def run_case(case: str, image: Path, settings: Settings, out_dir: Path) -> dict:
     """Run one case with the sampler around it; returns its record (raw samples and outcome)."""
     cases_dir, predictions = out_dir / "cases", out_dir / "predictions"
-    log_path = cases_dir / f"{case}.log"
+    log_path = case_file(out_dir, case, ".log")
     record = {"name": image.name, "case": case, "mode": settings.mode, "status": "", "output_found": False,
               "error": "", "returncode": None, "time_limit_s": None, "gpu_limit_mb": None}
     case_dir, inputs, outputs = prepare_case_folders(out_dir / "work", case, image)
@@ -379,7 +386,7 @@ def run_case(case: str, image: Path, settings: Settings, out_dir: Path) -> dict:
             record.update(status="timeout", error=f"killed after {settings.timeout_s:g} s")
         elif record["returncode"] != 0:
             record.update(status="nonzero_exit",
-                          error=f"exit code {record['returncode']}: {_last_log_line(log_path)}".rstrip(": "))
+                          error=f"exit code {record['returncode']}: {failure_cause(log_path)}".rstrip(": "))
         elif not record["output_found"]:
             record.update(status="no_output", error=f"no {prediction.name} in the outputs folder")
         elif samples.get("sampler_error") and not samples.get("timestamps"):
@@ -561,7 +568,7 @@ def main(argv=None) -> int:
             return 130
         record.update(time_limit_s=args.time_limit, gpu_limit_mb=args.gpu_limit_mb, gpu_name=info["gpu_name"])
         record["figures"] = report.case_row(record, args.time_limit, args.gpu_limit_mb)
-        report.write_json(record, out_dir / "cases" / (image.name.removesuffix(".nii.gz") + ".json"))
+        report.write_json(record, case_file(out_dir, case, ".json"))
         records.append(record)
         if record["status"] != "ok":
             progress.write(f"run_efficiency: {image.name}: {record['status']}: {record['error']}",

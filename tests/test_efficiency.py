@@ -266,8 +266,8 @@ def command_run(tmp_path_factory):
 def test_command_run_succeeds_and_writes_everything(command_run):
     out, result = command_run.out, command_run.result
     assert result.returncode == 0, result.stderr
-    for name in ("run_info.json", "efficiency.csv", "summary.png", "cases/case_a_0000.json",
-                 "cases/case_a_0000.png", "cases/case_b_0000.png", "cases/case_a.log",
+    for name in ("run_info.json", "efficiency.csv", "summary.png", "cases/case_a.json",
+                 "cases/case_a.png", "cases/case_b.png", "cases/case_a.log",
                  "predictions/case_a.nii.gz", "predictions/case_b.nii.gz"):
         assert (out / name).is_file(), name
     assert (out / "predictions/case_a.nii.gz").read_bytes() == b"not really a nifti case_a"
@@ -291,7 +291,7 @@ def test_command_run_measures_time_cpu_and_rss(command_run):
         assert float(row["MaxRAM"]) > 0 and row["pass_time"] == "True"
         assert int(row["n_samples"]) >= 5
 
-    record = json.loads((command_run.out / "cases" / "case_a_0000.json").read_text())
+    record = json.loads((command_run.out / "cases" / "case_a.json").read_text())
     assert OFFICIAL_JSON_KEYS <= set(record)
     assert record["time"] >= SLEEP_S and record["interval_s"] == 0.1
     n = len(record["timestamps"])
@@ -304,7 +304,7 @@ def test_command_run_measures_time_cpu_and_rss(command_run):
 
 def test_gpu_columns_follow_nvml_availability(command_run):
     rows = read_csv(command_run.out / "efficiency.csv")
-    record = json.loads((command_run.out / "cases" / "case_a_0000.json").read_text())
+    record = json.loads((command_run.out / "cases" / "case_a.json").read_text())
     info = json.loads((command_run.out / "run_info.json").read_text())
     if nvml_available(0):
         assert float(rows[0]["MaxGPU_Mem"]) > 0 and record["gpu_memory"] and info["gpu_name"]
@@ -328,6 +328,9 @@ def test_failed_and_timed_out_cases(tmp_path):
     rows = {row["Name"]: row for row in read_csv(out / "efficiency.csv")}
     assert rows["noout_0000.nii.gz"]["status"] == "no_output"
     assert rows["noout_0000.nii.gz"]["output_found"] == "False"
+    # quick, but no mask: a failed case passes nothing
+    assert float(rows["noout_0000.nii.gz"]["Time"]) < 45 and rows["noout_0000.nii.gz"]["pass_time"] == "False"
+    assert sorted(p.name for p in (out / "cases").iterdir()) == ["noout.json", "noout.log", "slow.json", "slow.log"]
     slow = rows["slow_0000.nii.gz"]
     assert slow["status"] == "timeout" and "killed after 5 s" in slow["error"]
     assert 5 <= float(slow["Time"]) < 60  # killed, not waited for (the job sleeps 120 s)
@@ -360,13 +363,13 @@ def test_docker_mode_with_a_fake_docker_client(tmp_path):
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     runs = [call for call in calls if call[:2] == ["container", "run"]]
     assert len(runs) == 2
-    record = json.loads((out / "cases" / "Case1_0000.json").read_text())
+    record = json.loads((out / "cases" / "Case1.json").read_text())
     name = record["container_name"]
     assert name == name.lower() and "case1" in name
     assert runs[0] == record["argv"][1:] == harness.build_docker_argv(
         "MyTeam", name, Path(runs[0][11].split(":")[0]), Path(runs[0][13].split(":")[0]), 2)[1:]
     assert runs[0][14:] == ["MyTeam:latest", "/bin/bash", "-c", "sh predict.sh"]
-    slow_name = json.loads((out / "cases" / "slow_0000.json").read_text())["container_name"]
+    slow_name = json.loads((out / "cases" / "slow.json").read_text())["container_name"]
     assert ["kill", slow_name] in calls  # the container is killed, not only the client
     assert json.loads((out / "run_info.json").read_text())["image"] == "MyTeam:latest"
 
@@ -385,7 +388,7 @@ def test_timeline_of_the_real_engine_is_recorded_and_drawn(tmp_path):
     result = run_harness(["--cases", cases, "--command", "sh predict.sh", "--out", out, "--no-gpu", "--timeline"],
                          env=env)
     assert result.returncode == 0, result.stderr
-    record = json.loads((out / "cases" / "ct_0000.json").read_text())
+    record = json.loads((out / "cases" / "ct.json").read_text())
     timeline = record["timeline"]
     order = ["process_start", "imports_done", "model_loaded", "read_start", "read", "crop_start", "crop",
              "resample_start", "resample", "network_start", "network", "export_start", "export", "write_start",
@@ -394,7 +397,7 @@ def test_timeline_of_the_real_engine_is_recorded_and_drawn(tmp_path):
     assert all(timeline[a] <= timeline[b] + 0.02 for a, b in zip(order, order[1:]))  # 10 ms ticks
     assert -0.02 <= timeline["process_start"] and timeline["ended"] == pytest.approx(record["time"], abs=1e-3)
     assert record["engine_case"]["network"] > 0 and record["engine_case"]["model_load_s"] > 0
-    assert (out / "cases" / "ct_0000.png").stat().st_size > 10_000
+    assert (out / "cases" / "ct.png").stat().st_size > 10_000
     assert not list((out / "predictions").glob(".*"))
 
 
@@ -414,3 +417,17 @@ def test_a_gpu_without_utilisation_readings_keeps_its_memory_sampled(monkeypatch
     busy = sampler.ResourceProbe(gpu_handle=object())
     busy.sample(series)
     assert series.gpu_utilization[-1] == 87.0 and series.gpu_memory[-1] == 1234.0
+
+
+def test_a_failed_run_is_summed_up_by_its_cause_not_by_a_usage_hint(tmp_path):
+    from evaluation.run_efficiency import failure_cause
+    log = tmp_path / "case.log"
+    log.write_text("docker: Error response from daemon: pull access denied for flare-lesion.\n"
+                   "See 'docker run --help'.\n")
+    assert failure_cause(log) == "docker: Error response from daemon: pull access denied for flare-lesion."
+    log.write_text("model models/default (folds all, onnx on cpu) loaded in 0.04 s; 1 case(s)\n"
+                   "error: inputs/ct_0000.nii.gz: truncated or corrupt NIfTI file\n"
+                   "error: 1 of 1 case(s) failed\n")
+    assert failure_cause(log) == "error: inputs/ct_0000.nii.gz: truncated or corrupt NIfTI file"
+    log.write_text("Killed\n")
+    assert failure_cause(log) == "Killed"
