@@ -76,15 +76,16 @@ def lesion_metrics(gt: np.ndarray, pred: np.ndarray, spacing_zyx, connectivity: 
         fn_voxels = int(gt_sizes[1:][~gt_hit[1:]].sum())
         fp_voxels = int(pred_sizes[1:][~pred_hit[1:]].sum())
 
-    if n_gt == 0 and n_pred == 0:
-        precision = recall = f1 = 1.0
+    # Undefined, not perfect, where there is nothing to find or nothing found: a lesion-free case's 1.0 would
+    # inflate every mean over cases (its false positives are the healthy-scan rows of the summary instead).
+    precision = n_true_pred / n_pred if n_pred else float("nan")
+    recall = n_detected / n_gt if n_gt else float("nan")
+    if n_gt == 0:
+        f1 = float("nan")
+    elif n_pred == 0 or precision + recall == 0:
+        f1 = 0.0
     else:
-        precision = n_true_pred / n_pred if n_pred else float("nan")
-        recall = n_detected / n_gt if n_gt else float("nan")
-        if n_pred == 0 or n_gt == 0 or precision + recall == 0:
-            f1 = 0.0
-        else:
-            f1 = 2 * precision * recall / (precision + recall)
+        f1 = 2 * precision * recall / (precision + recall)
 
     return {
         "gt_lesions": n_gt,

@@ -262,12 +262,16 @@ def evaluate_folders(gt_dir, pred_dir, tolerance: float = 2.0, workers: int | No
     return per_case, summarize(per_case)
 
 
+LESION_CASE_METRICS = ("lesion_precision", "lesion_recall", "lesion_f1")  # summarised over lesion cases only
+
+
 def summarize(per_case: pd.DataFrame) -> pd.DataFrame:
     """Per metric: n (cases with a value), mean, std (population, ddof=0), median, q1, q3.
 
-    Error rows are left out; NaN values (undefined metrics) are skipped. The last row, healthy_fp_rate,
-    is the fraction of healthy cases (GT empty, prediction present) with any predicted lesion voxel:
-    n = number of such healthy cases, mean = the rate.
+    Error rows are left out; NaN values (undefined metrics) are skipped. Lesion-wise precision, recall and F1 are
+    over the cases with a lesion in the truth only. The healthy-scan rows are over the lesion-free cases with a
+    prediction: healthy_fp_rate, the share of them with any predicted lesion voxel (n = such cases, mean = the
+    rate), and healthy_fp_ml, the predicted (all false-positive) volume in ml on each.
     """
     valid = per_case
     if "error" in per_case:
@@ -275,17 +279,21 @@ def summarize(per_case: pd.DataFrame) -> pd.DataFrame:
         if "rule" in per_case:
             scored |= per_case["rule"] == BROKEN_PREDICTION
         valid = per_case[scored]
+    lesion_cases = valid[pd.to_numeric(valid["gt_lesions"], errors="coerce") > 0]
+    healthy_cases = valid[pd.to_numeric(valid["healthy_fp"], errors="coerce").notna()]
+    columns = {metric: (lesion_cases if metric in LESION_CASE_METRICS else valid)[metric]
+               for metric in SUMMARY_METRICS}
+    columns["healthy_fp_rate"] = healthy_cases["healthy_fp"]
+    columns["healthy_fp_ml"] = healthy_cases["fp_volume_ml"]
     table = {}
-    for metric in SUMMARY_METRICS:
-        values = pd.to_numeric(valid[metric], errors="coerce").dropna().to_numpy(np.float64)
+    for metric, column in columns.items():
+        values = pd.to_numeric(column, errors="coerce").dropna().to_numpy(np.float64)
         if values.size:
             q1, median, q3 = np.percentile(values, [25, 50, 75])
             table[metric] = [values.size, values.mean(), values.std(), median, q1, q3]
         else:
             table[metric] = [0] + [float("nan")] * 5
-    healthy = pd.to_numeric(valid["healthy_fp"], errors="coerce").dropna().to_numpy(np.float64)
-    table["healthy_fp_rate"] = [healthy.size, healthy.mean() if healthy.size else float("nan")] + [
-        float("nan")] * 4
+    table["healthy_fp_rate"][2:] = [float("nan")] * 4  # a rate: its spread and quartiles say nothing
     summary = pd.DataFrame.from_dict(table, orient="index", columns=SUMMARY_COLUMNS)
     summary["n"] = summary["n"].astype(int)
     summary.index.name = "metric"
@@ -425,11 +433,19 @@ def main(argv=None) -> int:
     print(case_table(per_case, args.timings))
     print()
     print(summary.rename_axis(None).to_string(float_format=lambda v: f"{v:.4f}", na_rep="-"))
-    healthy = summary.loc["healthy_fp_rate"]
+    healthy, healthy_ml = summary.loc["healthy_fp_rate"], summary.loc["healthy_fp_ml"]
     if healthy["n"]:
-        print(f"false-positive rate on healthy cases: {healthy['mean']:.4f} "
-              f"({int(round(healthy['mean'] * healthy['n']))} of {int(healthy['n'])})")
-    print(f"wrote {case_file} and {summary_file}")
+        print(f"healthy scans: {int(round(healthy['mean'] * healthy['n']))} of {int(healthy['n'])} with a false "
+              f"positive (rate {healthy['mean']:.4f}), {healthy_ml['mean']:.2f} ml of false positives a scan")
+    sys.stdout.flush()
+    # what went wrong, before the closing lines: a warning after "wrote ..." is easily missed
+    for case in per_case.loc[per_case["missing"], "case"]:
+        print(f"warning: {args.pred}: no prediction for case {case}, scored 0/0 (missing)",
+              file=sys.stderr)
+    errors = [e for e in per_case["error"] if isinstance(e, str) and e]
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    sys.stderr.flush()
     if args.overlays is not None:
         from evaluation.overlays import write_overlays
 
@@ -437,12 +453,7 @@ def main(argv=None) -> int:
         pictures = write_overlays(per_case, images, args.gt, args.pred, args.overlays)
         print(f"wrote {len(pictures)} picture(s) to {args.overlays} (overview: {args.overlays / 'overview.png'})"
               if pictures else f"warning: no picture: no CT image of the cases in {images}")
-    for case in per_case.loc[per_case["missing"], "case"]:
-        print(f"warning: {args.pred}: no prediction for case {case}, scored 0/0 (missing)",
-              file=sys.stderr)
-    errors = [e for e in per_case["error"] if isinstance(e, str) and e]
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
+    print(f"wrote {case_file} and {summary_file}")
     return 1 if errors else 0
 
 

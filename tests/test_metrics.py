@@ -161,12 +161,12 @@ def test_connectivity():
 def test_lesion_edge_cases():
     empty = np.zeros((6, 10, 10), np.uint8)
     lesion = cube((6, 10, 10), np.s_[2:4, 2:4, 2:4])  # 8 voxels
-    both = lesion_metrics(empty, empty, SPACING_ZYX)
-    assert (both["lesion_precision"], both["lesion_recall"], both["lesion_f1"]) == (1.0, 1.0, 1.0)
+    both = lesion_metrics(empty, empty, SPACING_ZYX)  # nothing to find, nothing found: undefined, not perfect
+    assert all(math.isnan(both[m]) for m in ("lesion_precision", "lesion_recall", "lesion_f1"))
     assert both["gt_lesions"] == 0 and both["fp_volume_ml"] == 0.0
     only_pred = lesion_metrics(empty, lesion, SPACING_ZYX)
     assert only_pred["lesion_precision"] == 0.0 and math.isnan(only_pred["lesion_recall"])
-    assert only_pred["lesion_f1"] == 0.0 and only_pred["fp_volume_ml"] == pytest.approx(0.016)
+    assert math.isnan(only_pred["lesion_f1"]) and only_pred["fp_volume_ml"] == pytest.approx(0.016)
     only_gt = lesion_metrics(lesion, empty, SPACING_ZYX)
     assert math.isnan(only_gt["lesion_precision"]) and only_gt["lesion_recall"] == 0.0
     assert only_gt["lesion_f1"] == 0.0 and only_gt["fn_volume_ml"] == pytest.approx(0.016)
@@ -233,6 +233,11 @@ def test_evaluate_folders(folders):
     assert summary.loc["Lesion_DSC", "median"] == pytest.approx(np.median(dsc))
     assert summary.loc["healthy_fp_rate", "n"] == 2
     assert summary.loc["healthy_fp_rate", "mean"] == pytest.approx(0.5)
+    # the speck: one voxel of 1 x 1 x 2 mm on one of the two healthy scans
+    assert summary.loc["healthy_fp_ml", "n"] == 2 and summary.loc["healthy_fp_ml", "mean"] == pytest.approx(0.001)
+    # lesion-wise detection over the lesion cases only: "good" (the missing case has no prediction to count)
+    for metric in ("lesion_precision", "lesion_recall", "lesion_f1"):
+        assert summary.loc[metric, "n"] == 1 and summary.loc[metric, "mean"] == 1.0, metric
 
 
 def test_parallel_workers_give_the_same_rows(folders):
