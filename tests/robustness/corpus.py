@@ -183,19 +183,32 @@ def with_good_case(folder: Path, ref: Reference) -> None:
     shutil.copy2(ref.good_image, folder / ref.good_image.name)
 
 
+def payload_importable(root: Path, model: Path) -> dict[str, str]:
+    """The environment in which the hostile model folder's code can be imported (`model.evil`, `evil`): with it on
+    sys.path, only the engine's guard stands between the plans and the payload, and the marker check can fire
+    (tests/robustness/test_robustness.py shows it does where the guard is switched off)."""
+    return {"PYTHONPATH": os.pathsep.join([str(root), str(model)])}
+
+
 def hostile(edit: Callable[[dict], None]) -> Callable[[Path, Reference], Setup]:
     def build(root: Path, ref: Reference) -> Setup:
         model = hostile_model(root, edit)
         with_good_case(root / "in", ref)
         return Setup(engine_args(root / "in", root / "out", model), outputs=root / "out",
-                     marker_dirs=[model, REPO])
+                     marker_dirs=[model, REPO], env=payload_importable(root, model))
     return build
 
 
+HOSTILE_NONLIN = set_op("nonlin", "torch.nn.utils._deprecation_utils.lazy_deprecated_import",
+                        {"all": ["x"], "old_module": "a", "new_module": "evil"})
+# The network calls nonlin(**nonlin_kwargs): importlib.import_module(name="evil") would run the folder's evil.py.
+IMPORTS_BY_NAME = set_op("nonlin", "importlib.import_module", {"name": "evil"})
+
+
 def hostile_export(root: Path, ref: Reference) -> Setup:
-    model = hostile_model(root, set_op("nonlin", "torch.nn.utils._deprecation_utils.lazy_deprecated_import",
-                                       {"all": ["x"], "old_module": "a", "new_module": "evil"}))
-    return Setup(["-m", str(model)], command="inference.export_onnx", marker_dirs=[model, REPO])
+    model = hostile_model(root, HOSTILE_NONLIN)
+    return Setup(["-m", str(model)], command="inference.export_onnx", marker_dirs=[model, REPO],
+                 env=payload_importable(root, model))
 
 
 def full_disk(root: Path, ref: Reference) -> Setup:
@@ -701,9 +714,12 @@ SCENARIOS = [
     # 1. code from a model folder
     Scenario("plans-names-a-function", "1. code from a model folder",
              "plans.json's `nonlin` names an import helper function (torch's lazy_deprecated_import)",
-             hostile(set_op("nonlin", "torch.nn.utils._deprecation_utils.lazy_deprecated_import",
-                            {"all": ["x"], "old_module": "a", "new_module": "evil"})),
+             hostile(HOSTILE_NONLIN),
              2, [r"plans\.json: nonlin: refusing .*not a torch\.nn\.Module class"], error_lines=1),
+    Scenario("plans-name-import-module", "1. code from a model folder",
+             "`nonlin` is `importlib.import_module` with `nonlin_kwargs` naming the folder's `evil.py`",
+             hostile(IMPORTS_BY_NAME), 2, [r"plans\.json: nonlin: refusing 'importlib\.import_module'"],
+             error_lines=1),
     Scenario("plans-names-a-module", "1. code from a model folder",
              "`conv_op` names a module (`torch.nn.functional.importlib`)",
              hostile(set_op("conv_op", "torch.nn.functional.importlib")),

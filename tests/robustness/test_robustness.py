@@ -11,7 +11,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from corpus import SCENARIOS, ct_image, make_reference, run_scenario, toy_model, write
+from corpus import (IMPORTS_BY_NAME, MARKER, SCENARIOS, ct_image, hostile_model, make_reference, run_scenario,
+                    set_network_class, toy_model, write)
 from inference import io, load_model, predict_image, predict_image_with_report
 from inference.backends import TorchNetwork
 from inference.errors import CaseError
@@ -139,3 +140,37 @@ def test_on_error_empty_writes_an_empty_mask_on_the_inputs_grid(tmp_path):
     assert mask.GetSize() == source.GetSize() and mask.GetSpacing() == source.GetSpacing()
     assert mask.GetOrigin() == source.GetOrigin() and mask.GetDirection() == source.GetDirection()
     assert mask.GetPixelID() == sitk.sitkUInt8 and not sitk.GetArrayViewFromImage(mask).any()
+
+
+@pytest.mark.parametrize("edit", [IMPORTS_BY_NAME, set_network_class("model.evil.Net")],
+                         ids=["plans-name-import-module", "plans-names-model-folder-code"])
+def test_the_hostile_plans_run_their_payload_where_the_guard_is_switched_off(edit, tmp_path, monkeypatch):
+    """The control of the "code from a model folder" scenarios, whose check is that the marker never appears:
+    with the model folder's code importable as the scenarios make it, and the guard (network.py's allow-list of
+    torch.nn.Module classes) replaced by a plain import, the same plans do run the payload. (The import-helper
+    and module scenarios name things the network would not call in a way that imports: refused by type.)"""
+    import importlib
+    import sys
+    from inference.model import network
+    model = hostile_model(tmp_path, edit)
+    for name in ("model", "model.evil", "evil"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(model))
+
+    def unguarded(name, source, key):
+        module, _, attr = name.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except AttributeError:
+            raise network.ModelError(f"{source}: {key}: no {attr}") from None
+
+    with pytest.raises(network.ModelError):  # the guard's own check is still there
+        load_model(model, device="cpu", backend="torch")
+    assert not (model / MARKER).exists()
+    monkeypatch.setattr(network, "import_network_class", unguarded)
+    try:
+        load_model(model, device="cpu", backend="torch")
+    except Exception:  # the payload is no network: what matters is whether its code ran
+        pass
+    assert (model / MARKER).exists()
