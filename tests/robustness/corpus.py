@@ -135,6 +135,8 @@ class Setup:
     skip: str | None = None                        # why the scenario cannot run here
     interrupt_after: str | None = None             # send SIGTERM once stderr shows this text
     env: dict[str, str] = field(default_factory=dict)  # added to the command's environment
+    interrupt_on_partial: Path | None = None       # send SIGTERM once a partial mask exists in this folder
+    whole_masks_of: int | None = None              # instead of expected_outputs: only whole masks, fewer than this
 
 
 @dataclass
@@ -294,6 +296,16 @@ def interrupted(root: Path, ref: Reference) -> Setup:
     # a step of 0.05 makes thousands of windows: the run is still in the network when it is stopped
     args = loud(engine_args(root / "in", out, ref.model, "--step-size", "0.05"))
     return Setup(args, outputs=out, expected_outputs=[".flare-partial-live"], interrupt_after="loaded in")
+
+
+def interrupted_while_writing(root: Path, ref: Reference) -> Setup:
+    """Four cases of 1 mm voxels: a few windows each at the model's 3 mm, then a 12-million-voxel mask to write."""
+    for index in range(4):
+        write(ct_image(shape_zyx=(120, 320, 320), spacing_xyz=(1.0, 1.0, 1.0), seed=index),
+              root / "in" / f"case{index}_0000.nii.gz")
+    out = root / "out"
+    return Setup(loud(engine_args(root / "in", out, ref.model)), outputs=out, interrupt_on_partial=out,
+                 whole_masks_of=4)
 
 
 def output_is_a_file(root: Path, ref: Reference) -> Setup:
@@ -774,6 +786,9 @@ SCENARIOS = [
     Scenario("sigterm", "6. SIGTERM and leftovers",
              "SIGTERM during the network (`docker stop`); a partial folder a killed run left an hour ago",
              interrupted, 143, [r"stopped by SIGTERM after 0 case\(s\); no partial mask left"], error_lines=1),
+    Scenario("sigterm-while-writing", "6. SIGTERM and leftovers",
+             "SIGTERM the moment a mask is being written (the writer thread), four cases", interrupted_while_writing,
+             143, [r"stopped by SIGTERM after \d case\(s\); no partial mask left"], error_lines=1),
     # 7. one line instead of a traceback
     Scenario("output-is-a-file", "7. tracebacks", "`-o` names an existing file", output_is_a_file,
              2, [r"out: output folder cannot be written"], error_lines=1),
@@ -946,9 +961,12 @@ class Outcome:
 
 
 def run_command(command: str, args: list[str], interrupt_after: str | None = None,
-                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+                env: dict[str, str] | None = None, interrupt_on_partial: Path | None = None
+                ) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", command, *args]
     environment = {**os.environ, **(env or {})}
+    if interrupt_on_partial is not None:
+        return run_until_partial(argv, environment, interrupt_on_partial)
     if interrupt_after is None:
         return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=environment,
                               errors="backslashreplace")
@@ -965,6 +983,22 @@ def run_command(command: str, args: list[str], interrupt_after: str | None = Non
     return subprocess.CompletedProcess(argv, process.returncode, rest_out, "".join(lines) + rest_err)
 
 
+def run_until_partial(argv: list[str], environment: dict[str, str], folder: Path) -> subprocess.CompletedProcess:
+    """Run, and send SIGTERM the moment a partial mask (the engine's hidden `.flare-partial-*` folder) exists in
+    `folder`: a stop while a mask is being written, on the CLI's writer thread."""
+    with tempfile.TemporaryFile("w+", errors="backslashreplace") as stderr:
+        process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, env=environment)
+        deadline = time.time() + RUN_TIMEOUT_S
+        while process.poll() is None and time.time() < deadline:
+            if folder.is_dir() and any(folder.glob(".flare-partial-*")):
+                process.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.002)
+        process.wait(timeout=RUN_TIMEOUT_S)
+        stderr.seek(0)
+        return subprocess.CompletedProcess(argv, process.returncode, "", stderr.read())
+
+
 def run_scenario(scenario: Scenario, root: Path, ref: Reference) -> Outcome:
     root.mkdir(parents=True, exist_ok=True)
     setup = scenario.build(root, ref)
@@ -974,7 +1008,7 @@ def run_scenario(scenario: Scenario, root: Path, ref: Reference) -> Outcome:
         return outcome
     try:
         started = time.perf_counter()
-        result = run_command(setup.command, setup.args, setup.interrupt_after, setup.env)
+        result = run_command(setup.command, setup.args, setup.interrupt_after, setup.env, setup.interrupt_on_partial)
         outcome.seconds = time.perf_counter() - started
         outcome.returncode, outcome.stderr = result.returncode, result.stderr
         if setup.outputs is not None:
@@ -1007,7 +1041,9 @@ def check(scenario: Scenario, setup: Setup, outcome: Outcome) -> list[str]:
         problems.append(f"{len(errors)} error line(s), expected {scenario.error_lines}: {errors}")
     if any(line.startswith(("WARNING: In ", "ERROR: In ")) for line in lines):
         problems.append("ITK's multi-line message on stderr")
-    if setup.outputs is not None and outcome.outputs != sorted(setup.expected_outputs):
+    if setup.whole_masks_of is not None:
+        problems += whole_masks_problems(setup, outcome)
+    elif setup.outputs is not None and outcome.outputs != sorted(setup.expected_outputs):
         problems.append(f"output folder holds {outcome.outputs}, expected {sorted(setup.expected_outputs)}")
     for name, reference in setup.same_masks.items():
         path = setup.outputs / name
@@ -1016,6 +1052,22 @@ def check(scenario: Scenario, setup: Setup, outcome: Outcome) -> list[str]:
     for folder in setup.marker_dirs:
         if (folder / MARKER).exists():
             problems.append(f"code from the model folder ran ({folder / MARKER})")
+    return problems
+
+
+def whole_masks_problems(setup: Setup, outcome: Outcome) -> list[str]:
+    """A run stopped in the middle: every file left is a whole mask, and some case is left undone."""
+    from inference.errors import CaseError
+    problems = []
+    if len(outcome.outputs) >= setup.whole_masks_of:
+        problems.append(f"all {setup.whole_masks_of} masks written: the run was not stopped in the middle")
+    for name in outcome.outputs:
+        try:
+            if not name.endswith(".nii.gz"):
+                raise CaseError("not a mask")
+            read_mask(setup.outputs / name)
+        except CaseError as error:
+            problems.append(f"{name} left in the output folder: {error}")
     return problems
 
 
