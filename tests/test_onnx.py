@@ -30,11 +30,6 @@ REPO = Path(__file__).resolve().parent.parent
 LESION_FRACTION = 0.1  # of the model-space body box, after calibration
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
-
-
 def ct_volume() -> sitk.Image:
     """CT-like: air, an elliptic soft-tissue body with a bright blob, noise; several windows per axis."""
     return make_ct_image(shape_zyx=(40, 80, 96), spacing_xyz=(1.5, 1.5, 4.0), seed=3)
@@ -91,8 +86,7 @@ def test_onnx_masks_match_torch_on_a_ct_volume(exported_model):
     assert onnx_model.backend == "onnx" and onnx_model.networks[0].provider == CPU
     onnx_mask = sitk.GetArrayFromImage(predict_image(image, onnx_model))
     assert 0.01 < torch_mask.mean() < 0.99  # non-trivial, thanks to the calibration
-    assert dice(torch_mask, onnx_mask) >= 0.999
-    assert (torch_mask != onnx_mask).mean() < 1e-3
+    assert np.array_equal(torch_mask, onnx_mask)  # as the docs say: the same mask (fixed inputs, no tie within 1e-4)
 
 
 def test_onnx_masks_match_torch_on_a_phantom(exported_model):
@@ -103,7 +97,7 @@ def test_onnx_masks_match_torch_on_a_phantom(exported_model):
     torch_mask = sitk.GetArrayFromImage(predict_image(image, load_model(exported_model, device="cpu")))
     onnx_mask = sitk.GetArrayFromImage(
         predict_image(image, load_model(exported_model, device="cpu", backend="onnx")))
-    assert dice(torch_mask, onnx_mask) >= 0.999
+    assert 0 < torch_mask.sum() and np.array_equal(torch_mask, onnx_mask)
 
 
 def test_cpu_session_runs_a_window_a_core_and_the_lanes_sum_the_same_bits(exported_model):
@@ -130,12 +124,12 @@ def test_patch_logits_match_torch_for_any_stride_multiple(exported_model, patch)
     window = torch.randn((1, 1, *patch), generator=torch.Generator().manual_seed(1))
     expected, got = torch_net(window), onnx_net(window)
     assert got.shape == (1, 2, *patch) and got.dtype == torch.float32
-    assert (expected - got).abs().max().item() < 1e-3
+    assert (expected - got).abs().max().item() < 1e-4  # observed about 2e-6
     # the io_binding path (used on CUDA) on CPU torch tensors gives the same logits
     torch.testing.assert_close(onnx_net.run_bound(window), got, rtol=0, atol=1e-6)
     # a non-contiguous view (sliding-window slices are) works too
     wide = torch.randn((1, 1, patch[0], patch[1], patch[2] + 8))
-    assert (torch_net(wide[..., 4:-4]) - onnx_net(wide[..., 4:-4])).abs().max().item() < 1e-3
+    assert (torch_net(wide[..., 4:-4]) - onnx_net(wide[..., 4:-4])).abs().max().item() < 1e-4
 
 
 def test_fp16_variant_has_float16_io_and_agrees_roughly(exported_model):
@@ -178,7 +172,7 @@ def test_export_of_both_plans_formats_and_residual_unets(tmp_path, plans_format)
     assert onnx_model.folds == folds and len(onnx_model.networks) == len(folds)
     window = torch.randn(1, 1, 32, 40, 32)
     for torch_net, onnx_net in zip(torch_model.networks, onnx_model.networks):
-        assert (torch_net(window) - onnx_net(window)).abs().max().item() < 1e-3
+        assert (torch_net(window) - onnx_net(window)).abs().max().item() < 1e-4
 
 
 def test_fixed_patch_export_runs_that_patch_and_refuses_others(tmp_path, capsys):
@@ -295,7 +289,7 @@ def test_cli_backend_onnx_writes_the_same_mask_as_torch(tmp_path, exported_model
     assert "onnx on cpu" in result.stderr
     onnx_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case.nii.gz")))
     torch_mask = sitk.GetArrayFromImage(predict_image(image, load_model(exported_model, device="cpu")))
-    assert dice(torch_mask, onnx_mask) >= 0.999
+    assert np.array_equal(torch_mask, onnx_mask)
 
 
 def test_auto_backend_on_the_cpu_exports_once_into_its_cache_and_writes_torchs_mask(tmp_path, monkeypatch):
@@ -315,7 +309,7 @@ def test_auto_backend_on_the_cpu_exports_once_into_its_cache_and_writes_torchs_m
         image = ct_volume()
         torch_mask = sitk.GetArrayFromImage(predict_image(image, load_model(model_dir, device="cpu")))
         auto_mask = sitk.GetArrayFromImage(predict_image(image, auto))
-        assert 0.01 < torch_mask.mean() < 0.99 and dice(torch_mask, auto_mask) >= 0.999
+        assert 0.01 < torch_mask.mean() < 0.99 and np.array_equal(torch_mask, auto_mask)
         stamp = cached[0].stat().st_mtime_ns
         assert load_model(model_dir, device="cpu", backend="auto").backend == "onnx"
         assert cached[0].stat().st_mtime_ns == stamp  # reused, not exported again
