@@ -129,3 +129,49 @@ def test_in_order_closed_early_does_not_wait_for_the_calls_in_flight():
     results.close()  # as a SIGTERM in the accumulation loop would: items 1 and 2 are running, 3 queued
     assert finished == [0]  # closed without waiting for the running ones
     release.set()
+
+
+def nnunet_style_gaussian(patch, sigma_scale=1 / 8):
+    """nnU-Net's construction, independent of ours: a delta at size // 2 blurred by scipy's Gaussian filter with
+    sigma = patch / 8, scaled to a maximum of 1, zeros raised to the smallest positive value."""
+    from scipy.ndimage import gaussian_filter
+    import numpy as np
+    delta = np.zeros(patch)
+    delta[tuple(size // 2 for size in patch)] = 1
+    blurred = gaussian_filter(delta, [size * sigma_scale for size in patch], 0, mode="constant", cval=0)
+    blurred /= blurred.max()
+    blurred[blurred == 0] = blurred[blurred != 0].min()
+    return torch.from_numpy(blurred)
+
+
+@pytest.mark.parametrize("patch", [(16, 20, 24), (32, 32, 32), (48, 40, 33)])
+def test_gaussian_importance_map_is_nnunets(patch):
+    torch.testing.assert_close(gaussian_importance_map(patch, dtype=torch.float64), nnunet_style_gaussian(patch),
+                               rtol=0, atol=1e-7)
+
+
+def test_sliding_window_of_a_real_convolution_network_equals_a_hand_weighted_reference():
+    """A 3x3x3-convolution network (zero padding: a window's border voxels see less context than the whole
+    volume's, so the weighting matters), against the Gaussian-weighted mean computed by hand, window by window.
+    Uniform weights, another sigma or an off-centre peak give other logits."""
+    import itertools
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.LeakyReLU(),
+                              torch.nn.Conv3d(4, 2, 3, padding=1)).eval().requires_grad_(False)
+    volume, patch, step = torch.randn(1, 30, 41, 37), (16, 16, 16), 0.5
+    weights = nnunet_style_gaussian(patch).float()
+    total = torch.zeros(2, *volume.shape[1:])
+    weight_sum = torch.zeros(volume.shape[1:])
+    starts = []
+    for size, p in zip(volume.shape[1:], patch):  # nnU-Net's compute_steps_for_sliding_window, written out
+        steps = -(-(size - p) // (p * step)) + 1
+        starts.append([round((size - p) / (steps - 1) * i) for i in range(int(steps))])
+    for z, y, x in itertools.product(*starts):
+        window = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
+        total[(slice(None), *window)] += net(volume[(slice(None), *window)][None])[0] * weights
+        weight_sum[window] += weights
+    expected = total / weight_sum
+    got = sliding_window_logits(volume, [net], patch, num_classes=2, step_size=step)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    whole = net(volume[None])[0]
+    assert (got - whole).abs().max() > 1e-3  # the windows' borders do differ: the weighting is what is tested
