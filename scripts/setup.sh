@@ -41,3 +41,8 @@ if ! problems=$(.venv/bin/python -m pip check 2>&1); then
   fi
 fi
 echo "setup.sh: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
+# nnU-Net v2 itself, beside us (.venv-nnunet): the peer of the parity tests (tests/test_nnunet_parity.py, which
+# CI requires) and of benchmarks/parity_nnunet.py. SKIP_NNUNET_ENV=1 leaves it out (those tests then skip).
+if [ "${SKIP_NNUNET_ENV:-}" != 1 ]; then
+  bash scripts/setup_nnunet_env.sh
+fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv-nnunet: a separate, CPU-only environment with nnU-Net v2 2.8.1, the peer that
-# benchmarks/parity_nnunet.py compares our engine against. Not needed by the engine, the tests or CI.
+# tests/test_nnunet_parity.py (in CI) and benchmarks/parity_nnunet.py compare our engine against, and the
+# trainer of training/make_nnunet_trained_model.py. scripts/setup.sh runs it; the engine never needs it.
 #
 # Safe to re-run. nnunetv2 and the packages whose declared dependencies lead to torch (timm ->
 # torchvision -> a CUDA torch, several GB) are installed with --no-deps, and every runtime dependency
