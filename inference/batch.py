@@ -33,6 +33,7 @@ class CaseResult:
     report: CaseReport | None = None
     error: str | None = None
     worker: int | None = None  # the process that computed it, where that is not this one (Ray)
+    kept: bool = False  # not computed: an earlier run's mask, which the run's journal records, is kept
 
 
 def error_line(path: Path, err: Exception) -> str:

@@ -261,7 +261,7 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
     try:
         with closing(case_results(todo, outputs, model, settings, args, run_id, journal)) as results, \
                 logging_redirect_tqdm():
-            failures += record_results(results, len(todo), args, report, done,
+            failures += record_results(results, todo, outputs, args, report, done,
                                        show_bar=on_terminal and len(todo) > 1)
     except ModelError as err:  # --ray: Ray missing, or no cluster at the address
         log.error("error: %s", err)
@@ -341,13 +341,18 @@ def remove_earlier_mask(output: Path) -> str:
     return f" (removed {output.name}, an earlier run's mask)"
 
 
-def record_results(results: Iterable[batch.CaseResult], total: int, args: argparse.Namespace, report: dict,
-                   done: list[str], show_bar: bool) -> int:
+def record_results(results: Iterable[batch.CaseResult], todo: list[Path], outputs: dict[Path, Path],
+                   args: argparse.Namespace, report: dict, done: list[str], show_bar: bool) -> int:
     """Log and report each result, with an empty mask for a failed case under --on-error empty; returns the
-    number of failed cases. The one place results are handled, wherever the cases ran."""
-    failures = 0
-    for result in tqdm(results, total=total, desc="cases", unit="case", disable=not show_bar):
+    number of failed cases. The one place results are handled, wherever the cases ran. A case of `todo` whose
+    result never comes back is a failed case too, said in one line: never a run that ends well without it."""
+    failures, seen = 0, set()
+    for result in tqdm(results, total=len(todo), desc="cases", unit="case", disable=not show_bar):
         path = result.path
+        seen.add(path)
+        if result.kept:
+            done.append(path.name)
+            continue
         if result.error is not None:
             failures += 1
             report_failure(path, result.output, result.error, args, report)
@@ -357,4 +362,9 @@ def record_results(results: Iterable[batch.CaseResult], total: int, args: argpar
         where = f" on worker {result.worker}" if result.worker is not None else ""
         log.info("%s: %.2f s%s (%s)", io.case_id(path), result.report.seconds["total"], where,
                  format_timings(result.report.seconds))
+    for path in todo:
+        if path not in seen:
+            failures += 1
+            report_failure(path, outputs[path], f"{path}: no result came back for it (a fault of the engine)",
+                           args, report)
     return failures

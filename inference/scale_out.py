@@ -1,10 +1,11 @@
 """Many cases on many workers, with Ray: `python -m inference -i IN -o OUT ... --ray [ADDRESS]`.
 
 Workers are Ray actors, one per GPU (or one per `--ray-cpus` cores where there is no GPU), each loading the
-model once and running the pipelined loop (batch.py) on the cases it is handed, a few at a time; Ray hands
-the next cases to whichever worker is free. When a worker dies in the middle of a case, Ray starts it again
-and hands it the same cases again (max_restarts, max_task_retries); masks are written atomically, so a case
-done twice is still one whole mask. With no ADDRESS Ray starts on this machine and stops with the run; with
+model once and running the pipelined loop (batch.py) on the cases it is handed, a few at a time; the next cases
+go to whichever worker is free. When a worker dies in the middle of a case (a killed process, a lost node), Ray
+starts it again (max_restarts; on another node where its node died) and the cases it held are handed out again
+(max_task_retries, and task_results where Ray reports the worker unreachable); masks are written atomically, so
+a case done twice is still one whole mask. With no ADDRESS Ray starts on this machine and stops with the run; with
 one (`ray start --head` on one node, `ray start --address HEAD:6379` on the others, or a KubeRay RayCluster
 on Kubernetes) the run joins that cluster, whose nodes must see IN, OUT and the model folder at the same
 paths (a shared file system).
@@ -234,7 +235,7 @@ def predict_on_ray(cases: list[Path], outputs: dict[Path, Path], model_args: dic
                    address: str | None, cpus_per_worker: int, journal: Journal,
                    max_workers: int | None = None, run: str | None = None) -> Iterator[CaseResult]:
     """Predict `cases` on Ray workers, yielding each case's result as a worker finishes it (in no fixed
-    order), once the journal has it. A case the journal records as done is skipped where the same run
+    order), once the journal has it. A case the journal records as done is kept (a result with `kept`) where the same run
     (`run`, provenance.run_fingerprint) made its mask from the same input and the mask passes a fresh write's
     checks; otherwise it runs again (a line says how many). Raises ModelError, at the first result asked for,
     when Ray is missing or does not start."""
@@ -245,6 +246,8 @@ def predict_on_ray(cases: list[Path], outputs: dict[Path, Path], model_args: dic
         if reason is not None:
             todo.append(path)
             redone += str(path) in finished
+        else:
+            yield CaseResult(path, outputs[path], kept=True)
     if len(todo) < len(cases):
         log.info("journal %s: %d of %d case(s) already done, %d to go", journal.path, len(cases) - len(todo),
                  len(cases), len(todo))
@@ -258,8 +261,6 @@ def predict_on_ray(cases: list[Path], outputs: dict[Path, Path], model_args: dic
     except ImportError:
         raise ModelError("--ray: Ray is not installed (pip install '.[ray]' or pip install ray)") from None
     try:
-        from ray.util import ActorPool
-
         count, resources = worker_resources(ray, cpus_per_worker)
         count = min(count, len(todo), max_workers or count)
         worker_class = ray.remote(max_restarts=-1, max_task_retries=3, **resources)(CaseWorker)
@@ -269,14 +270,60 @@ def predict_on_ray(cases: list[Path], outputs: dict[Path, Path], model_args: dic
                  "one GPU" if "num_gpus" in resources else f"{resources['num_cpus']} core(s)", len(todo))
         tasks = [[(str(path), str(outputs[path])) for path in todo[start:start + CASES_PER_TASK]]
                  for start in range(0, len(todo), CASES_PER_TASK)]
-        pool = ActorPool(workers)
-        for results in pool.map_unordered(lambda worker, task: worker.predict.remote(task), tasks):
+        for results in task_results(ray, workers, tasks):
             for result in results:
                 journal.record(journal_entry(result, run))
                 yield result
     finally:
         ray.shutdown()
         remove_partials(next(iter(outputs.values())).parent)
+
+
+MAX_ATTEMPTS = 3  # a task whose worker is lost (a killed process, a lost node) is handed out again, this often
+WORKER_BACK_S = 120  # how long a lost worker may take to be started again (elsewhere, where its node died)
+
+
+def task_results(ray, workers: list, tasks: list[list[tuple[str, str]]]) -> Iterator[list[CaseResult]]:
+    """Each task's results, as a worker finishes it (in no fixed order): the tasks handed to whichever worker is
+    free, one at a time. A task whose worker is lost is handed to the next free worker, MAX_ATTEMPTS times at
+    most, after which its cases fail with one line each; the lost worker takes tasks again once Ray has started
+    it again (on another node where its node died), within WORKER_BACK_S. Ray's own retry does not cover a
+    worker that became unreachable (ActorUnavailableError: the task may or may not have run); a mask written
+    twice is written atomically, the same."""
+    from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+
+    lost = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError)
+    queue = [(task, 1) for task in reversed(tasks)]  # taken from the end
+    idle, running, lost_since = list(workers), {}, {}
+    while running or (queue and idle):
+        while queue and idle:
+            worker = idle.pop()
+            task, attempt = queue.pop()
+            running[worker.predict.remote(task)] = (worker, task, attempt)
+        [finished], _ = ray.wait(list(running), num_returns=1)
+        worker, task, attempt = running.pop(finished)
+        try:
+            results = ray.get(finished)
+        except lost as err:
+            if task is not None:  # its cases go to the next free worker
+                if attempt < MAX_ATTEMPTS:
+                    queue.append((task, attempt + 1))
+                else:
+                    why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    yield [CaseResult(Path(case), Path(output), error=f"{case}: its worker was lost {attempt} "
+                                                                       f"times ({why})") for case, output in task]
+            since = lost_since.setdefault(worker, time.monotonic())
+            if time.monotonic() - since < WORKER_BACK_S:  # ask again whether it is back (started anew)
+                time.sleep(0.5)
+                running[worker.__ray_ready__.remote()] = (worker, None, 0)
+            continue
+        lost_since.pop(worker, None)
+        idle.append(worker)
+        if task is not None:
+            yield results
+    for task, attempt in queue:  # every worker lost for good
+        yield [CaseResult(Path(case), Path(output), error=f"{case}: not run: every Ray worker was lost")
+               for case, output in task]
 
 
 def remove_partials(output_dir: Path) -> None:

@@ -205,3 +205,24 @@ def test_a_worker_that_loads_another_model_than_the_driver_runs_no_case(folder, 
     [result] = worker.predict([(str(source), str(tmp_path / "case0.nii.gz"))])
     assert "not run: the model folder seen by the worker on" in result.error and str(model_dir) in result.error
     assert not (tmp_path / "case0.nii.gz").exists()
+
+
+def test_a_case_whose_result_never_comes_back_fails_the_run(tmp_path, caplog):
+    """However the cases run, a case of the batch that no result names is a failed case with its line, and
+    an earlier run's mask at its path is removed: never a run that ends well without it."""
+    import logging
+    from inference import cli
+    from inference.batch import CaseResult
+    args = cli.build_parser().parse_args(["-i", str(tmp_path), "-o", str(tmp_path / "out")])
+    paths = [tmp_path / "a_0000.nii.gz", tmp_path / "b_0000.nii.gz"]
+    outputs = {path: tmp_path / "out" / path.name.replace("_0000", "") for path in paths}
+    (tmp_path / "out").mkdir()
+    outputs[paths[1]].write_bytes(b"an earlier run's mask")
+    report, done = {"cases": {}}, []
+    with caplog.at_level(logging.INFO, logger="inference"):
+        failures = cli.record_results(iter([CaseResult(paths[0], outputs[paths[0]], kept=True)]), paths, outputs,
+                                      args, report, done, show_bar=False)
+    assert failures == 1 and done == ["a_0000.nii.gz"] and not outputs[paths[1]].exists()
+    assert f"error: {paths[1]}: no result came back for it (a fault of the engine) (removed b.nii.gz" in caplog.text
+    assert report["cases"] == {"b_0000.nii.gz": {"error": f"{paths[1]}: no result came back for it (a fault of "
+                                                            "the engine)"}}
