@@ -150,8 +150,10 @@ def start_ray(address: str | None):
     if threading.current_thread() is threading.main_thread() and handler is not None:
         signal.signal(signal.SIGTERM, handler)
     if "error" in outcome:
+        hint = ("; a cluster with token authentication (Ray's default) also needs RAY_AUTH_MODE=token and its token"
+                if address is not None and os.environ.get("RAY_AUTH_MODE") != "token" else "")
         raise ModelError(f"--ray {address or '(local)'}: Ray did not start "
-                         f"({str(outcome['error']).strip().splitlines()[0]})")
+                         f"({str(outcome['error']).strip().splitlines()[0]}){hint}")
     return ray
 
 
