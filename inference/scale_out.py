@@ -297,7 +297,11 @@ def task_results(ray, workers: list, tasks: list[list[tuple[str, str]]]) -> Iter
     lost = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError)
     queue = [(task, 1) for task in reversed(tasks)]  # taken from the end
     idle, running, lost_since = list(workers), {}, {}
-    while running or (queue and idle):
+
+    def computing() -> bool:  # a task under way (not only asking lost workers whether they are back)
+        return any(task is not None for _, task, _ in running.values())
+
+    while (queue and (idle or running)) or computing():
         while queue and idle:
             worker = idle.pop()
             task, attempt = queue.pop()
@@ -319,6 +323,11 @@ def task_results(ray, workers: list, tasks: list[list[tuple[str, str]]]) -> Iter
                 time.sleep(0.5)
                 running[worker.__ray_ready__.remote()] = (worker, None, 0)
             continue
+        except Exception as err:  # raised in the worker's own code (RayTaskError): its cases fail, the run goes on
+            cause = getattr(err, "cause", None) or err
+            why = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            results = [CaseResult(Path(case), Path(output), error=f"{case}: {type(cause).__name__}: {why}")
+                       for case, output in task] if task is not None else None
         lost_since.pop(worker, None)
         idle.append(worker)
         if task is not None:

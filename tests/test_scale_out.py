@@ -226,3 +226,65 @@ def test_a_case_whose_result_never_comes_back_fails_the_run(tmp_path, caplog):
     assert f"error: {paths[1]}: no result came back for it (a fault of the engine) (removed b.nii.gz" in caplog.text
     assert report["cases"] == {"b_0000.nii.gz": {"error": f"{paths[1]}: no result came back for it (a fault of "
                                                             "the engine)"}}
+
+
+class FakeRay:
+    """Just what scale_out.task_results asks of Ray: futures that are finished when made, in order."""
+
+    @staticmethod
+    def wait(futures, num_returns=1):
+        return [futures[0]], futures[1:]
+
+    @staticmethod
+    def get(future):
+        if isinstance(future.outcome, BaseException):
+            raise future.outcome
+        return future.outcome
+
+
+class FakeFuture:
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+
+class FakeWorker:
+    """A worker whose calls give `script`'s outcomes in turn (then plain results), and which answers whether it is
+    back with `back` (False: lost for good)."""
+
+    def __init__(self, name, script=(), back=True):
+        self.name, self.script, self.back = name, list(script), back
+        self.predict = type("method", (), {"remote": self.run})()
+        self.__ray_ready__ = type("method", (), {"remote": self.ready})()
+
+    def run(self, task):
+        from inference.batch import CaseResult
+        outcome = self.script.pop(0) if self.script else None
+        return FakeFuture(outcome or [CaseResult(Path(case), Path(out), worker=self.name) for case, out in task])
+
+    def ready(self):
+        from ray.exceptions import ActorUnavailableError
+        return FakeFuture(True if self.back else ActorUnavailableError("still gone", b"\0" * 16))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install '.[ray]')")
+def test_task_results_hand_a_lost_workers_cases_on_and_never_lose_one(monkeypatch):
+    from ray.exceptions import ActorUnavailableError
+    from inference import scale_out
+    monkeypatch.setattr(scale_out, "WORKER_BACK_S", 1.0)
+    monkeypatch.setattr(scale_out.time, "sleep", lambda seconds: None)
+    tasks = [[(f"case{i}", f"out{i}")] for i in range(6)]
+    unreachable = ActorUnavailableError("node died", b"\0" * 16)
+    # a worker lost once (back at once), one lost for good, one whose code raises on one task
+    workers = [FakeWorker("flaky", [unreachable]), FakeWorker("gone", [unreachable], back=False),
+               FakeWorker("buggy", [ValueError("a bug")])]
+    results = [r for batch in scale_out.task_results(FakeRay, workers, tasks) for r in batch]
+    assert sorted(r.path.name for r in results) == [f"case{i}" for i in range(6)]  # every case, once
+    failed = [r for r in results if r.error]
+    assert len(failed) == 1 and failed[0].error.endswith(": ValueError: a bug")  # only the bug's case fails
+    assert {r.worker for r in results if not r.error} <= {"flaky", "buggy"}  # never the worker lost for good
+    # every worker lost for good: the cases fail with their line, none goes missing
+    gone = [FakeWorker(name, [unreachable] * 9, back=False) for name in ("a", "b")]
+    results = [r for batch in scale_out.task_results(FakeRay, gone, tasks) for r in batch]
+    assert sorted(r.path.name for r in results) == [f"case{i}" for i in range(6)]
+    assert all(r.error and ("its worker was lost" in r.error or "every Ray worker was lost" in r.error)
+               for r in results)
