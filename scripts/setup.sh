@@ -10,20 +10,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip
-# torch: the CPU build, asked for by its local version (+cpu), so that no source can hand over the CUDA
-# build (a plain `torch==2.13.0` from PyPI is several GB of CUDA packages): PyTorch's CPU wheel index first,
-# then whatever this machine's pip configuration offers (a local wheel folder), else stop and say why.
-TORCH_CPU="torch==2.13.0+cpu"
-if [ "$(.venv/bin/python -c 'import torch; print(torch.__version__)' 2>/dev/null)" != "2.13.0+cpu" ]; then
-  if ! $PIP install -q --timeout 15 --retries 1 --index-url https://download.pytorch.org/whl/cpu \
-         --extra-index-url https://pypi.org/simple "$TORCH_CPU" 2> /tmp/setup-torch-index.log \
-     && ! $PIP install -q "$TORCH_CPU" 2> /tmp/setup-torch-local.log; then
-    echo "setup.sh: no CPU build of torch 2.13.0 to install: https://download.pytorch.org/whl/cpu cannot be" \
-         "reached and pip's own sources have none (see /tmp/setup-torch-*.log); not falling back to PyPI's" \
-         "torch, which is the CUDA build (several GB)" >&2
-    exit 1
-  fi
-fi
+# torch: the CPU build, never the CUDA one (scripts/install_cpu_torch.sh says how)
+bash scripts/install_cpu_torch.sh .venv/bin/python
 $PIP install -q -r requirements-dev.txt
 $PIP install -q --no-deps -r requirements-nodeps.txt
 # The project itself, editable: `inference`, `evaluation`, `phantoms`, ... import from any folder, and the

@@ -15,8 +15,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
-# The local CPU build; a bare `torch` (or a dependency resolver free to pick a newer one) would pull CUDA.
-$PIP install -q torch==2.13.0
+# The CPU build, asked for as +cpu; a bare `torch` (or a dependency resolver free to pick a newer one) would pull
+# CUDA.
+bash scripts/install_cpu_torch.sh "$VENV/bin/python"
 # Requires-Dist of nnunetv2 2.8.1 that do not depend on torch (plus what they need at import time).
 $PIP install -q \
   numpy==2.4.6 scipy==1.17.1 tqdm==4.70.1 SimpleITK==2.5.7 nibabel==5.4.2 pandas==3.1.1 \
