@@ -175,10 +175,11 @@ def evaluate_case(case: str, gt_path: Path, pred_paths: list[Path], tolerance_mm
                   rules: Rules = FLARE24, connectivity: int = 26, threads: int | None = None) -> dict:
     """One per-case CSV row. Missing prediction: 0/0 with missing=True. Bad input: `error` set."""
     row = _empty_row(case)
-    if not pred_paths:
-        row.update(missing=True, Lesion_DSC=0.0, Lesion_NSD=0.0, rule="missing")
-        return row
     try:
+        if not pred_paths:
+            row.update(missing=True, Lesion_DSC=0.0, Lesion_NSD=0.0, rule="missing")
+            score_as_nothing_predicted(row, _read(gt_path), connectivity)
+            return row
         if len(pred_paths) > 1:
             raise CaseError(f"{pred_paths[0].parent}: several predictions for case {case}: "
                             + ", ".join(p.name for p in pred_paths))
@@ -190,6 +191,7 @@ def evaluate_case(case: str, gt_path: Path, pred_paths: list[Path], tolerance_mm
             # As the organisers score a missing output: 0/0, counted in the means (a broken file must not
             # score better than no file); the reason stays in `error`.
             row.update(Lesion_DSC=0.0, Lesion_NSD=0.0, rule=BROKEN_PREDICTION, error=str(error))
+            score_as_nothing_predicted(row, gt_image, connectivity)
             return row
         mismatch = geometry_mismatch(gt_image, pred_image)
         if mismatch:
@@ -201,6 +203,14 @@ def evaluate_case(case: str, gt_path: Path, pred_paths: list[Path], tolerance_mm
     except CaseError as error:
         row["error"] = str(error)
     return row
+
+
+def score_as_nothing_predicted(row: dict, gt_image: sitk.Image, connectivity: int) -> None:
+    """The lesion-wise metrics of a case without a (readable) prediction, as if nothing had been predicted: its
+    lesions are missed in recall and F1, so that leaving out a hard case never scores better than a bad mask
+    (whether a lesion-free scan would have had a false positive stays unknown: no healthy-scan row)."""
+    gt = sitk.GetArrayViewFromImage(gt_image) != 0
+    row.update(lesion_metrics(gt, np.zeros_like(gt), gt_image.GetSpacing()[::-1], connectivity=connectivity))
 
 
 def _pool_context():

@@ -235,9 +235,13 @@ def test_evaluate_folders(folders):
     assert summary.loc["healthy_fp_rate", "mean"] == pytest.approx(0.5)
     # the speck: one voxel of 1 x 1 x 2 mm on one of the two healthy scans
     assert summary.loc["healthy_fp_ml", "n"] == 2 and summary.loc["healthy_fp_ml", "mean"] == pytest.approx(0.001)
-    # lesion-wise detection over the lesion cases only: "good" (the missing case has no prediction to count)
-    for metric in ("lesion_precision", "lesion_recall", "lesion_f1"):
-        assert summary.loc[metric, "n"] == 1 and summary.loc[metric, "mean"] == 1.0, metric
+    # lesion-wise detection over the lesion cases only: "good" found its lesion; the missing case counts as
+    # nothing predicted (recall and F1 0: leaving a case out never scores better); precision only where something
+    # was predicted
+    assert rows.loc["missing", ["gt_lesions", "detected_lesions", "lesion_recall", "lesion_f1"]].tolist() == [1, 0, 0, 0]
+    assert summary.loc["lesion_recall", "n"] == 2 and summary.loc["lesion_recall", "mean"] == 0.5
+    assert summary.loc["lesion_f1", "n"] == 2 and summary.loc["lesion_f1", "mean"] == 0.5
+    assert summary.loc["lesion_precision", "n"] == 1 and summary.loc["lesion_precision", "mean"] == 1.0
 
 
 def test_parallel_workers_give_the_same_rows(folders):
