@@ -9,6 +9,7 @@ voxel (the same functions on the same data, only at other times).
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,8 @@ from . import io, prefetch, provenance
 from .errors import CaseError, ModelError
 from .pipeline import PredictionSettings, predict_image_with_report
 from .timing import CaseReport, StageTimer
+
+log = logging.getLogger("inference")
 
 
 @dataclass
@@ -87,8 +90,8 @@ def predict_cases(cases: Sequence[Path], outputs: dict[Path, Path], model, setti
     """Predict and write every case, yielding each result in order once its mask is written (or it failed).
     `pipelined=False`: one case after another (read, compute, write), for comparison. `run`: the run's
     fingerprint (provenance.run_fingerprint), written into each mask with its input's."""
-    reader = ThreadPoolExecutor(1, thread_name_prefix="read") if pipelined else None
-    writer = ThreadPoolExecutor(1, thread_name_prefix="write") if pipelined else None
+    reader = started_pool("read") if pipelined else None
+    writer = started_pool("write") if pipelined else None
     reads: deque[Future] = deque()
 
     def read_ahead(index: int) -> None:
@@ -132,6 +135,33 @@ def predict_cases(cases: Sequence[Path], outputs: dict[Path, Path], model, setti
         if (previous := finish_writing()) is not None:
             yield previous
     finally:  # stopped (SIGTERM) or done: a write under way ends (its mask whole), nothing new starts
-        for pool in (reader, writer):
-            if pool is not None:
+        stopped = wait_for_pools([pool for pool in (reader, writer) if pool is not None])
+        if writing is not None and writing[1].done() and writing[1].exception() is None:
+            # stopped while this mask was being written: it is whole, and the log says it is there
+            log.info("%s: written (it was being written when the run was stopped)", io.case_id(writing[0]))
+        if stopped is not None:
+            raise stopped
+
+
+def started_pool(name: str) -> ThreadPoolExecutor:
+    """A one-thread pool whose thread already runs. A pool starts its thread inside the first submit, and a
+    SIGTERM raised there, between the thread's start and the pool's note of it, left a pool whose shutdown did not
+    wait for that thread: the process left while it wrote the first mask, and the partial file stayed (seen in
+    the corpus' sigterm-while-writing, 3 runs in 6)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+    pool.submit(int).result()
+    return pool
+
+
+def wait_for_pools(pools: list[ThreadPoolExecutor]) -> KeyboardInterrupt | None:
+    """Shut the pools down, their running work ended and nothing new started, even where SIGTERM (raised here as a
+    KeyboardInterrupt) arrives while they are waited for: a mask half written when the process leaves would stay
+    as a partial file. Returns that interruption, for the caller to raise once the pools are done."""
+    stopped = None
+    for pool in pools:
+        while True:
+            try:
                 pool.shutdown(wait=True, cancel_futures=True)
+                break
+            except KeyboardInterrupt as stop:
+                stopped = stop

@@ -3,8 +3,8 @@
 Workers are Ray actors, one per GPU (or one per `--ray-cpus` cores where there is no GPU), each loading the
 model once and running the pipelined loop (batch.py) on the cases it is handed, a few at a time; the next cases
 go to whichever worker is free. When a worker dies in the middle of a case (a killed process, a lost node), Ray
-starts it again (max_restarts; on another node where its node died) and the cases it held are handed out again
-(max_task_retries, and task_results where Ray reports the worker unreachable); masks are written atomically, so
+starts it again (max_restarts; on another node where its node died) and the cases it held are handed out again,
+one a task, to the next free worker (task_results, not Ray's task retries); masks are written atomically, so
 a case done twice is still one whole mask. With no ADDRESS Ray starts on this machine and stops with the run; with
 one (`ray start --head` on one node, `ray start --address HEAD:6379` on the others, or a KubeRay RayCluster
 on Kubernetes) the run joins that cluster, whose nodes must see IN, OUT and the model folder at the same
@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -265,7 +266,8 @@ def predict_on_ray(cases: list[Path], outputs: dict[Path, Path], model_args: dic
     try:
         count, resources = worker_resources(ray, cpus_per_worker)
         count = min(count, len(todo), max_workers or count)
-        worker_class = ray.remote(max_restarts=-1, max_task_retries=3, **resources)(CaseWorker)
+        # restarted when lost, on another node where its node died; its tasks handed out again by task_results
+        worker_class = ray.remote(max_restarts=-1, max_task_retries=0, **resources)(CaseWorker)
         plain = {key: value for key, value in asdict(settings).items() if key not in ("crop_function", "extra")}
         workers = [worker_class.remote(model_args, plain, run) for _ in range(count)]
         log.info("ray: %d worker(s), %s each; %d case(s)", count,
@@ -283,50 +285,74 @@ def predict_on_ray(cases: list[Path], outputs: dict[Path, Path], model_args: dic
 
 MAX_ATTEMPTS = 3  # a task whose worker is lost (a killed process, a lost node) is handed out again, this often
 WORKER_BACK_S = 120  # how long a lost worker may take to be started again (elsewhere, where its node died)
+PROBE_EVERY_S = 0.5  # how often a lost worker is asked whether it is back
+
+
+def error_line(err: BaseException) -> str:
+    """The line of a Ray error that says what went wrong: the last `...Error: ...` line where Ray wraps a cause (a
+    worker whose model did not load), else the first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"[\w.]*(Error|Exception): ", line)]
+    return (causes or lines or [type(err).__name__])[-1 if causes else 0]
 
 
 def task_results(ray, workers: list, tasks: list[list[tuple[str, str]]]) -> Iterator[list[CaseResult]]:
     """Each task's results, as a worker finishes it (in no fixed order): the tasks handed to whichever worker is
-    free, one at a time. A task whose worker is lost is handed to the next free worker, MAX_ATTEMPTS times at
-    most, after which its cases fail with one line each; the lost worker takes tasks again once Ray has started
-    it again (on another node where its node died), within WORKER_BACK_S. Ray's own retry does not cover a
-    worker that became unreachable (ActorUnavailableError: the task may or may not have run); a mask written
-    twice is written atomically, the same."""
+    free, one at a time. A task whose worker is lost goes to the next free worker, split into single cases (a case
+    that kills its worker fails alone), MAX_ATTEMPTS times at most, after which its case fails with one line; the
+    lost worker takes tasks again once Ray has started it again (on another node where its node died), or is given
+    up after WORKER_BACK_S. The workers run with Ray's own task retries off: it would hold a task while its worker
+    cannot be placed again, and does not cover a worker it reports unreachable (ActorUnavailableError: the task may
+    or may not have run); a mask written twice is written atomically, the same."""
     from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
 
     lost = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError)
     queue = [(task, 1) for task in reversed(tasks)]  # taken from the end
-    idle, running, lost_since = list(workers), {}, {}
+    idle, running = list(workers), {}
+    lost_since: dict = {}  # lost worker -> when it was lost
+    probe_at: dict = {}  # lost worker -> when to ask again whether it is back
 
     def computing() -> bool:  # a task under way (not only asking lost workers whether they are back)
         return any(task is not None for _, task, _ in running.values())
 
-    while (queue and (idle or running)) or computing():
+    while (queue and (idle or running or probe_at)) or computing():
         while queue and idle:
             worker = idle.pop()
             task, attempt = queue.pop()
             running[worker.predict.remote(task)] = (worker, task, attempt)
-        [finished], _ = ray.wait(list(running), num_returns=1)
-        worker, task, attempt = running.pop(finished)
-        try:
-            results = ray.get(finished)
-        except lost as err:
-            if task is not None:  # its cases go to the next free worker
-                if attempt < MAX_ATTEMPTS:
-                    queue.append((task, attempt + 1))
-                else:
-                    why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                    yield [CaseResult(Path(case), Path(output), error=f"{case}: its worker was lost {attempt} "
-                                                                       f"times ({why})") for case, output in task]
-            since = lost_since.setdefault(worker, time.monotonic())
-            if time.monotonic() - since < WORKER_BACK_S:  # ask again whether it is back (started anew)
-                time.sleep(0.5)
+        now = time.monotonic()
+        for future, (worker, task, _) in list(running.items()):
+            if task is None and now - lost_since.get(worker, now) > WORKER_BACK_S:
+                del running[future]  # its question never answered: given up (it cannot be placed again)
+        for worker, at in list(probe_at.items()):
+            if now - lost_since[worker] > WORKER_BACK_S:
+                del probe_at[worker]  # given up: not back in time
+            elif at <= now:
+                del probe_at[worker]
                 running[worker.__ray_ready__.remote()] = (worker, None, 0)
+        if not running:
+            if probe_at:
+                time.sleep(PROBE_EVERY_S)
+            continue
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=PROBE_EVERY_S if lost_since else None)
+        if not ready:
+            continue
+        worker, task, attempt = running.pop(ready[0])
+        try:
+            results = ray.get(ready[0])
+        except lost as err:
+            if task is not None:  # its cases go to the next free worker, one a task
+                for case in task:
+                    if attempt < MAX_ATTEMPTS:
+                        queue.append(([case], attempt + 1))
+                    else:
+                        yield [CaseResult(Path(case[0]), Path(case[1]), error=f"{case[0]}: its worker was lost "
+                                                                               f"{attempt} times ({error_line(err)})")]
+            lost_since.setdefault(worker, time.monotonic())
+            probe_at[worker] = time.monotonic() + PROBE_EVERY_S
             continue
         except Exception as err:  # raised in the worker's own code (RayTaskError): its cases fail, the run goes on
-            cause = getattr(err, "cause", None) or err
-            why = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-            results = [CaseResult(Path(case), Path(output), error=f"{case}: {type(cause).__name__}: {why}")
+            results = [CaseResult(Path(case), Path(output), error=f"{case}: {error_line(err)}")
                        for case, output in task] if task is not None else None
         lost_since.pop(worker, None)
         idle.append(worker)

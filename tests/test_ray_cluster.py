@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ class Cluster:
     env: dict
     head: subprocess.Popen
     node: subprocess.Popen
+    seen: set = field(default_factory=set)  # processes of the nodes seen during the test (stopped at the end)
 
 
 def free_port() -> int:
@@ -104,17 +105,23 @@ def cluster(tmp_path):
     address = f"127.0.0.1:{port}"
     head = start_node(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
                        f"--temp-dir={head_dir}", "--include-dashboard=false"], env, tmp_path / "head.log")
-    node = None
+    node = running = None
     try:
         wait_for_nodes(address, env, 1)
         node = start_node([f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
                            f"--temp-dir={node_dir}"], env, tmp_path / "node.log")
         wait_for_nodes(address, env, 2)
-        yield Cluster(address, env, head, node)
+        running = Cluster(address, env, head, node)
+        yield running
     finally:
         for process in (node, head):
             if process is not None:
                 stop_node(process)
+        for process in running.seen if running else ():
+            try:  # a killed raylet's workers, which no `ray start` parents any more
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
         shutil.rmtree(head_dir, ignore_errors=True)
         shutil.rmtree(node_dir, ignore_errors=True)
 
@@ -138,19 +145,24 @@ def test_a_batch_survives_a_killed_node_of_a_real_cluster_and_a_rerun_resumes(cl
             "--ray-workers", "2", "--journal", str(journal)]
     run = subprocess.Popen(argv, cwd=REPO, env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True)
-    killed, deadline = None, time.time() + 300
-    while killed is None and run.poll() is None and time.time() < deadline:
-        try:
-            node = node_processes(cluster.node)
-            busy = [p for p in node if "CaseWorker.predict" in " ".join(p.cmdline())]
-            raylet = [p for p in node if p.name() == "raylet"]
-        except psutil.NoSuchProcess:
-            continue
-        if busy and raylet:
-            raylet[0].kill()  # the node, not only a worker: its raylet
-            killed = raylet[0].pid
-        time.sleep(0.1)
-    _, stderr = run.communicate(timeout=600)
+    try:
+        killed, deadline = None, time.time() + 300
+        while killed is None and run.poll() is None and time.time() < deadline:
+            try:
+                node = node_processes(cluster.node)
+                cluster.seen.update(node)
+                busy = [p for p in node if "CaseWorker.predict" in " ".join(p.cmdline())]
+                raylet = [p for p in node if p.name() == "raylet"]
+            except psutil.NoSuchProcess:
+                continue
+            if busy and raylet:
+                raylet[0].kill()  # the node, not only a worker: its raylet
+                killed = raylet[0].pid
+            time.sleep(0.1)
+        _, stderr = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
     assert killed is not None, f"no worker of the second node was seen at work; the run said:\n{stderr[-3000:]}"
     assert run.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
     ours, theirs = masks(out), masks(reference)
