@@ -245,16 +245,18 @@ def kill_run(process: subprocess.Popen, container: str | None, docker: str) -> N
 
 
 def failure_cause(log_path: Path) -> str:
-    """The line of a failed run's log that says why: its last line that speaks of an error (the engine's one-line
-    `error: ...`, docker's `Error response from daemon: ...`), else its last line (not a client's usage hint
-    after the real cause, such as docker's "See 'docker run --help'.")."""
+    """The line of a failed run's log that says why: the engine's last one-line `error: ...` (not its summary
+    "N of M case(s) failed"), else a client's or Python's error line (docker's `Error response from daemon: ...`,
+    `SomethingError: ...`), else the last line; never a usage hint after the cause, such as docker's
+    "See 'docker run --help'."."""
     try:
         lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return ""
-    errors = [line for line in lines if "error" in line.lower() and not line.startswith("error: stopped by")]
-    summary = [line for line in errors if re.match(r"error: \d+ of \d+ case\(s\) failed", line)]
-    cause = [line for line in errors if line not in summary] or summary or lines
+    engine = [line for line in lines if line.startswith("error: ") and not line.startswith("error: stopped by")
+              and not re.match(r"error: \d+ of \d+ case\(s\) failed", line)]
+    client = [line for line in lines if re.search(r"Error response from daemon|\b\w*Error: ", line)]
+    cause = engine or client or lines
     return cause[-1][:200] if cause else ""
 
 

@@ -30,6 +30,13 @@ REPO = Path(__file__).resolve().parent.parent
 LESION_FRACTION = 0.1  # of the model-space body box, after calibration
 
 
+def assert_same_mask(torch_mask: np.ndarray, onnx_mask: np.ndarray) -> None:
+    """The docs' promise: the same mask, but for a voxel whose two logits tie within fp32 rounding (about 2e-6
+    apart here), which another CPU's kernels may break the other way: at most 1 voxel in 10,000 (on this
+    2-core AVX-512 CPU: none)."""
+    assert (torch_mask != onnx_mask).sum() <= torch_mask.size // 10_000
+
+
 def ct_volume() -> sitk.Image:
     """CT-like: air, an elliptic soft-tissue body with a bright blob, noise; several windows per axis."""
     return make_ct_image(shape_zyx=(40, 80, 96), spacing_xyz=(1.5, 1.5, 4.0), seed=3)
@@ -86,7 +93,7 @@ def test_onnx_masks_match_torch_on_a_ct_volume(exported_model):
     assert onnx_model.backend == "onnx" and onnx_model.networks[0].provider == CPU
     onnx_mask = sitk.GetArrayFromImage(predict_image(image, onnx_model))
     assert 0.01 < torch_mask.mean() < 0.99  # non-trivial, thanks to the calibration
-    assert np.array_equal(torch_mask, onnx_mask)  # as the docs say: the same mask (fixed inputs, no tie within 1e-4)
+    assert_same_mask(torch_mask, onnx_mask)
 
 
 def test_onnx_masks_match_torch_on_a_phantom(exported_model):
@@ -97,7 +104,8 @@ def test_onnx_masks_match_torch_on_a_phantom(exported_model):
     torch_mask = sitk.GetArrayFromImage(predict_image(image, load_model(exported_model, device="cpu")))
     onnx_mask = sitk.GetArrayFromImage(
         predict_image(image, load_model(exported_model, device="cpu", backend="onnx")))
-    assert 0 < torch_mask.sum() and np.array_equal(torch_mask, onnx_mask)
+    assert 0 < torch_mask.sum()
+    assert_same_mask(torch_mask, onnx_mask)
 
 
 def test_cpu_session_runs_a_window_a_core_and_the_lanes_sum_the_same_bits(exported_model):
@@ -289,7 +297,7 @@ def test_cli_backend_onnx_writes_the_same_mask_as_torch(tmp_path, exported_model
     assert "onnx on cpu" in result.stderr
     onnx_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case.nii.gz")))
     torch_mask = sitk.GetArrayFromImage(predict_image(image, load_model(exported_model, device="cpu")))
-    assert np.array_equal(torch_mask, onnx_mask)
+    assert_same_mask(torch_mask, onnx_mask)
 
 
 def test_auto_backend_on_the_cpu_exports_once_into_its_cache_and_writes_torchs_mask(tmp_path, monkeypatch):
@@ -309,7 +317,8 @@ def test_auto_backend_on_the_cpu_exports_once_into_its_cache_and_writes_torchs_m
         image = ct_volume()
         torch_mask = sitk.GetArrayFromImage(predict_image(image, load_model(model_dir, device="cpu")))
         auto_mask = sitk.GetArrayFromImage(predict_image(image, auto))
-        assert 0.01 < torch_mask.mean() < 0.99 and np.array_equal(torch_mask, auto_mask)
+        assert 0.01 < torch_mask.mean() < 0.99
+        assert_same_mask(torch_mask, auto_mask)
         stamp = cached[0].stat().st_mtime_ns
         assert load_model(model_dir, device="cpu", backend="auto").backend == "onnx"
         assert cached[0].stat().st_mtime_ns == stamp  # reused, not exported again

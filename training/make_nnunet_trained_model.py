@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -71,10 +72,15 @@ def main(argv=None) -> int:
                                                                       preprocess)
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    torch.manual_seed(args.seed)
     extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True)
     plan_experiments([DATASET_ID])
     preprocess([DATASET_ID], configurations=(CONFIGURATION,), num_processes=(1,))
+    # augmentation in this process (0 would have broken the planner above), every generator seeded: the same
+    # model from the same script, as far as the CPU's arithmetic allows
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     trainer = get_trainer_from_args(str(DATASET_ID), CONFIGURATION, 0, TRAINER, PLANS, device=torch.device("cpu"))
     trainer.num_epochs = 1  # nnU-Net's own trainer, briefly
     trainer.num_iterations_per_epoch = args.iterations

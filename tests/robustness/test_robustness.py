@@ -153,7 +153,8 @@ def test_the_hostile_plans_run_their_payload_where_the_guard_is_switched_off(edi
     import sys
     from inference.model import network
     model = hostile_model(tmp_path, edit)
-    for name in ("model", "model.evil", "evil"):
+    payload = ("model", "model.evil", "evil")
+    for name in payload:
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(str(model))
@@ -173,4 +174,7 @@ def test_the_hostile_plans_run_their_payload_where_the_guard_is_switched_off(edi
         load_model(model, device="cpu", backend="torch")
     except Exception:  # the payload is no network: what matters is whether its code ran
         pass
+    finally:
+        for name in payload:  # imported here: not left for other tests
+            sys.modules.pop(name, None)
     assert (model / MARKER).exists()
