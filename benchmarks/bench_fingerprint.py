@@ -34,8 +34,7 @@ from flare_common.results import REPO, RESULTS, display, write_result
 
 CODE = """
 import json, sys, time
-from inference.model import load_model, read_model_config
-from inference.model.fingerprint import model_fingerprint
+from inference.model import load_model, model_fingerprint, read_model_config
 import torch
 MODEL, DEVICE, WHAT = sys.argv[1], sys.argv[2], sys.argv[3]
 sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)

@@ -31,7 +31,7 @@ import torch
 
 from evaluation.efficiency_report import case_file
 from flare_common.machine import device_tag
-from inference.model.folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
+from training.model_folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
                                     plain_unet_arch_kwargs, write_random_model_folder)
 from inference.timing import STAGE_ORDER as STAGES
 

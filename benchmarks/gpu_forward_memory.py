@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-from inference.model.network import build_network
-from inference.model.plans import read_model_config
+from inference.model import build_network, read_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 

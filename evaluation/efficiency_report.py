@@ -1,7 +1,7 @@
 """Efficiency figures, CSV and plots from the per-case sample records of `evaluation.run_efficiency`.
 
-A record is the per-case JSON: the official keys `gpu_memory` (MB per sample), `cpu_list`
-([user %, system %, idle %] per sample), `RAM_list` (MB) and `time` (s), plus ours (`tree_rss_mb`,
+A record is a case_record.CaseRecord, on disk the per-case JSON: the official keys `gpu_memory` (MB per sample),
+`cpu_list` ([user %, system %, idle %] per sample), `RAM_list` (MB) and `time` (s), plus ours (`tree_rss_mb`,
 `tree_cpu_percent`, `timestamps`, `launch_time`, `interval_s`, `status`, ...).
 
 Figures are rounded like the official `load_json.py`: Time to 2 decimals, MaxGPU_Mem and the AUCs of GPU
@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from flare_common.files import atomic_path, write_json_atomically
+
+from evaluation.case_record import CaseRecord
 
 OFFICIAL_COLUMNS = ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "MaxCPU_Utilization", "AUC_CPU_Time",
                     "MaxRAM", "AUC_RAM_Time"]
@@ -81,41 +83,41 @@ def case_file(out_dir: Path, case: str, suffix: str) -> Path:
     return Path(out_dir) / "cases" / f"{case}{suffix}"
 
 
-def case_row(record: dict, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+def case_row(record: CaseRecord, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
              gpu_limit_mb: float = DEFAULT_GPU_LIMIT_MB) -> dict:
     """One CSV row (all of COLUMNS) from a per-case record."""
-    interval = record.get("interval_s", 0.1)
-    seconds = float(record["time"])
-    gpu = record.get("gpu_memory") or []
-    cpu_used = official_cpu_used(record.get("cpu_list"))
+    interval = record.interval_s
+    seconds = float(record.time)
+    gpu = record.gpu_memory
+    cpu_used = official_cpu_used(record.cpu_list)
     max_gpu = peak(gpu)
-    ok = record.get("status") == "ok"
+    ok = record.ok
     return {
-        "Name": record["name"],
+        "Name": record.name,
         "Time": float(np.round(seconds, 2)),
         "MaxGPU_Mem": max_gpu,
         "AUC_GPU_Time": auc(gpu, interval),
         "MaxCPU_Utilization": peak(cpu_used, 2),
         "AUC_CPU_Time": auc(cpu_used, interval, 2),
-        "MaxRAM": peak(record.get("RAM_list"), 2),
-        "AUC_RAM_Time": auc(record.get("RAM_list"), interval),
+        "MaxRAM": peak(record.RAM_list, 2),
+        "AUC_RAM_Time": auc(record.RAM_list, interval),
         "time_over_limit": time_over_limit(seconds, time_limit_s),
         "gpu_mem_over_auc": over_limit_auc(gpu, gpu_limit_mb, interval),
         # a case whose command failed passes nothing: its time and memory are not those of a mask
         "pass_time": ok and bool(seconds <= time_limit_s),
         "pass_gpu": None if math.isnan(max_gpu) else ok and bool(max_gpu <= gpu_limit_mb),
-        "status": record.get("status", ""),
-        "output_found": bool(record.get("output_found", False)),
-        "error": record.get("error") or "",
-        "case": record.get("case", ""),
-        "returncode": record.get("returncode"),
+        "status": record.status,
+        "output_found": record.output_found,
+        "error": record.error,
+        "case": record.case,
+        "returncode": record.returncode,
         "gpu_mem_before_mb": peak(gpu[:1]),
-        "MeanGPU_Util_Percent": mean(record.get("gpu_utilization")),
-        "MaxTreeCPU_Percent": peak(record.get("tree_cpu_percent"), 2),
-        "AUC_TreeCPU_Time": auc(record.get("tree_cpu_percent"), interval, 2),
-        "MaxTreeRSS_MB": peak(record.get("tree_rss_mb"), 2),
-        "AUC_TreeRSS_Time": auc(record.get("tree_rss_mb"), interval),
-        "n_samples": len(record.get("timestamps") or record.get("RAM_list") or []),
+        "MeanGPU_Util_Percent": mean(record.gpu_utilization),
+        "MaxTreeCPU_Percent": peak(record.tree_cpu_percent, 2),
+        "AUC_TreeCPU_Time": auc(record.tree_cpu_percent, interval, 2),
+        "MaxTreeRSS_MB": peak(record.tree_rss_mb, 2),
+        "AUC_TreeRSS_Time": auc(record.tree_rss_mb, interval),
+        "n_samples": len(record.timestamps or record.RAM_list),
     }
 
 
@@ -166,11 +168,11 @@ def _pyplot():
     return plt
 
 
-def _seconds_from_launch(record: dict, n: int) -> np.ndarray:
-    stamps = record.get("timestamps") or []
-    if len(stamps) == n and record.get("launch_time") is not None:
-        return np.asarray(stamps, dtype=float) - float(record["launch_time"])
-    return np.arange(n) * record.get("interval_s", 0.1)
+def _seconds_from_launch(record: CaseRecord, n: int) -> np.ndarray:
+    stamps = record.timestamps
+    if len(stamps) == n and record.launch_time is not None:
+        return np.asarray(stamps, dtype=float) - float(record.launch_time)
+    return np.arange(n) * record.interval_s
 
 
 def _series(values) -> np.ndarray:
@@ -206,14 +208,14 @@ def _plot_timeline(axis, segments: list[tuple[str, float, float]]) -> None:
     axis.set_ylabel("timeline")
 
 
-def plot_case(record: dict, path: Path, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+def plot_case(record: CaseRecord, path: Path, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
               gpu_limit_mb: float = DEFAULT_GPU_LIMIT_MB) -> None:
     """Per case: the engine's timeline (with --timeline), the memory-time curve with the GPU limit line
     (only where GPU memory was sampled), and CPU and RSS of the process tree; time-limit mark on each."""
     plt = _pyplot()
-    seconds = float(record["time"])
-    gpu = _series(record.get("gpu_memory"))
-    segments = timeline_segments(record.get("timeline"))
+    seconds = float(record.time)
+    gpu = _series(record.gpu_memory)
+    segments = timeline_segments(record.timeline)
     panels = (["timeline"] if segments else []) + (["gpu"] if np.isfinite(gpu).any() else []) + ["cpu"]
     heights = {"timeline": 0.25 * len(segments) + 0.6, "gpu": 3.0, "cpu": 3.0}
     figure, axes = plt.subplots(len(panels), 1, figsize=(9, 1.0 + sum(heights[p] for p in panels)), sharex=True,
@@ -239,9 +241,9 @@ def plot_case(record: dict, path: Path, time_limit_s: float = DEFAULT_TIME_LIMIT
         bottom.text(0.99, 0.02, f"{time_limit_s:g} s limit off-scale ->", ha="right", va="bottom",
                     transform=bottom.transAxes, color="tab:red", fontsize="small")
     peak_text = f"{np.nanmax(gpu):.0f} MB" if np.isfinite(gpu).any() else "not sampled (no GPU)"
-    axes[panels[0]].set_title(f"{record['name']}  status={record.get('status', '?')}  time={seconds:.2f} s  "
+    axes[panels[0]].set_title(f"{record.name}  status={record.status or '?'}  time={seconds:.2f} s  "
                               f"peak GPU={peak_text}", fontsize="medium")
-    cpu, rss = _series(record.get("tree_cpu_percent")), _series(record.get("tree_rss_mb"))
+    cpu, rss = _series(record.tree_cpu_percent), _series(record.tree_rss_mb)
     bottom.plot(_seconds_from_launch(record, len(cpu)), cpu, color="tab:green", label="CPU % (process tree)")
     bottom.set_ylabel("CPU % (100 = one core)")
     bottom.set_xlabel("seconds since launch")
@@ -251,7 +253,7 @@ def plot_case(record: dict, path: Path, time_limit_s: float = DEFAULT_TIME_LIMIT
     right.set_ylabel("RSS (MB)")
     right.legend(loc="upper right", fontsize="small")
     right_edge = max(seconds, time_limit_s) if show_time_limit else seconds
-    bottom.set_xlim(min(0.0, bottom.get_xlim()[0]), max(right_edge, record.get("interval_s", 0.1)) * 1.05)
+    bottom.set_xlim(min(0.0, bottom.get_xlim()[0]), max(right_edge, record.interval_s) * 1.05)
     figure.tight_layout()
     _save(figure, path)
     plt.close(figure)
@@ -315,7 +317,7 @@ def case_json_paths(out_dir: Path) -> list[Path]:
     return sorted((Path(out_dir) / "cases").glob("*.json"))
 
 
-def build_report(out_dir: Path, records: list[dict], time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+def build_report(out_dir: Path, records: list[CaseRecord], time_limit_s: float = DEFAULT_TIME_LIMIT_S,
                  gpu_limit_mb: float = DEFAULT_GPU_LIMIT_MB, plots: bool = True) -> list[dict]:
     """Write efficiency.csv (and the per-case and summary PNGs) for `records`; returns the CSV rows."""
     out_dir = Path(out_dir)
@@ -323,7 +325,7 @@ def build_report(out_dir: Path, records: list[dict], time_limit_s: float = DEFAU
     write_csv(rows, out_dir / CSV_NAME)
     if plots:
         for record in records:
-            plot_case(record, case_file(out_dir, record["case"], ".png"),
+            plot_case(record, case_file(out_dir, record.case, ".png"),
                       time_limit_s, gpu_limit_mb)
         if rows:
             plot_summary(rows, out_dir / SUMMARY_PNG, time_limit_s, gpu_limit_mb)
@@ -343,8 +345,8 @@ def main(argv=None) -> int:
     records = []
     for path in paths:
         try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError) as error:
+            records.append(CaseRecord.from_json(json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError) as error:
             print(f"efficiency_report: {path}: unreadable JSON ({error})", file=sys.stderr)
             return 2
     rows = build_report(args.out, records, args.time_limit, args.gpu_limit_mb)

@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from flare_common.files import atomic_path
-from inference.errors import CaseError
+from inference import CaseError
 from inference.io import read_checked
 
 WINDOW_HU = (40 - 200, 40 + 200)  # soft tissue: level 40, width 400

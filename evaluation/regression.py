@@ -27,9 +27,8 @@ import torch
 
 from evaluation.run_efficiency import machine_facts
 from inference import PredictionSettings, load_model, predict_image, predict_image_with_report
-from inference.model.folder import make_dataset_json, make_plans, plain_unet_arch_kwargs, write_model_folder
-from inference.model.network import build_network
-from inference.model.plans import read_model_config
+from training.model_folder import make_dataset_json, make_plans, plain_unet_arch_kwargs, write_model_folder
+from inference.model import build_network, read_model_config
 
 BASELINE = Path(__file__).with_name("regression_baseline.json")
 STAGES = ("crop", "resample", "network", "export")

@@ -38,14 +38,14 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
 from flare_common.machine import machine_facts
-from inference import io
-from inference.errors import CaseError
+from inference import CaseError, io
+from evaluation.case_record import SERIES, CaseRecord
 from evaluation.efficiency_report import case_file
 from evaluation.resource_sampler import (REPO_ROOT, GpuUnavailable, SamplerError, SamplerProcess, close_gpu,
                                          open_gpu)
@@ -287,69 +287,93 @@ def engine_timeline(report: dict | None, launch: float, end: float) -> dict | No
             if isinstance(at, (int, float))}
 
 
-def run_case(case: str, image: Path, settings: Settings, out_dir: Path) -> dict:
-    """Run one case with the sampler around it; returns its record (raw samples and outcome)."""
-    cases_dir, predictions = out_dir / "cases", out_dir / "predictions"
-    log_path = case_file(out_dir, case, ".log")
-    record = {"name": image.name, "case": case, "mode": settings.mode, "status": "", "output_found": False,
-              "error": "", "returncode": None, "time_limit_s": None, "gpu_limit_mb": None}
-    case_dir, inputs, outputs = prepare_case_folders(out_dir / "work", case, image)
+@dataclass
+class PreparedRun:
+    """A case's run, ready to start: its folders, what to start and with which environment."""
+
+    case_dir: Path
+    inputs: Path
+    outputs: Path
+    log_path: Path
+    popen_args: dict
+    env: dict
+    timings_dir: Path | None = None
+    container: str | None = None
+
+
+@dataclass
+class Outcome:
+    """How a run ended, as the harness saw it, and the sampler's samples."""
+
+    start: float
+    end: float
+    returncode: int | None = None
+    timed_out: bool = False
+    launch_error: str | None = None
+    container_pid: int | None = None
+    leftovers: int = 0
+    samples: dict = field(default_factory=dict)
+
+
+def prepare_run(record: CaseRecord, image: Path, settings: Settings, out_dir: Path) -> PreparedRun:
+    """Fresh folders for the case, and the command that runs it: the official docker arguments, or the shell
+    command with INPUT_DIR / OUTPUT_DIR (and TIMINGS_JSON with --timeline) set. Notes the command in `record`."""
+    case_dir, inputs, outputs = prepare_case_folders(out_dir / "work", record.case, image)
     timings_dir = case_dir / "timings" if settings.timeline else None
     if timings_dir is not None:
         timings_dir.mkdir()
         timings_dir.chmod(0o777)  # as outputs/: the container may write as another user
-    container = None
     env = dict(os.environ)
+    log_path = case_file(out_dir, record.case, ".log")
     if settings.mode == "docker":
-        container = container_name(case)
+        container = container_name(record.case)
         argv = build_docker_argv(settings.target, container, inputs, outputs, settings.gpu, settings.memory,
                                  settings.shm_size, settings.docker, timings_dir)
-        popen_args = {"args": argv}
-        record.update(argv=argv, container_name=container)
-    else:
-        env.update(INPUT_DIR=str(inputs), OUTPUT_DIR=str(outputs),
-                   # The command runs on the GPU that is sampled (NVML numbering = PCI bus order).
-                   CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=str(settings.gpu))
-        if timings_dir is not None:
-            env["TIMINGS_JSON"] = str(timings_dir / TIMINGS_NAME)
-        popen_args = {"args": settings.target, "shell": True}
-        record.update(command=settings.target, workdir=str(settings.workdir))
-    samples_path = case_dir / "samples.json"
-    try:
-        sampler = SamplerProcess(samples_path, settings.gpu if settings.sample_gpu else None, settings.interval_s)
-    except SamplerError as error:
-        shutil.rmtree(case_dir, ignore_errors=True)
-        record.update(status="sampler_error", error=str(error), time=0.0)
-        return record
+        record.argv, record.container_name = argv, container
+        return PreparedRun(case_dir, inputs, outputs, log_path, {"args": argv}, env, timings_dir, container)
+    env.update(INPUT_DIR=str(inputs), OUTPUT_DIR=str(outputs),
+               # The command runs on the GPU that is sampled (NVML numbering = PCI bus order).
+               CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=str(settings.gpu))
+    if timings_dir is not None:
+        env["TIMINGS_JSON"] = str(timings_dir / TIMINGS_NAME)
+    record.command, record.workdir = settings.target, str(settings.workdir)
+    return PreparedRun(case_dir, inputs, outputs, log_path, {"args": settings.target, "shell": True}, env,
+                       timings_dir)
+
+
+def supervise(run: PreparedRun, settings: Settings, sampler: SamplerProcess) -> Outcome:
+    """Start the run with the sampler following its process tree (and the container's), wait for it at most
+    --timeout (then kill it), kill whatever it left behind, and stop the sampler. Ctrl-C or a harness fault: the
+    run, its container and the sampler are stopped and the case's folder removed before it is raised again."""
     process, timed_out, found, lock = None, False, {}, threading.Lock()
-    follower = None
+    follower, returncode, launch_error = None, None, None
     try:
-        with open(log_path, "wb") as log:
+        with open(run.log_path, "wb") as log:
             start = time.time()
             try:
-                process = subprocess.Popen(**popen_args, cwd=settings.workdir, env=env, stdin=subprocess.DEVNULL,
-                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                process = subprocess.Popen(**run.popen_args, cwd=settings.workdir, env=run.env,
+                                           stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
             except OSError as error:
-                end = time.time()
-                record.update(status="launch_error", error=f"cannot launch: {error}")
+                launch_error = f"cannot launch: {error}"
             if process is not None:
                 sampler.follow(process.pid)
-                if container:
+                if run.container:
                     follower = threading.Thread(target=_follow_container, daemon=True,
-                                                args=(container, settings.docker, process, sampler, lock, found))
+                                                args=(run.container, settings.docker, process, sampler, lock, found))
                     follower.start()
                 try:
-                    record["returncode"] = process.wait(timeout=settings.timeout_s)
+                    returncode = process.wait(timeout=settings.timeout_s)
                 except subprocess.TimeoutExpired:
                     timed_out = True
-                    kill_run(process, container, settings.docker)
-                    record["returncode"] = process.returncode
-                end = time.time()
+                    kill_run(process, run.container, settings.docker)
+                    returncode = process.returncode
+            end = time.time()
     except BaseException:  # Ctrl-C or a harness bug: leave no run or container behind
         if process is not None and process.poll() is None:
-            kill_run(process, container, settings.docker)
+            kill_run(process, run.container, settings.docker)
         sampler.kill()
-        shutil.rmtree(case_dir, ignore_errors=True)
+        shutil.rmtree(run.case_dir, ignore_errors=True)
         raise
     finally:
         if follower is not None:
@@ -361,43 +385,74 @@ def run_case(case: str, image: Path, settings: Settings, out_dir: Path) -> dict:
             samples = sampler.stop()
         except SamplerError as error:
             samples = {"sampler_error": str(error)}
-    record.update(time=end - start, launch_time=start, end_time=end, container_pid=found.get("container_pid"),
-                  leftover_processes_killed=len(leftovers))
-    if timings_dir is not None:
-        report = engine_report(timings_dir / TIMINGS_NAME)
-        record["timeline"] = engine_timeline(report, start, end)
-        if report is not None:  # the case's stage seconds, patch, ... and the model's load time
-            record["engine_case"] = dict(next(iter(report["cases"].values())), model_load_s=report["model_load_s"])
-    for key in ("gpu_memory", "gpu_utilization", "cpu_list", "RAM_list", "timestamps", "tree_cpu_percent",
-                "tree_rss_mb", "tree_processes"):
-        record[key] = samples.get(key, [])
-    for key in ("gpu_memory", "gpu_utilization"):
-        if not any(value is not None for value in record[key]):
-            record[key] = []  # no GPU sampled: empty, not a list of nulls
-    record.update({key: samples.get(key) for key in ("interval_s", "gpu_index", "gpu_name", "sampler_error",
-                                                      "followed_pids")})
-    record["interval_s"] = record["interval_s"] or settings.interval_s
+    return Outcome(start, end, returncode, timed_out, launch_error, found.get("container_pid"), len(leftovers),
+                   samples)
 
-    prediction = outputs / f"{case}.nii.gz"
-    record["output_found"] = prediction.is_file() and prediction.stat().st_size > 0
-    if record["output_found"]:
+
+def collect(record: CaseRecord, run: PreparedRun, outcome: Outcome, out_dir: Path, settings: Settings) -> None:
+    """Into `record`: the times, the sampler's series, the engine's timeline (--timeline); the case's mask moved to
+    OUT/predictions/."""
+    record.time, record.launch_time, record.end_time = outcome.end - outcome.start, outcome.start, outcome.end
+    record.returncode, record.container_pid = outcome.returncode, outcome.container_pid
+    record.leftover_processes_killed = outcome.leftovers
+    if run.timings_dir is not None:
+        report = engine_report(run.timings_dir / TIMINGS_NAME)
+        record.timeline = engine_timeline(report, outcome.start, outcome.end)
+        if report is not None:  # the case's stage seconds, patch, ... and the model's load time
+            record.engine_case = dict(next(iter(report["cases"].values())), model_load_s=report["model_load_s"])
+    samples = outcome.samples
+    for key in SERIES:
+        setattr(record, key, samples.get(key) or [])
+    for key in ("gpu_memory", "gpu_utilization"):
+        if not any(value is not None for value in getattr(record, key)):
+            setattr(record, key, [])  # no GPU sampled: empty, not a list of nulls
+    record.gpu_index, record.gpu_name = samples.get("gpu_index"), samples.get("gpu_name")
+    record.sampler_error, record.followed_pids = samples.get("sampler_error"), samples.get("followed_pids")
+    record.interval_s = samples.get("interval_s") or settings.interval_s
+    prediction = run.outputs / f"{record.case}.nii.gz"
+    record.output_found = prediction.is_file() and prediction.stat().st_size > 0
+    if record.output_found:
+        predictions = out_dir / "predictions"
         predictions.mkdir(parents=True, exist_ok=True)
         shutil.move(str(prediction), str(predictions / prediction.name))
-    if record["status"] != "launch_error":
-        if timed_out:
-            record.update(status="timeout", error=f"killed after {settings.timeout_s:g} s")
-        elif record["returncode"] != 0:
-            record.update(status="nonzero_exit",
-                          error=f"exit code {record['returncode']}: {failure_cause(log_path)}".rstrip(": "))
-        elif not record["output_found"]:
-            record.update(status="no_output", error=f"no {prediction.name} in the outputs folder")
-        elif samples.get("sampler_error") and not samples.get("timestamps"):
-            record.update(status="sampler_error", error=samples["sampler_error"])
-        else:
-            record["status"] = "ok"
-            if samples.get("sampler_error"):  # e.g. NVML failed in the sampler: say why GPU columns are empty
-                record["error"] = f"sampler: {samples['sampler_error']}"
-    shutil.rmtree(case_dir, ignore_errors=True)  # files a container wrote as root may stay behind
+
+
+def classify(record: CaseRecord, outcome: Outcome, run: PreparedRun, settings: Settings) -> None:
+    """The case's status and, for a failed case, the one line that says why (failure_cause): a case passes only
+    with exit code 0, its mask written and samples taken."""
+    samples = outcome.samples
+    if outcome.launch_error is not None:
+        record.status, record.error = "launch_error", outcome.launch_error
+    elif outcome.timed_out:
+        record.status, record.error = "timeout", f"killed after {settings.timeout_s:g} s"
+    elif outcome.returncode != 0:
+        record.status = "nonzero_exit"
+        record.error = f"exit code {outcome.returncode}: {failure_cause(run.log_path)}".rstrip(": ")
+    elif not record.output_found:
+        record.status, record.error = "no_output", f"no {record.case}.nii.gz in the outputs folder"
+    elif samples.get("sampler_error") and not samples.get("timestamps"):
+        record.status, record.error = "sampler_error", samples["sampler_error"]
+    else:
+        record.status = "ok"
+        if samples.get("sampler_error"):  # e.g. NVML failed in the sampler: say why GPU columns are empty
+            record.error = f"sampler: {samples['sampler_error']}"
+
+
+def run_case(case: str, image: Path, settings: Settings, out_dir: Path) -> CaseRecord:
+    """Run one case with the sampler around it: prepare, supervise, collect, classify; returns its record."""
+    record = CaseRecord(name=image.name, case=case, mode=settings.mode)
+    run = prepare_run(record, image, settings, out_dir)
+    try:
+        sampler = SamplerProcess(run.case_dir / "samples.json", settings.gpu if settings.sample_gpu else None,
+                                 settings.interval_s)
+    except SamplerError as error:
+        shutil.rmtree(run.case_dir, ignore_errors=True)
+        record.status, record.error = "sampler_error", str(error)
+        return record
+    outcome = supervise(run, settings, sampler)
+    collect(record, run, outcome, out_dir, settings)
+    classify(record, outcome, run, settings)
+    shutil.rmtree(run.case_dir, ignore_errors=True)  # files a container wrote as root may stay behind
     return record
 
 
@@ -568,15 +623,14 @@ def main(argv=None) -> int:
             _say(f"interrupted during {image.name}; {len(records)} case(s) done are in {out_dir}")
             report.build_report(out_dir, records, args.time_limit, args.gpu_limit_mb, plots=False)
             return 130
-        record.update(time_limit_s=args.time_limit, gpu_limit_mb=args.gpu_limit_mb, gpu_name=info["gpu_name"])
-        record["figures"] = report.case_row(record, args.time_limit, args.gpu_limit_mb)
-        report.write_json(record, case_file(out_dir, case, ".json"))
+        record.time_limit_s, record.gpu_limit_mb, record.gpu_name = args.time_limit, args.gpu_limit_mb, info["gpu_name"]
+        record.figures = report.case_row(record, args.time_limit, args.gpu_limit_mb)
+        report.write_json(record.to_json(), case_file(out_dir, case, ".json"))
         records.append(record)
-        if record["status"] != "ok":
-            progress.write(f"run_efficiency: {image.name}: {record['status']}: {record['error']}",
-                           file=sys.stderr)
+        if not record.ok:
+            progress.write(f"run_efficiency: {image.name}: {record.status}: {record.error}", file=sys.stderr)
         elif progress.disable:  # a log, not a terminal: one line a case
-            _say(f"{image.name}: ok, {record['time']:.2f} s")
+            _say(f"{image.name}: ok, {record.time:.2f} s")
     progress.close()
     try:
         (out_dir / "work").rmdir()  # left only when a container wrote files we may not delete

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from evaluation.lesion_metrics import LESION_COLUMNS, lesion_metrics
 from flare_common.arguments import OneLineParser, number, positive_int
 from flare_common.files import atomic_path
-from inference.errors import CaseError
+from inference import CaseError
 from inference.io import IMAGE_SUFFIXES, case_id, check_file_can_be_written, read_checked, split_suffix
 from evaluation.surface_dice import surface_dice, union_bounding_box
 

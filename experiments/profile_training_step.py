@@ -29,8 +29,7 @@ from flare_common.machine import cpu_label
 from flare_common.files import write_text_atomically
 from flare_common.results import EXPERIMENT_RESULTS, display
 from flare_common.machine import machine_facts
-from inference.model.network import build_network
-from inference.model.plans import read_model_config
+from inference.model import build_network, read_model_config
 from training.train_default import BATCH_SIZE, bottleneck_in_fp32, forward_loss
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train_default: see the comment there

@@ -41,8 +41,9 @@ from flare_common.files import write_text_atomically
 from flare_common.results import EXPERIMENT_RESULTS, RESULTS
 from flare_common.machine import machine_facts
 from evaluation.run_metrics import score_case
-from inference.model.plans import read_model_config
-from inference.pipeline import PredictionSettings, crop_box
+from inference import PredictionSettings
+from inference.model import read_model_config
+from inference.pipeline import crop_box
 from inference.postprocess import lesion_mask_at_shape
 from inference.resample import shape_at_spacing
 from training.train_default import training_target

@@ -12,8 +12,8 @@ import importlib
 __version__ = "0.20.0"  # in every mask's provenance note (provenance.py): a new engine writes masks anew
 
 _EXPORTS = {"CaseError": ".errors", "ModelError": ".errors", "LoadedModel": ".model", "load_model": ".model",
-            "PredictionSettings": ".pipeline", "predict_array": ".pipeline", "predict_image": ".pipeline",
-            "predict_image_with_report": ".pipeline", "CaseReport": ".timing"}
+            "PredictionSettings": ".settings", "RunOptions": ".settings", "predict_array": ".pipeline",
+            "predict_image": ".pipeline", "predict_image_with_report": ".pipeline", "CaseReport": ".timing"}
 __all__ = sorted(_EXPORTS)
 
 

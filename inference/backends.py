@@ -1,25 +1,92 @@
-"""Ways to run the network on one patch. Each is a callable: patch [1, C, z, y, x] -> logits [1, K, z, y, x].
+"""Ways to run the network on one patch, and what every way must say of itself (PatchNetwork): a callable
+patch [1, C, z, y, x] -> logits [1, K, z, y, x] that names the patches it takes, how many it runs best at once,
+and whether it can move to another device.
 
-The sliding window, cropping and resampling are shared; only this step differs between backends.
+The sliding window, cropping and resampling are shared; only this step differs between backends. Which patch a case
+is run with is decided in network_plan.py, from what the networks say here.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 
+from .errors import ModelError
+
+
+# the public names; the rest is internal (docs/ARCHITECTURE.md)
+__all__ = ["OnnxRuntimeNetwork", "PatchNetwork", "PatchRange", "TorchNetwork"]
+
+
+@dataclass(frozen=True)
+class PatchRange:
+    """The patches a network takes: every patch between `smallest` and `largest` axis by axis (None: no bound on
+    that side), of multiples of the network's stride (the plans' rule, checked apart)."""
+
+    smallest: tuple[int, ...] | None = None
+    largest: tuple[int, ...] | None = None
+
+    @property
+    def fixed(self) -> tuple[int, ...] | None:
+        """The one patch taken, where there is only one."""
+        return self.smallest if self.smallest is not None and self.smallest == self.largest else None
+
+    def accepts(self, patch: Sequence[int]) -> bool:
+        return (self.smallest is None or all(p >= lo for p, lo in zip(patch, self.smallest))) and \
+            (self.largest is None or all(p <= hi for p, hi in zip(patch, self.largest)))
+
+    def intersection(self, other: "PatchRange") -> "PatchRange":
+        def bound(a, b, pick):
+            return b if a is None else a if b is None else tuple(map(pick, a, b))
+
+        return PatchRange(bound(self.smallest, other.smallest, max), bound(self.largest, other.largest, min))
+
+    def describe(self) -> str:
+        def shown(patch):
+            return "x".join(map(str, patch))
+
+        if self.fixed is not None:
+            return f"only {shown(self.fixed)}"
+        if self.smallest is None and self.largest is None:
+            return "any multiple of the stride"
+        return f"from {shown(self.smallest) if self.smallest else 'any'} to {shown(self.largest) if self.largest else 'any'}"
+
+
+class PatchNetwork(Protocol):
+    """What the engine asks of a way to run the network (TorchNetwork, OnnxRuntimeNetwork)."""
+
+    source: Path | str  # what it was loaded from, named in messages
+    lanes: int  # windows it runs best at once (the sliding window runs that many on threads)
+    movable: bool  # whether `on` can move it to another device (the last resort after the GPU ran out of memory)
+
+    def __call__(self, patch: torch.Tensor) -> torch.Tensor: ...
+
+    def accepted_patches(self) -> PatchRange: ...
+
+    def on(self, device: torch.device) -> "PatchNetwork": ...
+
 
 class TorchNetwork:
-    """A PyTorch module in eval mode; fp16 autocast on CUDA, fp32 on CPU."""
+    """A PyTorch module in eval mode; fp16 autocast on CUDA, fp32 on CPU. Takes any patch of the stride's multiples."""
 
-    def __init__(self, module: torch.nn.Module, device: torch.device):
+    lanes = 1
+    movable = True
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, source: Path | str = "the torch network"):
         self.device = device
+        self.source = source
         self.module = module.to(device).eval()
 
+    def accepted_patches(self) -> PatchRange:
+        return PatchRange()
+
     def on(self, device: torch.device) -> "TorchNetwork":
-        """The same module moved (in place) to `device`: the last resort after the GPU ran out of memory."""
-        return TorchNetwork(self.module, device)
+        """The same module moved (in place) to `device`."""
+        return TorchNetwork(self.module, device, self.source)
 
     def __call__(self, patch: torch.Tensor) -> torch.Tensor:
         autocast = (torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda"
@@ -37,9 +104,11 @@ class OnnxRuntimeNetwork:
     On CUDA (CUDA or TensorRT execution provider) the patch and the logits stay on the GPU: ONNX Runtime
     reads and writes torch tensors in place through io_binding. On the CPU: numpy in, numpy out.
     `device` is where the caller's tensors live; the logits are returned there, in the model's dtype.
-    `lanes`: how many calls it serves best at once (the session is thread-safe; see
-    sliding_window.window_lanes).
+    `lanes`: how many calls it serves best at once (the session is thread-safe). Its patches: the one an export
+    was fixed to (export_onnx --patch-size), or a TensorRT engine's profile (`patch_range`), else any.
     """
+
+    movable = False  # a session lives on its provider's device
 
     def __init__(self, session, device: torch.device, source=None, mirror_axes=(0, 1, 2),
                  patch_range=None, lanes: int = 1):
@@ -59,24 +128,18 @@ class OnnxRuntimeNetwork:
         self.fixed_patch = tuple(spatial) if all(isinstance(d, int) for d in spatial) else None
         self.on_gpu = self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
-    def check_patch(self, shape) -> None:
-        from .errors import ModelError
+    def accepted_patches(self) -> PatchRange:
+        if self.fixed_patch is not None:
+            return PatchRange(self.fixed_patch, self.fixed_patch)
+        return PatchRange(*self.patch_range) if self.patch_range is not None else PatchRange()
 
-        patch = tuple(shape[2:])
-        if self.fixed_patch is not None and patch != self.fixed_patch:
-            raise ModelError(f"{self.source}: exported for the fixed patch "
-                             f"{'x'.join(map(str, self.fixed_patch))}, got {'x'.join(map(str, patch))}"
-                             "; run with --patch-size "
-                             f"{' '.join(map(str, self.fixed_patch))} or export with dynamic axes")
-        if self.patch_range is not None:
-            smallest, largest = self.patch_range
-            if any(p < lo or p > hi for p, lo, hi in zip(patch, smallest, largest)):
-                raise ModelError(f"{self.source}: patch {'x'.join(map(str, patch))} is outside the "
-                                 f"TensorRT profile {'x'.join(map(str, smallest))} .. "
-                                 f"{'x'.join(map(str, largest))} (set FLARE_TRT_MAX_PATCH_SCALE)")
+    def on(self, device: torch.device) -> "OnnxRuntimeNetwork":
+        raise ModelError(f"{self.source}: an ONNX Runtime session cannot move to {device}")
 
     def __call__(self, patch: torch.Tensor) -> torch.Tensor:
-        self.check_patch(patch.shape)
+        if not self.accepted_patches().accepts(patch.shape[2:]):  # network_plan.check_request refuses it first
+            raise ModelError(f"{self.source}: the {'x'.join(map(str, patch.shape[2:]))} patch is not one it takes "
+                             f"({self.accepted_patches().describe()})")
         if self.on_gpu:
             return self.run_bound(patch)
         array = patch.detach().to("cpu", self.input_dtype).contiguous().numpy()

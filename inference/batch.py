@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -21,8 +21,12 @@ import SimpleITK as sitk
 
 from . import io, prefetch, provenance
 from .errors import CaseError, ModelError
-from .pipeline import PredictionSettings, predict_image_with_report
+from .pipeline import predict_image_with_report
+from .settings import PredictionSettings
 from .timing import CaseReport, StageTimer
+
+# the public names; the rest is internal (docs/ARCHITECTURE.md)
+__all__ = ["CaseResult", "predict_cases"]
 
 log = logging.getLogger("inference")
 
@@ -73,23 +77,22 @@ def completed(function, *args) -> Future:
     return done
 
 
-def compute_case(image_future: Future, model, settings: PredictionSettings, started: float
+def compute_case(image_future: Future, model, settings: PredictionSettings, started: float, progress: bool = False
                  ) -> tuple[sitk.Image, CaseReport, str]:
     """Wait for the case's image (the wait is its "read" stage), then predict its mask: the mask, the case's
-    report and the input's fingerprint."""
+    report and the input's fingerprint. The time budget counts from `started`, the read included."""
     report = CaseReport()
     with StageTimer(report)("read"):
         image, fingerprint = image_future.result()
-    if settings.time_budget_s is not None:  # the budget is the whole case's: the read has used some
-        settings = replace(settings, time_budget_s=settings.time_budget_s - (time.perf_counter() - started))
-    return *predict_image_with_report(image, model, settings, report), fingerprint
+    return *predict_image_with_report(image, model, settings, report, started, progress), fingerprint
 
 
 def predict_cases(cases: Sequence[Path], outputs: dict[Path, Path], model, settings: PredictionSettings,
-                  pipelined: bool = True, run: str | None = None) -> Iterator[CaseResult]:
+                  pipelined: bool = True, run: str | None = None, progress: bool = False) -> Iterator[CaseResult]:
     """Predict and write every case, yielding each result in order once its mask is written (or it failed).
     `pipelined=False`: one case after another (read, compute, write), for comparison. `run`: the run's
-    fingerprint (provenance.run_fingerprint), written into each mask with its input's."""
+    fingerprint (provenance.run_fingerprint), written into each mask with its input's. `progress`: a bar over
+    each case's windows."""
     reader = started_pool("read") if pipelined else None
     writer = started_pool("write") if pipelined else None
     reads: deque[Future] = deque()
@@ -120,7 +123,7 @@ def predict_cases(cases: Sequence[Path], outputs: dict[Path, Path], model, setti
             read_ahead(index + 1)  # the next case is read while this one is computed
             started = time.perf_counter()
             try:
-                mask, report, fingerprint = compute_case(image_of(path), model, settings, started)
+                mask, report, fingerprint = compute_case(image_of(path), model, settings, started, progress)
             except Exception as err:  # one broken case must not stop the others
                 if (previous := finish_writing()) is not None:
                     yield previous
@@ -165,3 +168,4 @@ def wait_for_pools(pools: list[ThreadPoolExecutor]) -> KeyboardInterrupt | None:
                 break
             except KeyboardInterrupt as stop:
                 stopped = stop
+    return stopped

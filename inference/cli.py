@@ -24,11 +24,14 @@ from flare_common.files import write_text_atomically
 
 from . import batch, io, provenance
 from .errors import CaseError, ModelError
-from .model import load_model
-from .patch_policy import check_patch_request
-from .pipeline import PredictionSettings
+from .network_plan import check_request
 from .postprocess import lesion_label_ids
+from .run_model import load_for_run
+from .settings import MAX_PATCH_SCALE, PredictionSettings, RunOptions, prefer_expandable_segments
 from .timing import STAGE_ORDER, process_start_time
+
+# the public names; the rest is internal (docs/ARCHITECTURE.md)
+__all__ = ["build_parser", "entry_point", "main"]
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 DEFAULTS = PredictionSettings()  # the flags' defaults are the API's
@@ -37,7 +40,8 @@ EXAMPLES = """examples:
   python -m inference -i scans/ -o masks/ -m nnUNet_results/Dataset123_X/nnUNetTrainer__nnUNetPlans__3d_fullres \\
       -f 0 1 2 3 4 --lesion-labels 2                            # your nnU-Net v2 model, a 5-fold ensemble
   python -m inference -i scans/ -o masks/ --time-budget 45 --on-error empty --timings times.json
-                                                                # FLARE mode: never over 45 s, never no mask
+                                                                # never over 45 s a case, never no mask
+                                                                # (predict.sh, the FLARE entry, runs neither)
 """
 log = logging.getLogger("inference")
 
@@ -55,15 +59,12 @@ def step_fraction(text: str) -> float:
 
 
 def patch_scale(text: str) -> float:
-    # the patch never goes below the training patch (patch_policy.scaled_patch): a scale under 1 would be a no-op
+    # the patch never goes below the training patch (network_plan.scaled_patch): a scale under 1 would be a no-op
     return number(text, low=1, high=MAX_PATCH_SCALE)
 
 
 def finite(text: str) -> float:
     return number(text)
-
-
-MAX_PATCH_SCALE = 8.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_options_from_args(args: argparse.Namespace) -> RunOptions:
+    """The command line's flags that are not PredictionSettings, typed: nothing below this module sees `args`."""
+    return RunOptions(
+        input=Path(args.input), output=Path(args.output), model=Path(args.model),
+        folds=tuple(str(f) for f in args.folds) if args.folds else None, checkpoint=args.checkpoint,
+        configuration=args.configuration, device=args.device, backend=args.backend, on_error=args.on_error,
+        timings=Path(args.timings) if args.timings else None, skip_existing=args.skip_existing,
+        ray_address=args.ray, ray_cpus=args.ray_cpus, ray_workers=args.ray_workers,
+        journal=Path(args.journal) if args.journal else None, sequential=args.sequential, quiet=args.quiet,
+        verbose=args.verbose)
+
+
 def settings_from_args(args: argparse.Namespace) -> PredictionSettings:
     return PredictionSettings(
         step_size=args.step_size, patch_size=tuple(args.patch_size) if args.patch_size else None,
@@ -194,18 +207,17 @@ def entry_point() -> None:
 def main(argv: list[str] | None = None) -> int:
     imports_done_at = time.time()  # this module's imports (torch among them) are the start-up's bulk
     args = build_parser().parse_args(argv)
+    options, settings = run_options_from_args(args), settings_from_args(args)
     _stopped_by.clear()
-    # Before CUDA starts: without it the caching allocator's reserve ran 1.53x the allocated peak on a
-    # 192^3 ResEnc-L window, with it 1.26x (results/gpu_forward_memory.md), and the whole device is what counts.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+    prefer_expandable_segments()  # before CUDA starts
+    logging.basicConfig(level=logging.WARNING if options.quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     # ITK prints multi-line warnings of its own; io.py checks what matters and says it in one line.
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     signal.signal(signal.SIGTERM, _stop)
     done: list[str] = []
     try:
-        return run(args, imports_done_at, done)
+        return run(options, settings, imports_done_at, done)
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", None) or (_stopped_by[0] if _stopped_by else signal.SIGINT)
         log.error("error: stopped by %s after %d case(s); no partial mask left", signal.Signals(signum).name,
@@ -213,64 +225,60 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
 
 
-def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> int:
+def run(options: RunOptions, settings: PredictionSettings, imports_done_at: float, done: list[str]) -> int:
     """The CLI's work; `done` receives the name of each case whose mask is written."""
-    settings = settings_from_args(args)
     try:
         # every flag and path is checked before the first case: a run that cannot finish stops here
-        scan = io.find_cases(args.input)
-        io.set_aside_earlier_masks(scan, args.output)
-        outputs = io.output_paths(scan.cases + [path for path, _ in scan.broken], args.output)
-        io.prepare_output_folder(args.output)
-        if args.timings:
-            io.check_file_can_be_written(Path(args.timings), "--timings")
-        journal = ray_journal(args) if args.ray is not None else None
+        scan = io.find_cases(options.input)
+        io.set_aside_earlier_masks(scan, options.output)
+        outputs = io.output_paths(scan.cases + [path for path, _ in scan.broken], options.output)
+        io.prepare_output_folder(options.output)
+        if options.timings:
+            io.check_file_can_be_written(options.timings, "--timings")
+        journal = ray_journal(options) if options.on_ray else None
         load_start = time.perf_counter()
         # with --ray the workers load the model; here it is only checked, on the CPU
-        on_ray = args.ray is not None
-        model = load_model(args.model, args.folds, args.checkpoint, "cpu" if on_ray else args.device,
-                           args.configuration, "torch" if on_ray else args.backend)
+        model = load_for_run(options, settings, check_only=options.on_ray)
         check_settings(model, settings)
         load_seconds = time.perf_counter() - load_start
         model_loaded_at = time.time()
-        run_id = provenance.run_fingerprint(model.fingerprint(), settings, args.backend, args.device)
+        run_id = provenance.run_fingerprint(model.fingerprint(), settings, options.backend, options.device)
     except (CaseError, ModelError, ValueError) as err:
         log.error("error: %s", err)
         return 2
     for path, reason in scan.skipped:
         log.warning("skipped: %s: %s", path, reason)
     # Bars belong on a terminal: in a log (docker logs, the efficiency harness, CI) one line a case says it all.
-    on_terminal = sys.stderr.isatty() and not args.quiet
-    settings.progress = on_terminal and args.verbose
+    on_terminal = sys.stderr.isatty() and not options.quiet
     total = len(scan.cases) + len(scan.broken)
-    log.info("model %s (folds %s, %s on %s) loaded in %.2f s; %d case(s)", args.model,
+    log.info("model %s (folds %s, %s on %s) loaded in %.2f s; %d case(s)", options.model,
              ",".join(model.folds), model.backend, model.device, load_seconds, total)
     # Absolute times (seconds since the epoch) of the start-up, for timelines drawn beside the container's
     # own start and end (evaluation/run_efficiency.py); each case adds its stages' [start, end] under "at".
     startup = {"process_start": process_start_time(), "imports_done": imports_done_at,
                "model_loaded": model_loaded_at}
-    report = {"model": str(args.model), "device": str(model.device), "backend": model.backend,
+    report = {"model": str(options.model), "device": str(model.device), "backend": model.backend,
               "folds": list(model.folds), "model_load_s": load_seconds, "run_fingerprint": run_id,
               "startup": startup, "cases": {}}
     failures = len(scan.broken)
     for path, reason in scan.broken:
-        report_failure(path, outputs[path], f"{path}: {reason}", args, report)
+        report_failure(path, outputs[path], f"{path}: {reason}", options, report)
     todo = scan.cases
-    if args.skip_existing:
+    if options.skip_existing:
         todo = [path for path in scan.cases if not kept_from_earlier_run(path, outputs[path], run_id)]
     try:
-        with closing(case_results(todo, outputs, model, settings, args, run_id, journal)) as results, \
-                logging_redirect_tqdm():
-            failures += record_results(results, todo, outputs, args, report, done,
+        with closing(case_results(todo, outputs, model, settings, options, run_id, journal,
+                                  progress=on_terminal and options.verbose)) as results, logging_redirect_tqdm():
+            failures += record_results(results, todo, outputs, options, report, done,
                                        show_bar=on_terminal and len(todo) > 1)
     except ModelError as err:  # --ray: Ray missing, or no cluster at the address
         log.error("error: %s", err)
         return 2
-    if args.timings:
+    if options.timings:
         try:
-            write_text_atomically(args.timings, json.dumps(report, indent=2))
+            write_text_atomically(options.timings, json.dumps(report, indent=2))
         except OSError as err:
-            log.error("error: %s: --timings not written (%s)", args.timings, err.strerror or err)
+            log.error("error: %s: --timings not written (%s)", options.timings, err.strerror or err)
             failures += 1
     if failures:
         log.error("error: %d of %d case(s) failed", failures, total)
@@ -278,9 +286,9 @@ def run(args: argparse.Namespace, imports_done_at: float, done: list[str]) -> in
 
 
 def check_settings(model, settings: PredictionSettings) -> None:
-    """What the flags ask of this model, checked before any case: the patch (patch_policy.check_patch_request)
-    and the lesion labels. ModelError or ValueError, one line."""
-    check_patch_request(model, settings)
+    """What the flags ask of this model, checked before any case: the patch (network_plan.check_request) and the
+    lesion labels. ModelError or ValueError, one line."""
+    check_request(model, settings)
     lesion_label_ids(model.config.labels, settings.lesion_labels)
 
 
@@ -300,33 +308,32 @@ def kept_from_earlier_run(path: Path, output: Path, run_id: str | None) -> bool:
     return problem is None
 
 
-def ray_journal(args: argparse.Namespace):
+def ray_journal(options: RunOptions):
     """--ray's journal, its folder checked for writing before any work (scale_out.Journal)."""
     from .scale_out import Journal, default_journal
 
-    return Journal(Path(args.journal) if args.journal else default_journal(args.output))
+    return Journal(options.journal or default_journal(options.output))
 
 
 def case_results(todo: list[Path], outputs: dict[Path, Path], model, settings: PredictionSettings,
-                 args: argparse.Namespace, run_id: str | None, journal) -> Iterator[batch.CaseResult]:
+                 options: RunOptions, run_id: str | None, journal, progress: bool = False
+                 ) -> Iterator[batch.CaseResult]:
     """Each case's result as its mask is written or it fails: on Ray workers with --ray (scale_out.py, the only
     place Ray is imported), else in this process, pipelined unless --sequential (batch.py)."""
-    if args.ray is None:
-        return batch.predict_cases(todo, outputs, model, settings, pipelined=not args.sequential, run=run_id)
+    if not options.on_ray:
+        return batch.predict_cases(todo, outputs, model, settings, pipelined=not options.sequential, run=run_id,
+                                   progress=progress)
     from .scale_out import predict_on_ray
 
-    model_args = dict(model_dir=args.model, folds=args.folds, checkpoint_name=args.checkpoint,
-                      device=args.device, configuration=args.configuration, backend=args.backend)
-    return predict_on_ray(todo, outputs, model_args, settings, args.ray or None, args.ray_cpus, journal,
-                          max_workers=args.ray_workers, run=run_id)
+    return predict_on_ray(todo, outputs, options, settings, journal, run=run_id)
 
 
-def report_failure(path: Path, output: Path, error: str, args: argparse.Namespace, report: dict) -> None:
+def report_failure(path: Path, output: Path, error: str, options: RunOptions, report: dict) -> None:
     """A failed case: its one line, its entry in the report, and no mask of an earlier run left where its mask
     would be (a scorer would take it for this run's); under --on-error empty, the empty mask instead."""
     log.error("error: %s%s", error, remove_earlier_mask(output))
     report["cases"][path.name] = {"error": error}
-    if args.on_error == "empty":
+    if options.on_error == "empty":
         write_empty_mask(path, output)
 
 
@@ -342,7 +349,7 @@ def remove_earlier_mask(output: Path) -> str:
 
 
 def record_results(results: Iterable[batch.CaseResult], todo: list[Path], outputs: dict[Path, Path],
-                   args: argparse.Namespace, report: dict, done: list[str], show_bar: bool) -> int:
+                   options: RunOptions, report: dict, done: list[str], show_bar: bool) -> int:
     """Log and report each result, with an empty mask for a failed case under --on-error empty; returns the
     number of failed cases. The one place results are handled, wherever the cases ran. A case of `todo` whose
     result never comes back is a failed case too, said in one line: never a run that ends well without it."""
@@ -355,7 +362,7 @@ def record_results(results: Iterable[batch.CaseResult], todo: list[Path], output
             continue
         if result.error is not None:
             failures += 1
-            report_failure(path, result.output, result.error, args, report)
+            report_failure(path, result.output, result.error, options, report)
             continue
         done.append(path.name)
         report["cases"][path.name] = result.report.as_dict()
@@ -366,5 +373,5 @@ def record_results(results: Iterable[batch.CaseResult], todo: list[Path], output
         if path not in seen:
             failures += 1
             report_failure(path, outputs[path], f"{path}: no result came back for it (a fault of the engine)",
-                           args, report)
+                           options, report)
     return failures

@@ -15,14 +15,14 @@ execution provider runs; without it the loader converts model.onnx at load time 
 
 Each file is checked with `onnx.checker` and by running ONNX Runtime (CPU) and torch on the same random
 patch; the maximum absolute difference of the logits is printed, and a file that disagrees by more than
---tolerance is not written. Files are written to a temporary name first, then renamed.
+--tolerance is not written. Files are written into a hidden folder beside their place first, then renamed (flare_common.files.atomic_path).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +31,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from flare_common.files import atomic_path
+
 from .errors import ModelError
-from .model.loader import available_folds, fold_dir_name, load_model
+from .model.loader import available_folds, fold_dir_name, load_model, select_folds
 from .model.onnx_loader import (FINGERPRINT_KEY, FP16_FILE_NAME, INPUT_NAME, ONNX_FILE_NAME, OUTPUT_NAME,
-                                PLANS_FINGERPRINT_KEY, export_fingerprint, float16_model)
-from .model.plans import ModelConfig
+                                PLANS_FINGERPRINT_KEY, export_cache_path, export_fingerprint, float16_model,
+                                has_dynamic_spatial_axes, stale_export_reason)
+from .model.plans import ModelConfig, read_model_config
+
+# the public names; the rest is internal (docs/ARCHITECTURE.md)
+__all__ = ["export_fold", "export_for_cpu_where_missing", "main"]
 
 DEFAULT_OPSET = 17  # supported by onnxruntime(-gpu) >= 1.14 and TensorRT 8.6 / 10
 MIN_OPSET = 13
@@ -152,40 +158,81 @@ def export_fold(model_dir: str | Path, fold: str, output: str | Path | None = No
     verify_shape = (1, config.num_input_channels, *(patch or config.patch_size))
     generator = torch.Generator().manual_seed(seed)
     example = torch.randn(verify_shape, generator=generator)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp_fp16 = None
-    try:
+    fp16_path, fp16_diff = None, None
+    if fp16:
+        fp16_path = (path.with_name(path.stem + "_fp16" + path.suffix) if output
+                     else default_output_path(config.model_dir, fold, fp16=True))
+    # both files are renamed into place only once both are checked (the float16 one first: model.onnx, which the
+    # loaders look for, last)
+    with atomic_path(path) as written:
         try:
-            export_network(module, config, tmp, opset, patch, metadata)
+            export_network(module, config, written, opset, patch, metadata)
         except (RuntimeError, ValueError, torch.onnx.errors.OnnxExporterError) as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ModelError(f"{path}: ONNX export failed (opset {opset}): {message}") from None
-        check_onnx_file(tmp, path)
-        diff = max_abs_diff_vs_torch(str(tmp), module, example)
+        check_onnx_file(written, path)
+        diff = max_abs_diff_vs_torch(str(written), module, example)
         if not diff <= tolerance:
             raise ModelError(f"{path}: ONNX Runtime and torch disagree on a random patch "
                              f"(max abs diff {diff:.3g} > {tolerance:g}); file not written")
-        fp16_path, fp16_diff = None, None
-        if fp16:
-            fp16_path = (path.with_name(path.stem + "_fp16" + path.suffix) if output
-                         else default_output_path(config.model_dir, fold, fp16=True))
-            tmp_fp16 = fp16_path.with_name(f".{fp16_path.name}.{os.getpid()}.tmp")
-            onnx.save(float16_model(onnx.load(str(tmp))), str(tmp_fp16))
-            check_onnx_file(tmp_fp16, fp16_path)
-            fp16_diff = max_abs_diff_vs_torch(str(tmp_fp16), module, example)
-        os.replace(tmp, path)
         if fp16_path is not None:
-            os.replace(tmp_fp16, fp16_path)
-        elif not output and default_output_path(config.model_dir, fold, fp16=True).exists():
-            # a float16 file from an earlier export would no longer match model.onnx
-            stale = default_output_path(config.model_dir, fold, fp16=True)
-            stale.unlink()
-            log.info("removed %s (from an earlier export; re-export with --fp16 to remake it)", stale)
-    finally:
-        for leftover in (tmp, tmp_fp16):
-            if leftover is not None and leftover.exists():
-                leftover.unlink()
+            with atomic_path(fp16_path) as written_fp16:
+                onnx.save(float16_model(onnx.load(str(written))), str(written_fp16))
+                check_onnx_file(written_fp16, fp16_path)
+                fp16_diff = max_abs_diff_vs_torch(str(written_fp16), module, example)
+    if fp16_path is None and not output and default_output_path(config.model_dir, fold, fp16=True).exists():
+        # a float16 file from an earlier export would no longer match model.onnx
+        stale = default_output_path(config.model_dir, fold, fp16=True)
+        stale.unlink()
+        log.info("removed %s (from an earlier export; re-export with --fp16 to remake it)", stale)
     return ExportResult(path, fp16_path, diff, verify_shape, fp16_diff)
+
+
+def export_for_cpu_where_missing(model_dir: str | Path, folds: Sequence[str] | None = None,
+                                 checkpoint_name: str = "checkpoint_final.pth", configuration: str | None = None
+                                 ) -> None:
+    """`--backend auto` on the CPU, before the model is loaded: each fold without a current export that takes any
+    patch (the folder's own fold_X/model.onnx, else this machine's cache: onnx_loader.export_cache_path) is exported
+    into the cache, once, said in a line before it starts and one when it is done. Nothing where onnx or
+    onnxruntime is missing, where there is no cache (FLARE_CACHE_DIR=off) or no checkpoint to export: the loader
+    then runs torch. A failed export is a warning, and torch runs."""
+    try:
+        import onnx  # noqa: F401 - the export needs both
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return
+    config = read_model_config(model_dir, configuration)
+    for fold in select_folds(config.model_dir, folds):
+        if not (config.model_dir / fold_dir_name(fold) / checkpoint_name).is_file():
+            return
+        cached = export_cache_path(export_fingerprint(config, fold, checkpoint_name))
+        if cached is None or cached.is_file() or folder_export_is_current(config, fold, checkpoint_name):
+            continue  # nowhere to keep one, or one is there (the loader opens and checks it)
+        log.info("exporting fold %s of %s for ONNX Runtime on the CPU, once for this machine (--backend torch "
+                 "skips it)", fold, config.model_dir)
+        started = time.perf_counter()
+        try:
+            export_fold(config.model_dir, fold, output=cached, checkpoint_name=checkpoint_name,
+                        configuration=config.configuration)
+        except (ModelError, OSError) as err:
+            log.warning("warning: %s: no ONNX export for the CPU (%s); running torch", config.model_dir, err)
+            return
+        log.info("exported fold %s to %s (%.1f s)", fold, cached, time.perf_counter() - started)
+
+
+def folder_export_is_current(config: ModelConfig, fold: str, checkpoint_name: str) -> bool:
+    """Whether the model folder's own fold_X/model.onnx takes any patch and was made from the fold's current content
+    (read from its metadata, without opening a session)."""
+    import onnx
+
+    path = config.model_dir / fold_dir_name(fold) / ONNX_FILE_NAME
+    if not path.is_file():
+        return False
+    try:
+        metadata = {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
+        return has_dynamic_spatial_axes(path) and stale_export_reason(metadata, config, fold, checkpoint_name) is None
+    except Exception:  # unreadable (onnx raises its own types, and protobuf's): exported again into the cache
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:

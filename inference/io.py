@@ -20,6 +20,10 @@ from flare_common.files import atomic_path, itk_path
 
 from .errors import CaseError
 
+# the public names; the rest is internal (docs/ARCHITECTURE.md)
+__all__ = ["IMAGE_SUFFIXES", "case_id", "check_file_can_be_written", "find_cases", "read_checked",
+           "split_suffix", "write_image_atomically"]
+
 log = logging.getLogger("inference")
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")

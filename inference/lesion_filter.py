@@ -24,6 +24,9 @@ import torch
 from .errors import ModelError
 from .postprocess import argmax_lesion_mask
 
+# the public names; the rest is internal (docs/ARCHITECTURE.md)
+__all__ = ["FILTER_FILE", "LesionFilter", "filter_lesions", "lesion_components", "read_lesion_filter"]
+
 FILTER_FILE = "lesion_filter.json"
 
 

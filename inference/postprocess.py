@@ -10,6 +10,10 @@ import torch
 from .resample import resample_channels
 
 
+# the public names; the rest is internal (docs/ARCHITECTURE.md)
+__all__ = ["lesion_label_ids", "lesion_mask_at_shape"]
+
+
 def lesion_label_ids(labels: dict[str, int], lesion_labels: tuple[int, ...] | None) -> tuple[int, ...]:
     """Model labels that count as lesion: every non-background label unless the user names some."""
     if lesion_labels is None:

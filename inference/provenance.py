@@ -20,21 +20,16 @@ from pathlib import Path
 from flare_common.digests import file_digest
 
 from . import __version__
+from .settings import PredictionSettings
 
 NOTE_PREFIX = "flare-lesion"
 EDGE_BYTES = 1 << 20
-# Settings that never change a mask: how the run is shown.
-NOT_IN_FINGERPRINT = {"progress"}
 
 
-def run_fingerprint(model_fingerprint: str, settings, backend: str, device: str) -> str | None:
-    """16 hex digits naming the model content, the mask-changing settings, the backend and device asked for
-    (--backend, --device: "auto" too) and the engine version; None where a setting cannot be named (a crop
-    function, extra options): such a run's masks are never reused."""
-    if settings.crop_function is not None or settings.extra:
-        return None
-    named = sorted((f.name, repr(getattr(settings, f.name))) for f in fields(settings)
-                   if f.name not in NOT_IN_FINGERPRINT | {"crop_function", "extra"})
+def run_fingerprint(model_fingerprint: str, settings: PredictionSettings, backend: str, device: str) -> str:
+    """16 hex digits naming the model content, every prediction setting (each changes the mask), the backend and
+    device asked for (--backend, --device: "auto" too) and the engine version."""
+    named = sorted((f.name, repr(getattr(settings, f.name))) for f in fields(settings))
     text = "\n".join([__version__, model_fingerprint, f"backend={backend}", f"device={device}",
                       *(f"{name}={value}" for name, value in named)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -9,6 +9,10 @@ import torch
 import torch.nn.functional as F
 
 
+# the public names; the rest is internal (docs/ARCHITECTURE.md)
+__all__ = ["resample_channels", "shape_at_spacing"]
+
+
 def shape_at_spacing(shape: tuple[int, ...], spacing: tuple[float, ...],
                      new_spacing: tuple[float, ...]) -> tuple[int, ...]:
     """Voxel count that covers the same extent at `new_spacing` (nnU-Net's rounding)."""

@@ -32,14 +32,14 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 from . import io, provenance
 from .batch import CaseResult, predict_cases
 from .errors import CaseError, ModelError
-from .pipeline import PredictionSettings
+from .settings import PredictionSettings, RunOptions, read_environment
 
 log = logging.getLogger("inference")
 CASES_PER_TASK = 2  # pipelining within a worker, against retrying little when one dies
@@ -152,7 +152,7 @@ def start_ray(address: str | None):
         signal.signal(signal.SIGTERM, handler)
     if "error" in outcome:
         hint = ("; a cluster with token authentication (Ray's default) also needs RAY_AUTH_MODE=token and its token"
-                if address is not None and os.environ.get("RAY_AUTH_MODE") != "token" else "")
+                if address is not None and read_environment().ray_auth_mode != "token" else "")
         raise ModelError(f"--ray {address or '(local)'}: Ray did not start "
                          f"({str(outcome['error']).strip().splitlines()[0]}){hint}")
     return ray
@@ -193,17 +193,17 @@ class CaseWorker:
     mask carries the fingerprint of the model this worker loaded; where that is not the driver's (a node that
     sees other files at the model folder's path), every case it is handed fails with one line."""
 
-    def __init__(self, model_args: dict, settings: dict, run: str | None):
+    def __init__(self, options: RunOptions, settings: PredictionSettings, run: str | None):
         import torch
 
-        from .model import load_model
+        from .run_model import load_for_run
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-        self.model = load_model(**model_args)
-        self.settings = PredictionSettings(**settings)
-        # the driver's None: settings no fingerprint can name; its masks carry none either
-        self.run = run and provenance.run_fingerprint(self.model.fingerprint(), self.settings, model_args["backend"],
-                                                      model_args["device"])
+        torch.set_num_threads(read_environment().omp_num_threads or torch.get_num_threads())
+        self.model = load_for_run(options, settings)
+        self.settings = settings
+        # the driver's None: its masks carry no fingerprint, and nor do the worker's
+        self.run = run and provenance.run_fingerprint(self.model.fingerprint(), settings, options.backend,
+                                                      options.device)
         self.expected = run
 
     def predict(self, cases: list[tuple[str, str]]) -> list[CaseResult]:
@@ -234,10 +234,10 @@ def written_note(mask: Path) -> str | None:
         return None
 
 
-def predict_on_ray(cases: list[Path], outputs: dict[Path, Path], model_args: dict, settings: PredictionSettings,
-                   address: str | None, cpus_per_worker: int, journal: Journal,
-                   max_workers: int | None = None, run: str | None = None) -> Iterator[CaseResult]:
-    """Predict `cases` on Ray workers, yielding each case's result as a worker finishes it (in no fixed
+def predict_on_ray(cases: list[Path], outputs: dict[Path, Path], options: RunOptions, settings: PredictionSettings,
+                   journal: Journal, run: str | None = None) -> Iterator[CaseResult]:
+    """Predict `cases` on Ray workers (options.ray_address: the cluster, "" for Ray on this machine; one worker per
+    GPU or per options.ray_cpus cores, at most options.ray_workers), yielding each case's result as a worker finishes it (in no fixed
     order), once the journal has it. A case the journal records as done is kept (a result with `kept`) where the same run
     (`run`, provenance.run_fingerprint) made its mask from the same input and the mask passes a fresh write's
     checks; otherwise it runs again (a line says how many). Raises ModelError, at the first result asked for,
@@ -260,16 +260,15 @@ def predict_on_ray(cases: list[Path], outputs: dict[Path, Path], model_args: dic
     if not todo:
         return
     try:
-        ray = start_ray(address)
+        ray = start_ray(options.ray_address or None)
     except ImportError:
         raise ModelError("--ray: Ray is not installed (pip install '.[ray]' or pip install ray)") from None
     try:
-        count, resources = worker_resources(ray, cpus_per_worker)
-        count = min(count, len(todo), max_workers or count)
+        count, resources = worker_resources(ray, options.ray_cpus)
+        count = min(count, len(todo), options.ray_workers or count)
         # restarted when lost, on another node where its node died; its tasks handed out again by task_results
         worker_class = ray.remote(max_restarts=-1, max_task_retries=0, **resources)(CaseWorker)
-        plain = {key: value for key, value in asdict(settings).items() if key not in ("crop_function", "extra")}
-        workers = [worker_class.remote(model_args, plain, run) for _ in range(count)]
+        workers = [worker_class.remote(options, settings, run) for _ in range(count)]
         log.info("ray: %d worker(s), %s each; %d case(s)", count,
                  "one GPU" if "num_gpus" in resources else f"{resources['num_cpus']} core(s)", len(todo))
         tasks = [[(str(path), str(outputs[path])) for path in todo[start:start + CASES_PER_TASK]]

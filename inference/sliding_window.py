@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,12 @@ from tqdm import tqdm
 
 from .errors import CaseError
 
+# the public names; the rest is internal (docs/ARCHITECTURE.md)
+__all__ = ["gaussian_importance_map", "in_order", "predict_window", "sliding_window_logits", "window_count",
+           "window_slices", "window_starts"]
+
 PatchPredictor = Callable[[torch.Tensor], torch.Tensor]
+log = logging.getLogger("inference")
 
 
 def window_starts(size: int, patch: int, step_size: float) -> list[int]:
@@ -102,12 +108,6 @@ def predict_window(networks: Sequence[PatchPredictor], window: torch.Tensor,
     return total
 
 
-def window_lanes(networks: Sequence[PatchPredictor]) -> int:
-    """How many windows the networks run best at once: a network's `lanes` (ONNX Runtime on a CPU of two
-    cores: two, see onnx_loader.cpu_lanes), else 1."""
-    return min(int(getattr(network, "lanes", 1)) for network in networks)
-
-
 def in_order(function: Callable, items: Iterable, lanes: int = 1) -> Iterator:
     """function(item) for each item, in the items' order; with lanes > 1 that many run at once on threads
     (the function must release the GIL, as ONNX Runtime does), at most 2 x lanes ahead of the consumer.
@@ -129,20 +129,43 @@ def in_order(function: Callable, items: Iterable, lanes: int = 1) -> Iterator:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (half the memory of fp32), fp32 elsewhere (a CPU adds fp16 slowly)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def sliding_window_logits(volume: torch.Tensor, networks: Sequence[PatchPredictor],
                           patch_size: Sequence[int], num_classes: int, step_size: float = 0.5,
                           mirror_axes: Sequence[int] = (), accumulate_on: torch.device | None = None,
-                          progress: bool = False, lanes: int = 1) -> torch.Tensor:
+                          progress: bool = False, lanes: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Logits [K, z, y, x] for a normalised volume [C, z, y, x], Gaussian-weighted over windows.
 
-    Accumulates in fp16 on CUDA (half the memory of fp32; values are summed over few windows) and in
-    fp32 on the CPU. `accumulate_on` moves the accumulators elsewhere (the CPU after an out-of-memory).
-    `lanes` windows are predicted at once (window_lanes); they are summed in the windows' order whatever
-    the lanes, so the logits are the same bits.
+    Accumulates in `dtype`, by default accumulator_dtype (fp16 on CUDA). A sum that overflows fp16 (a large
+    model's logits over many overlapping windows: nnU-Net stops there) is made again in fp32, said in one
+    line; logits that are not finite even so (the network's own output) are a CaseError, never a mask.
+    `accumulate_on` moves the accumulators elsewhere (the CPU after an out-of-memory). `lanes` windows are
+    predicted at once; they are summed in the windows' order whatever the lanes, so the logits are the same bits.
     """
-    padded, unpad = pad_to_patch(volume, patch_size)
     accumulate_on = accumulate_on or volume.device
-    dtype = torch.float16 if accumulate_on.type == "cuda" else torch.float32
+    dtype = dtype or accumulator_dtype(accumulate_on)
+    logits = weighted_sum(volume, networks, patch_size, num_classes, step_size, mirror_axes, accumulate_on, progress,
+                          lanes, dtype)
+    if dtype != torch.float32 and not bool(torch.isfinite(logits).all()):
+        log.warning("warning: the %s sum of the logits overflowed; summed again in float32",
+                    str(dtype).removeprefix("torch."))
+        del logits
+        logits = weighted_sum(volume, networks, patch_size, num_classes, step_size, mirror_axes, accumulate_on,
+                              progress, lanes, torch.float32)
+    if not bool(torch.isfinite(logits).all()):
+        raise CaseError("the network's logits are not finite (an overflow inside the network?); no mask is made")
+    return logits
+
+
+def weighted_sum(volume: torch.Tensor, networks: Sequence[PatchPredictor], patch_size: Sequence[int],
+                 num_classes: int, step_size: float, mirror_axes: Sequence[int], accumulate_on: torch.device,
+                 progress: bool, lanes: int, dtype: torch.dtype) -> torch.Tensor:
+    """The Gaussian-weighted mean of every window's logits, accumulated in `dtype` on `accumulate_on`."""
+    padded, unpad = pad_to_patch(volume, patch_size)
     logits_sum = torch.zeros((num_classes, *padded.shape[1:]), dtype=dtype, device=accumulate_on)
     weight_sum = torch.zeros(padded.shape[1:], dtype=dtype, device=accumulate_on)
     gaussian = gaussian_importance_map(patch_size, device=accumulate_on, dtype=dtype)

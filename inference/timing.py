@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# the public names; the rest is internal (docs/ARCHITECTURE.md)
+__all__ = ["CaseReport", "STAGE_ORDER", "StageTimer"]
+
 # The stages of one case, in pipeline order, as reports list them (cli.py, benchmarks/bench_flare_sizes.py);
 # "filter" only runs when a lesion filter is active.
 STAGE_ORDER = ("read", "crop", "resample", "network", "filter", "export", "write")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from inference.model.folder import make_dataset_json, make_plans, plain_unet_arch_kwargs, write_random_model_folder
+from training.model_folder import make_dataset_json, make_plans, plain_unet_arch_kwargs, write_random_model_folder
 
 CT_INTENSITIES = {"mean": 50.0, "std": 150.0, "percentile_00_5": -900.0, "percentile_99_5": 900.0,
                   "median": 40.0, "min": -1000.0, "max": 1500.0}

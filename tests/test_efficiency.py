@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ import psutil
 import pytest
 
 from evaluation import efficiency_report as report
+from evaluation.case_record import CaseRecord
 from evaluation import resource_sampler as sampler
 from evaluation import run_efficiency as harness
 
@@ -126,11 +128,11 @@ def test_tolerance_figures():
 
 
 def test_case_row_with_gpu_samples():
-    record = {"name": "X_0000.nii.gz", "case": "X", "time": 46.004, "gpu_memory": [500.0, 4596.0, 5096.0],
+    record = CaseRecord.from_json({"name": "X_0000.nii.gz", "case": "X", "mode": "command", "time": 46.004, "gpu_memory": [500.0, 4596.0, 5096.0],
               "gpu_utilization": [0.0, 97.0, None, 100.0],  # a failed reading (None) is left out
               "cpu_list": [[10.0, 5.0, 85.0], [30.0, 10.0, 60.0]], "RAM_list": [1000.0, 1200.0],
               "tree_rss_mb": [10.0, 300.0], "tree_cpu_percent": [0.0, 150.0], "interval_s": 0.1,
-              "status": "ok", "output_found": True, "timestamps": [1.0, 1.1, 1.2]}
+              "status": "ok", "output_found": True, "timestamps": [1.0, 1.1, 1.2]})
     row = report.case_row(record)
     assert list(row) == report.COLUMNS
     assert row["Name"] == "X_0000.nii.gz"
@@ -239,11 +241,12 @@ def test_process_tree_usage_sums_descendants():
 
 def test_plots_with_and_without_gpu_samples(tmp_path):
     samples = [800.0 + 100 * i for i in range(50)]
-    record = {"name": "G_0000.nii.gz", "case": "G", "time": 5.0, "launch_time": 100.0, "interval_s": 0.1,
-              "timestamps": [100.0 + 0.1 * i for i in range(50)], "gpu_memory": samples,
-              "cpu_list": [[1.0, 1.0, 98.0]] * 50, "RAM_list": [1.0] * 50, "tree_cpu_percent": [50.0] * 50,
-              "tree_rss_mb": [100.0] * 50, "status": "ok"}
-    no_gpu = dict(record, name="N_0000.nii.gz", case="N", gpu_memory=[], status="timeout")
+    record = CaseRecord.from_json({
+        "name": "G_0000.nii.gz", "case": "G", "mode": "command", "time": 5.0, "launch_time": 100.0,
+        "interval_s": 0.1, "timestamps": [100.0 + 0.1 * i for i in range(50)], "gpu_memory": samples,
+        "cpu_list": [[1.0, 1.0, 98.0]] * 50, "RAM_list": [1.0] * 50, "tree_cpu_percent": [50.0] * 50,
+        "tree_rss_mb": [100.0] * 50, "status": "ok"})
+    no_gpu = replace(record, name="N_0000.nii.gz", case="N", gpu_memory=[], status="timeout")
     report.plot_case(record, tmp_path / "g.png")
     report.plot_case(no_gpu, tmp_path / "n.png")
     report.plot_summary([report.case_row(record), report.case_row(no_gpu)], tmp_path / "s.png")

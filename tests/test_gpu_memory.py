@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from inference.gpu_memory import ForwardMemory, accumulators_mb, voxels
-from inference.patch_policy import candidate_patches, choose_patch, largest_fitting_patch, probe_patches
+from inference.network_plan import candidate_patches, choose_patch, largest_fitting_patch, probe_patches
 from inference.model import load_model
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -118,8 +119,7 @@ def test_engine_applies_the_folder_filter_and_settings_override_it(tmp_path, toy
     filtered = sitk.GetArrayFromImage(filtered)
     assert filtered.sum() == 27 and filtered[3, 3, 3] == 1 and filtered[12, 12, 12] == 0
     assert report.lesions_dropped == (1, 2) and "filter" in report.seconds
-    settings.min_lesion_ml = 0.0
-    unfiltered = sitk.GetArrayFromImage(predict_image(image, model, settings))
+    unfiltered = sitk.GetArrayFromImage(predict_image(image, model, replace(settings, min_lesion_ml=0.0)))
     assert unfiltered.sum() == 28 and unfiltered[12, 12, 12] == 1
 
 

@@ -129,7 +129,7 @@ def test_mismatched_weights_and_missing_files_are_one_line_errors(tmp_path):
 
 
 def test_conv_counts_per_stage_become_nnunet_arch_kwargs_and_a_wrong_count_is_refused():
-    from inference.model.folder import plain_unet_arch_kwargs
+    from training.model_folder import plain_unet_arch_kwargs
     kwargs = plain_unet_arch_kwargs(4, base_features=4, n_conv_per_stage=[1, 2, 2, 3])
     assert kwargs["n_conv_per_stage"] == [1, 2, 2, 3] and kwargs["n_conv_per_stage_decoder"] == [1, 2, 2]
     kwargs = plain_unet_arch_kwargs(4, base_features=4, n_conv_per_stage=2, n_conv_per_stage_decoder=1)
@@ -140,7 +140,7 @@ def test_conv_counts_per_stage_become_nnunet_arch_kwargs_and_a_wrong_count_is_re
 
 
 def test_a_random_weights_model_folder_loads_and_its_weights_follow_the_seed(tmp_path):
-    from inference.model.folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
+    from training.model_folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
                                         plain_unet_arch_kwargs, write_random_model_folder)
     plans = make_plans(spacing=[3.0, 3.0, 3.0], patch_size=[16, 16, 16],
                        arch_kwargs=plain_unet_arch_kwargs(3, base_features=4, max_features=8),

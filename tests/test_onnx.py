@@ -1,6 +1,7 @@
 """ONNX export and the ONNX Runtime backend: parity with torch (masks and logits), dynamic and fixed
 patches, both plans formats, float16 variant, provider choice, clear errors."""
 import json
+import logging
 import os
 import re
 import subprocess
@@ -16,13 +17,14 @@ import torch
 
 from conftest import make_ct_image, make_toy_model, write_old_format_plans
 from inference import ModelError, PredictionSettings, load_model, predict_image
-from inference.export_onnx import export_fold
+from inference.export_onnx import export_fold, export_for_cpu_where_missing
 from inference.export_onnx import main as export_main
-from inference.model.folder import write_model_folder
+from training.model_folder import write_model_folder
 from inference.model.onnx_loader import (CPU, CUDA, TENSORRT, choose_providers, float16_model,
                                          has_dynamic_spatial_axes, open_fold, trt_cache_dir,
                                          trt_profile_shapes)
-from inference.patch_policy import inference_patch_size
+from inference.backends import PatchRange
+from inference.network_plan import check_request, inference_patch_size, largest_patch
 from inference.pipeline import crop_box, to_model_space
 from inference.sliding_window import sliding_window_logits
 
@@ -192,9 +194,15 @@ def test_fixed_patch_export_runs_that_patch_and_refuses_others(tmp_path, capsys)
     dims = onnx.load(str(output)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [1, 1, 32, 32, 40]
     (model_dir / "fold_all" / "model.onnx").write_bytes(output.read_bytes())
-    network = load_model(model_dir, device="cpu", backend="onnx").networks[0]
+    model = load_model(model_dir, device="cpu", backend="onnx")
+    network = model.networks[0]
+    assert network.accepted_patches() == PatchRange((32, 32, 40), (32, 32, 40))
     assert network(torch.randn(1, 1, 32, 32, 40)).shape == (1, 2, 32, 32, 40)
+    # refused before any case, naming the flag
     with pytest.raises(ModelError, match="fixed patch 32x32x40.*--patch-size 32 32 40"):
+        check_request(model, PredictionSettings(patch_size=(32, 32, 32)))
+    check_request(model, PredictionSettings())  # the default run takes the fixed patch
+    with pytest.raises(ModelError, match="the 32x32x32 patch is not one it takes \\(only 32x32x40\\)"):
         network(torch.randn(1, 1, 32, 32, 32))
 
 
@@ -279,7 +287,7 @@ def test_dynamic_axes_detection(exported_model, tmp_path):
 
 def test_tensorrt_profile_covers_the_pipelines_default_patches(tmp_path):
     config = load_model(make_toy_model(tmp_path / "m"), device="cpu").config
-    profile = trt_profile_shapes(config, scale=1.2)
+    profile = trt_profile_shapes(config, largest_patch(config, PredictionSettings()))
     assert profile == {"trt_profile_min_shapes": "patch:1x1x32x32x32",
                        "trt_profile_opt_shapes": "patch:1x1x40x40x40",
                        "trt_profile_max_shapes": "patch:1x1x40x40x40"}
@@ -300,16 +308,21 @@ def test_cli_backend_onnx_writes_the_same_mask_as_torch(tmp_path, exported_model
     assert_same_mask(torch_mask, onnx_mask)
 
 
-def test_auto_backend_on_the_cpu_exports_once_into_its_cache_and_writes_torchs_mask(tmp_path, monkeypatch):
+def test_auto_backend_on_the_cpu_exports_once_into_its_cache_and_writes_torchs_mask(tmp_path, monkeypatch, caplog):
     """`--backend auto`: ONNX Runtime on the CPU from an export cached outside the (read-only) model folder,
-    made once and found by content: a checkpoint touched (a new modification time, the same bytes) keeps it.
-    Changed content is exported again: tests/test_fingerprints.py."""
+    made once, before loading (loading only loads), and found by content: a checkpoint touched (a new modification
+    time, the same bytes) keeps it. Changed content is exported again: tests/test_fingerprints.py."""
     model_dir = make_toy_model(tmp_path / "model", seed=7)
     calibrate_lesion_bias(model_dir, ct_volume())  # a mask worth comparing (see the function)
     monkeypatch.setenv("FLARE_ONNX_CACHE", str(tmp_path / "cache"))
     model_dir.chmod(0o555)
     (model_dir / "fold_all").chmod(0o555)
     try:
+        assert load_model(model_dir, device="cpu", backend="auto").backend == "torch"  # nothing to load yet
+        assert not (tmp_path / "cache").exists()  # and loading made nothing
+        with caplog.at_level(logging.INFO, logger="inference"):
+            export_for_cpu_where_missing(model_dir)
+        assert "exporting fold all of" in caplog.text and "(--backend torch skips it)" in caplog.text
         auto = load_model(model_dir, device="cpu", backend="auto")
         assert auto.backend == "onnx" and not list(model_dir.rglob("*.onnx"))
         cached = list((tmp_path / "cache").rglob("model.onnx"))
@@ -320,6 +333,7 @@ def test_auto_backend_on_the_cpu_exports_once_into_its_cache_and_writes_torchs_m
         assert 0.01 < torch_mask.mean() < 0.99
         assert_same_mask(torch_mask, auto_mask)
         stamp = cached[0].stat().st_mtime_ns
+        export_for_cpu_where_missing(model_dir)
         assert load_model(model_dir, device="cpu", backend="auto").backend == "onnx"
         assert cached[0].stat().st_mtime_ns == stamp  # reused, not exported again
     finally:
@@ -327,6 +341,7 @@ def test_auto_backend_on_the_cpu_exports_once_into_its_cache_and_writes_torchs_m
         model_dir.chmod(0o755)
     checkpoint = model_dir / "fold_all" / "checkpoint_final.pth"
     os.utime(checkpoint, ns=(stamp, stamp + 10 ** 9))  # the same bytes, another modification time
+    export_for_cpu_where_missing(model_dir)
     assert load_model(model_dir, device="cpu", backend="auto").backend == "onnx"
     assert list((tmp_path / "cache").rglob("model.onnx")) == cached and cached[0].stat().st_mtime_ns == stamp
 
@@ -341,5 +356,7 @@ def test_auto_backend_without_onnxruntime_runs_torch(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
-    model = load_model(make_toy_model(tmp_path / "model"), device="cpu", backend="auto")
+    model_dir = make_toy_model(tmp_path / "model")
+    export_for_cpu_where_missing(model_dir)  # nothing to export for
+    model = load_model(model_dir, device="cpu", backend="auto")
     assert model.backend == "torch"

@@ -11,16 +11,22 @@ import torch
 
 from conftest import make_toy_model
 from inference import PredictionSettings, load_model
-from inference.pipeline import model_space_logits, out_of_memory_attempts
+from inference.backends import PatchRange
+from inference.network_plan import network_logits, out_of_memory_attempts
 from inference.sliding_window import sliding_window_logits
 
 
 class FailingNetwork:
     """Raises torch.OutOfMemoryError on its first `failures["left"]` calls: each ends one attempt."""
 
+    lanes, movable, source = 1, True, "injected"
+
     def __init__(self, network, failures: dict, moves: list, device="cuda"):
         self.network, self.failures, self.moves, self.device = network, failures, moves, device
         self.started = False
+
+    def accepted_patches(self):
+        return PatchRange()
 
     def on(self, device):
         self.moves.append(str(device))
@@ -54,7 +60,7 @@ def test_each_fallback_step_is_taken_in_turn(setup, failures, caplog):
                                           "the network on the CPU"]
 
     with caplog.at_level(logging.WARNING, logger="inference"):
-        result = model_space_logits(volume, model, settings)
+        result = network_logits(volume, model, settings)
     logits, patch = result.logits, result.patch_size
     warnings = [r.getMessage() for r in caplog.records if "out of GPU memory" in r.getMessage()]
     assert warnings == [f"warning: out of GPU memory; retrying with {a.label}" for a in attempts[1:failures + 1]]
@@ -69,7 +75,7 @@ def test_out_of_memory_at_every_step_is_raised(setup):
     model.networks = [FailingNetwork(real, {"left": 4}, [])]
     model.device = torch.device("cuda")
     with pytest.raises(torch.OutOfMemoryError):
-        model_space_logits(volume, model, PredictionSettings(patch_size=(40, 40, 40)))
+        network_logits(volume, model, PredictionSettings(patch_size=(40, 40, 40)))
 
 
 def test_on_the_cpu_there_is_no_fallback(setup):
@@ -77,4 +83,4 @@ def test_on_the_cpu_there_is_no_fallback(setup):
     model.networks = [FailingNetwork(real, {"left": 1}, [])]
     assert len(out_of_memory_attempts((40, 40, 40), model)) == 1
     with pytest.raises(torch.OutOfMemoryError):
-        model_space_logits(volume, model, PredictionSettings(patch_size=(40, 40, 40)))
+        network_logits(volume, model, PredictionSettings(patch_size=(40, 40, 40)))

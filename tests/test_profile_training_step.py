@@ -5,7 +5,7 @@ import torch
 
 from experiments.profile_training_step import main, operator_kind, resolution_level, training_setup, training_step
 from conftest import CT_INTENSITIES
-from inference.model.folder import make_dataset_json, make_plans, plain_unet_arch_kwargs, write_model_folder
+from training.model_folder import make_dataset_json, make_plans, plain_unet_arch_kwargs, write_model_folder
 from inference.model.network import build_network
 from inference.model.plans import read_model_config
 

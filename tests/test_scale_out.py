@@ -198,9 +198,10 @@ def test_the_journal_counts_a_case_done_only_for_the_same_run_input_and_mask(fol
 def test_a_worker_that_loads_another_model_than_the_driver_runs_no_case(folder, tmp_path):
     """A node that sees other files at the model folder's path: every case it is handed fails with one line."""
     from inference.scale_out import CaseWorker
+    from inference.settings import RunOptions
     _, images, model_dir = folder
-    worker = CaseWorker(dict(model_dir=model_dir, folds=None, checkpoint_name="checkpoint_final.pth", device="cpu",
-                             configuration=None, backend="torch"), {}, run="0123456789abcdef")
+    worker = CaseWorker(RunOptions(images, tmp_path, model_dir, device="cpu", backend="torch"), PredictionSettings(),
+                        run="0123456789abcdef")
     source = images / "case0_0000.nii.gz"
     [result] = worker.predict([(str(source), str(tmp_path / "case0.nii.gz"))])
     assert "not run: the model folder seen by the worker on" in result.error and str(model_dir) in result.error
@@ -221,7 +222,7 @@ def test_a_case_whose_result_never_comes_back_fails_the_run(tmp_path, caplog):
     report, done = {"cases": {}}, []
     with caplog.at_level(logging.INFO, logger="inference"):
         failures = cli.record_results(iter([CaseResult(paths[0], outputs[paths[0]], kept=True)]), paths, outputs,
-                                      args, report, done, show_bar=False)
+                                      cli.run_options_from_args(args), report, done, show_bar=False)
     assert failures == 1 and done == ["a_0000.nii.gz"] and not outputs[paths[1]].exists()
     assert f"error: {paths[1]}: no result came back for it (a fault of the engine) (removed b.nii.gz" in caplog.text
     assert report["cases"] == {"b_0000.nii.gz": {"error": f"{paths[1]}: no result came back for it (a fault of "
@@ -291,3 +292,28 @@ def test_task_results_hand_a_lost_workers_cases_on_and_never_lose_one(monkeypatc
     assert sorted(r.path.name for r in results) == [f"case{i}" for i in range(6)]
     assert all(r.error and ("its worker was lost" in r.error or "every Ray worker was lost" in r.error)
                for r in results)
+
+
+def test_a_stop_while_the_pools_are_waited_for_is_returned_after_they_are_done():
+    """SIGTERM (a KeyboardInterrupt here) inside a pool's shutdown: the shutdown is waited for again, and the stop is
+    handed back for the caller to raise, never swallowed (the process would run on after `docker stop`)."""
+    from inference.batch import wait_for_pools
+
+    class InterruptedOnce:
+        def __init__(self):
+            self.calls = 0
+
+        def shutdown(self, wait, cancel_futures):
+            self.calls += 1
+            if self.calls == 1:
+                raise KeyboardInterrupt("SIGTERM")
+
+    pools = [InterruptedOnce(), InterruptedOnce()]
+    stop = wait_for_pools(pools)
+    assert isinstance(stop, KeyboardInterrupt) and [pool.calls for pool in pools] == [2, 2]
+
+    class Quiet:
+        def shutdown(self, wait, cancel_futures):
+            pass
+
+    assert wait_for_pools([Quiet()]) is None

@@ -5,7 +5,8 @@ import time
 import pytest
 import torch
 
-from inference.patch_policy import enlarged_patch_size
+from inference.errors import CaseError
+from inference.network_plan import enlarged_patch_size
 from inference.sliding_window import (gaussian_importance_map, in_order, pad_to_patch, predict_window,
                                       sliding_window_logits, window_slices, window_starts)
 
@@ -175,3 +176,43 @@ def test_sliding_window_of_a_real_convolution_network_equals_a_hand_weighted_ref
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     whole = net(volume[None])[0]
     assert (got - whole).abs().max() > 1e-3  # the windows' borders do differ: the weighting is what is tested
+
+
+class ConstantLogits:
+    """Logits of `value` for every class and voxel (or inf): enough, over overlapping windows, to overflow a
+    float16 sum (65,504 at most) while each window's own logits fit."""
+
+    def __init__(self, value: float, classes: int = 2):
+        self.value, self.classes = value, classes
+
+    def __call__(self, patch):
+        return torch.full((patch.shape[0], self.classes, *patch.shape[2:]), self.value, dtype=torch.float16)
+
+
+def test_a_float16_sum_that_overflows_is_made_again_in_float32(caplog):
+    """nnU-Net stops where the fp16 sum of logits overflows; we must neither stop nor return inf (argmax of inf and
+    nan is no mask): the sum is made again in fp32, said in one line, and is the weighted mean it should be."""
+    import logging
+
+    volume, network = torch.zeros((1, 24, 24, 24)), ConstantLogits(60000.0)
+    assert torch.isinf(_fp16_sum(volume, network)).any()  # the overflow is real
+    with caplog.at_level(logging.WARNING, logger="inference"):
+        logits = sliding_window_logits(volume, [network], (8, 8, 8), 2, step_size=0.25, dtype=torch.float16)
+    assert "the float16 sum of the logits overflowed; summed again in float32" in caplog.text
+    assert logits.dtype == torch.float32 and torch.allclose(logits, torch.full_like(logits, 60000.0))
+    assert torch.equal(logits, sliding_window_logits(volume, [network], (8, 8, 8), 2, step_size=0.25,
+                                                     dtype=torch.float32))
+
+
+def _fp16_sum(volume, network):
+    from inference.sliding_window import weighted_sum
+
+    return weighted_sum(volume, [network], (8, 8, 8), 2, 0.25, (), torch.device("cpu"), False, 1, torch.float16)
+
+
+def test_logits_that_are_not_finite_make_no_mask():
+    volume = torch.zeros((1, 16, 16, 16))
+    with pytest.raises(CaseError, match="the network's logits are not finite"):
+        sliding_window_logits(volume, [ConstantLogits(float("inf"))], (8, 8, 8), 2)
+    with pytest.raises(CaseError, match="not finite"):
+        sliding_window_logits(volume, [ConstantLogits(float("nan"))], (8, 8, 8), 2, dtype=torch.float16)

@@ -31,10 +31,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
-from inference.model.folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,
+from training.model_folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,
                                     write_model_folder)
-from inference.model.network import build_network
-from inference.model.plans import read_model_config
+from inference.model import build_network, read_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,5 +1,5 @@
 """A model folder written by nnU-Net v2's own planner, preprocessor and trainer, for tests that must not trust our
-own model-folder writer (inference/model/folder.py) to share nnU-Net's assumptions.
+own model-folder writer (training/model_folder.py) to share nnU-Net's assumptions.
 
 Runs in an environment with nnunetv2 (scripts/setup_nnunet_env.sh: .venv-nnunet):
 

@@ -9,7 +9,7 @@ What it does, in order:
      and keeps the cropped raw HU volume in a temporary folder;
   2. computes the CTNormalization intensity properties from the foreground voxels of all of them
      (see FOREGROUND below) and writes the model folder (plans.json, dataset.json, an untrained
-     checkpoint) with `inference.model.folder`;
+     checkpoint) with `training.model_folder`;
   3. loads that folder with `inference.model.load_model` and brings every case to model space with the
      engine's `inference.pipeline.to_model_space` (normalise, then torch trilinear resampling), so that
      training sees exactly the inputs inference will; labels are resampled trilinearly and thresholded at
@@ -57,12 +57,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from phantoms import BOWEL, CSF, GENERATOR_VERSION, MUSCLE, NODE, ORGAN, VESSEL, generate_phantom
 from flare_common.machine import cpu_model
-from inference.model import load_model
-from inference.model.folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,
+from inference import PredictionSettings
+from inference.model import build_network, load_model, read_model_config
+from training.model_folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,
                                     write_model_folder)
-from inference.model.network import build_network
-from inference.model.plans import read_model_config
-from inference.pipeline import PredictionSettings, crop_box, to_model_space
+from inference.pipeline import crop_box, to_model_space
 from inference.resample import resample_channels
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

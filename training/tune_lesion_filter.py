@@ -46,8 +46,10 @@ from flare_common.files import write_text_atomically
 from flare_common.results import RESULTS, display
 from flare_common.machine import machine_facts
 from inference.lesion_filter import FILTER_FILE, LesionFilter, lesion_components
+from inference import PredictionSettings
 from inference.model import load_model
-from inference.pipeline import PredictionSettings, crop_box, model_space_logits, to_model_space
+from inference.network_plan import network_logits
+from inference.pipeline import crop_box, to_model_space
 from inference.postprocess import lesion_label_ids
 from training.train_default import training_target
 
@@ -69,7 +71,7 @@ def case_components(image: sitk.Image, label: sitk.Image, model, settings: Predi
     box = crop_box(array, spacing, settings)
     with torch.inference_mode():
         volume = to_model_space(array[box].copy(), spacing, model)
-        logits = model_space_logits(volume, model, settings).logits
+        logits = network_logits(volume, model, settings).logits
         lesion_ids = lesion_label_ids(config.labels, settings.lesion_labels)
         found = lesion_components(logits, lesion_ids, config.voxel_ml)
         truth = torch.from_numpy(sitk.GetArrayViewFromImage(label)[box] > 0).permute(*config.transpose_forward)

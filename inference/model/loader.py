@@ -1,15 +1,16 @@
-"""Load a trained nnU-Net v2 model folder into something the pipeline can run."""
+"""Load a trained nnU-Net v2 model folder into something the pipeline can run. Loading only loads: it never writes
+(an export for `--backend auto` is made before, by export_onnx.export_for_cpu_where_missing)."""
 from __future__ import annotations
 
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from ..backends import TorchNetwork
+from ..backends import PatchNetwork, TorchNetwork
 from ..errors import ModelError
 from ..lesion_filter import LesionFilter, read_lesion_filter
 from .checkpoint import load_checkpoint
@@ -18,13 +19,10 @@ from .network import build_network
 from .onnx_loader import ONNX_FILE_NAME, current_cpu_networks, load_onnx_networks
 from .plans import ModelConfig, read_model_config
 
-PatchPredictor = Callable[[torch.Tensor], torch.Tensor]
-
-
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    networks: list[PatchPredictor]  # one per fold; their logits are summed
+    networks: list[PatchNetwork]  # one per fold; their logits are summed
     device: torch.device
     folds: tuple[str, ...]
     backend: str = "torch"
@@ -81,12 +79,15 @@ def select_folds(model_dir: Path, folds: Sequence[str | int] | None) -> list[str
 
 def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
                checkpoint_name: str = "checkpoint_final.pth", device: str | torch.device = "auto",
-               configuration: str | None = None, backend: str = "torch") -> LoadedModel:
+               configuration: str | None = None, backend: str = "torch",
+               largest_patch: tuple[int, ...] | None = None) -> LoadedModel:
     """Read plans, build the network and load each selected fold's weights onto `device`.
 
     backend: "torch"; "onnx" / "tensorrt" (an export made by inference.export_onnx); "auto" (the CLI's
-    default): torch on CUDA, ONNX Runtime on the CPU with an export of these checkpoints, made here once
-    if there is none (onnx_loader.current_cpu_networks), else torch."""
+    default): torch on CUDA, ONNX Runtime on the CPU where there is a current export of these checkpoints
+    (onnx_loader.current_cpu_networks; export_onnx.export_for_cpu_where_missing makes one), else torch.
+    largest_patch: the largest patch a TensorRT engine is built for (network_plan.largest_patch; default the
+    training patch)."""
     model_dir = Path(model_dir)
     config = read_model_config(model_dir, configuration)
     device = resolve_device(device)
@@ -103,8 +104,8 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
                                lesion_filter, content)
         backend = "torch"
     if backend != "torch":
-        networks = load_onnx_networks(config, fold_names, device, backend, checkpoint_name)
-        mirror_axes = getattr(networks[0], "mirror_axes", (0, 1, 2))  # kept in the export's metadata
+        networks = load_onnx_networks(config, fold_names, device, backend, checkpoint_name, largest_patch)
+        mirror_axes = networks[0].mirror_axes  # kept in the export's metadata
         return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter, content)
     networks, mirror_axes = [], (0, 1, 2)
     for fold in fold_names:
@@ -113,7 +114,7 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
         checkpoint = load_checkpoint(checkpoint_path, mmap=device.type == "cuda")
         network = network_with_weights(config, checkpoint["network_weights"], checkpoint_path)
         mirror_axes = tuple(checkpoint.get("inference_allowed_mirroring_axes") or mirror_axes)
-        networks.append(TorchNetwork(network, device))
+        networks.append(TorchNetwork(network, device, checkpoint_path))
     return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter, content)
 
 

@@ -5,12 +5,12 @@ to float16 at load when that file is absent); CPUExecutionProvider in fp32 on th
 `--backend tensorrt`: TensorrtExecutionProvider (fp16, engine and timing caches in fold_X/trt_cache, or
 $FLARE_TRT_CACHE_DIR/<model folder>/fold_X), with CUDAExecutionProvider for anything TensorRT cannot run.
 When the requested provider is not available, one warning line, then the next one (finally the CPU).
+A TensorRT engine is built for the patches from the training patch up to the largest the run asks for
+(network_plan.largest_patch: --patch-size, or the training patch x --patch-scale).
 
-Environment:
-  FLARE_ONNX_PRECISION=fp32      run model.onnx (fp32) on CUDA instead of the float16 variant
-  FLARE_TRT_CACHE_DIR=DIR        TensorRT engine/timing cache root (default: inside each fold folder)
-  FLARE_TRT_MAX_PATCH_SCALE=1.2  TensorRT optimisation profile: patches from the training patch up to
-                                 the training patch x this (rounded up to the network stride)
+This module opens exports; it never makes one (export_onnx.py does, and `--backend auto` asks it to before loading:
+export_onnx.export_for_cpu_where_missing). The environment it follows (FLARE_ONNX_PRECISION, FLARE_TRT_CACHE_DIR,
+FLARE_ONNX_CACHE) is read in settings.py.
 """
 from __future__ import annotations
 
@@ -18,28 +18,25 @@ import hashlib
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from flare_common.digests import cache_root
-
 from ..backends import OnnxRuntimeNetwork
-from ..patch_policy import PATCH_SCALE, scaled_patch
 from ..errors import ModelError
+from ..settings import read_environment
 from .fingerprint import network_fingerprint
 from .plans import ModelConfig
+
+# the public names; the rest is internal (docs/ARCHITECTURE.md)
+__all__ = ["cpu_lanes", "load_onnx_networks", "session_options"]
 
 INPUT_NAME = "patch"
 OUTPUT_NAME = "logits"
 ONNX_FILE_NAME = "model.onnx"
 FP16_FILE_NAME = "model_fp16.onnx"
-PRECISION_ENV = "FLARE_ONNX_PRECISION"
-TRT_CACHE_ENV = "FLARE_TRT_CACHE_DIR"
-TRT_PATCH_SCALE_ENV = "FLARE_TRT_MAX_PATCH_SCALE"
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 BACKEND_PROVIDERS = {"onnx": (CUDA,), "tensorrt": (TENSORRT, CUDA)}
 log = logging.getLogger("inference")
@@ -111,7 +108,7 @@ def cuda_provider_options(device: torch.device) -> dict:
 def trt_cache_dir(fold_dir: Path) -> Path:
     """Where TensorRT keeps built engines for this fold (absolute): fold_X/trt_cache, or
     $FLARE_TRT_CACHE_DIR/<model folder>/fold_X; a temp folder (with a warning) if that is not writable."""
-    root = os.environ.get(TRT_CACHE_ENV)
+    root = read_environment().trt_cache_dir
     fold_dir = fold_dir.resolve()
     cache = Path(root) / fold_dir.parent.name / fold_dir.name if root else fold_dir / "trt_cache"
     try:
@@ -123,18 +120,16 @@ def trt_cache_dir(fold_dir: Path) -> Path:
     key = hashlib.sha1(str(fold_dir).encode()).hexdigest()[:12]
     fallback = Path(tempfile.gettempdir()) / "flare_trt_cache" / key
     fallback.mkdir(parents=True, exist_ok=True)
-    log.warning("warning: %s is not writable; TensorRT engines are cached in %s (set %s to keep them)",
-                cache, fallback, TRT_CACHE_ENV)
+    log.warning("warning: %s is not writable; TensorRT engines are cached in %s (set FLARE_TRT_CACHE_DIR to keep "
+                "them)", cache, fallback)
     return fallback
 
 
-def trt_profile_shapes(config: ModelConfig, scale: float | None = None) -> dict[str, str]:
-    """One TensorRT optimisation profile covering every window the pipeline makes by default: from the
-    training patch to the training patch x `scale` (the pipeline's patch_scale), optimised for the
-    largest. Outside it TensorRT cannot run the patch (see OnnxRuntimeNetwork.patch_range)."""
-    scale = float(os.environ.get(TRT_PATCH_SCALE_ENV, PATCH_SCALE)) if scale is None else scale
-    smallest = tuple(config.patch_size)
-    largest = scaled_patch(config.patch_size, config.total_stride, scale)
+def trt_profile_shapes(config: ModelConfig, largest: tuple[int, ...]) -> dict[str, str]:
+    """One TensorRT optimisation profile covering every window the run may make: from the training patch to
+    `largest` (network_plan.largest_patch), optimised for the largest. Outside it TensorRT cannot run the patch
+    (OnnxRuntimeNetwork.accepted_patches)."""
+    smallest = tuple(min(t, p) for t, p in zip(config.patch_size, largest))
 
     def shape(patch):
         return f"{INPUT_NAME}:1x{config.num_input_channels}x" + "x".join(map(str, patch))
@@ -189,7 +184,7 @@ def float16_model(model):
 
 def cuda_model_source(path: Path) -> str | bytes:
     """The model the CUDA provider runs: float16 unless FLARE_ONNX_PRECISION=fp32 (see module doc)."""
-    if os.environ.get(PRECISION_ENV, "fp16").lower() == "fp32":
+    if read_environment().onnx_precision == "fp32":
         return str(path)
     fp16_path = path.with_name(FP16_FILE_NAME)
     if fp16_path.is_file():
@@ -219,8 +214,10 @@ def check_session_fits(session, path: Path, config: ModelConfig) -> None:
                          f"{config.num_classes}; re-export it")
 
 
-def open_fold(path: Path, config: ModelConfig, device: torch.device, providers: list[str]):
-    """One fold's session on the best of `providers` that starts, as an OnnxRuntimeNetwork."""
+def open_fold(path: Path, config: ModelConfig, device: torch.device, providers: list[str],
+              largest_patch: tuple[int, ...] | None = None):
+    """One fold's session on the best of `providers` that starts, as an OnnxRuntimeNetwork. `largest_patch`: what a
+    TensorRT engine is built for (default the training patch)."""
     import onnxruntime as ort
 
     main = providers[0]
@@ -241,7 +238,7 @@ def open_fold(path: Path, config: ModelConfig, device: torch.device, providers: 
             "trt_timing_cache_enable": "1", "trt_timing_cache_path": cache,
         }
         if has_dynamic_spatial_axes(path):
-            profile = trt_profile_shapes(config)
+            profile = trt_profile_shapes(config, largest_patch or tuple(config.patch_size))
             options_by_provider[TENSORRT].update(profile)
             patch_range = tuple(tuple(int(v) for v in profile[key].split(":")[1].split("x")[2:])
                                 for key in ("trt_profile_min_shapes", "trt_profile_max_shapes"))
@@ -258,7 +255,7 @@ def open_fold(path: Path, config: ModelConfig, device: torch.device, providers: 
         log.warning("warning: %s did not start (see the onnxruntime message above); using %s",
                     main, started)
         rest = providers[providers.index(started):] if started in providers else [CPU]
-        return open_fold(path, config, device, rest)
+        return open_fold(path, config, device, rest, largest_patch)
     check_session_fits(session, path, config)
     metadata = session.get_modelmeta().custom_metadata_map
     mirror_axes = tuple(int(a) for a in metadata.get("flare.mirror_axes", "0,1,2").split(",") if a)
@@ -282,11 +279,15 @@ def export_fingerprint(config: ModelConfig, fold: str, checkpoint_name: str, wit
                          f"({err.strerror or err})") from None
 
 
-def stale_export_reason(network: OnnxRuntimeNetwork, config: ModelConfig, fold: str,
-                        checkpoint_name: str) -> str | None:
-    """Why the export `network` is not the one this fold's content defines, or None when it is. A folder with
-    the export and no checkpoint (shipped for ONNX only) is checked against its plans and dataset."""
-    metadata = network.session.get_modelmeta().custom_metadata_map
+def export_metadata(network: OnnxRuntimeNetwork) -> dict:
+    """The metadata an opened export carries (export_onnx writes it)."""
+    return network.session.get_modelmeta().custom_metadata_map
+
+
+def stale_export_reason(metadata: dict, config: ModelConfig, fold: str, checkpoint_name: str) -> str | None:
+    """Why the export whose metadata is `metadata` (export_metadata) is not the one this fold's content defines, or
+    None when it is. A folder with the export and no checkpoint (shipped for ONNX only) is checked against its plans
+    and dataset."""
     with_checkpoint = (config.model_dir / f"fold_{fold}" / checkpoint_name).is_file()
     key = FINGERPRINT_KEY if with_checkpoint else PLANS_FINGERPRINT_KEY
     recorded = metadata.get(key)
@@ -299,25 +300,20 @@ def stale_export_reason(network: OnnxRuntimeNetwork, config: ModelConfig, fold: 
     return None
 
 
-ONNX_CACHE_ENV = "FLARE_ONNX_CACHE"
-
-
 def export_cache_path(fingerprint: str) -> Path | None:
     """Where `--backend auto` keeps its own export of a fold, outside the model folder (which may be read-only,
     or committed): one folder per network content, so that an export is never found for other weights. None
     where there is no cache (FLARE_CACHE_DIR=off, FLARE_ONNX_CACHE unset)."""
-    explicit, root = os.environ.get(ONNX_CACHE_ENV), cache_root()
-    if not explicit and root is None:
-        return None
-    return Path(explicit or root / "onnx") / fingerprint[:24] / ONNX_FILE_NAME
+    root = read_environment().onnx_cache_root()
+    return root / fingerprint[:24] / ONNX_FILE_NAME if root is not None else None
 
 
 def current_cpu_networks(config: ModelConfig, fold_names: Sequence[str],
                          checkpoint_name: str) -> list[OnnxRuntimeNetwork] | None:
-    """`--backend auto` on the CPU: ONNX Runtime networks of exports made from these very checkpoints (1.6x
-    torch on the network of a 512x512x554 case, same mask: results/per_case_*.md): the model folder's own
-    export (fold_X/model.onnx) where it is current and takes any patch, else this machine's cached one
-    (export_cache_path), made first, once, where onnx is installed. None where there is none: the caller runs
+    """`--backend auto` on the CPU: ONNX Runtime networks of exports made from these very checkpoints (1.6x torch on
+    the network of a 512x512x554 case, same mask: results/per_case_*.md): the model folder's own export
+    (fold_X/model.onnx) where it is current and takes any patch, else this machine's cached one (export_cache_path,
+    made before loading by export_onnx.export_for_cpu_where_missing). None where a fold has neither: the caller runs
     torch."""
     try:
         import onnxruntime  # noqa: F401 - only whether it is there
@@ -328,15 +324,12 @@ def current_cpu_networks(config: ModelConfig, fold_names: Sequence[str],
         fold_dir = config.model_dir / f"fold_{fold}"
         if not (fold_dir / checkpoint_name).is_file():
             return None  # nothing to check an export against: torch says why
-        cached = export_cache_path(export_fingerprint(config, fold, checkpoint_name))
         network = current_export(fold_dir / ONNX_FILE_NAME, config, fold, checkpoint_name, say_why=True)
-        network = network or (current_export(cached, config, fold, checkpoint_name) if cached else None)
         if network is None:
-            if cached is None:
-                return None
-            if not export_for_the_cpu(config, fold, checkpoint_name, cached):
-                return None
-            network = open_fold(cached, config, torch.device("cpu"), [CPU])
+            cached = export_cache_path(export_fingerprint(config, fold, checkpoint_name))
+            network = current_export(cached, config, fold, checkpoint_name) if cached else None
+        if network is None:
+            return None
         networks.append(network)
     return networks
 
@@ -352,7 +345,7 @@ def current_export(path: Path, config: ModelConfig, fold: str, checkpoint_name: 
     except ModelError as err:  # unreadable or of another model: made again in the cache
         reason = str(err)
     else:
-        reason = stale_export_reason(network, config, fold, checkpoint_name)
+        reason = stale_export_reason(export_metadata(network), config, fold, checkpoint_name)
         if reason is None and network.fixed_patch is not None:
             reason = (f"it takes only the {'x'.join(map(str, network.fixed_patch))} patch it was exported for "
                       "(--patch-size)")
@@ -364,30 +357,11 @@ def current_export(path: Path, config: ModelConfig, fold: str, checkpoint_name: 
     return None
 
 
-def export_for_the_cpu(config: ModelConfig, fold: str, checkpoint_name: str, path: Path) -> bool:
-    """Export one fold to `path` for `--backend auto` (a log line says so); False where it cannot be."""
-    try:
-        import onnx  # noqa: F401 - the export needs it
-    except ImportError:
-        return False
-    from ..export_onnx import export_fold  # the exporter loads the model itself
-
-    started = time.perf_counter()
-    try:
-        export_fold(config.model_dir, fold, output=path, checkpoint_name=checkpoint_name,
-                    configuration=config.configuration)
-    except (ModelError, OSError) as err:
-        log.warning("warning: %s: no ONNX export for the CPU (%s); running torch", config.model_dir, err)
-        return False
-    log.info("exported fold %s to %s for ONNX Runtime on the CPU (once, %.1f s)", fold, path,
-             time.perf_counter() - started)
-    return True
-
-
-def load_onnx_networks(config: ModelConfig, fold_names: Sequence[str], device: torch.device,
-                       backend: str, checkpoint_name: str = "checkpoint_final.pth") -> list[OnnxRuntimeNetwork]:
-    """One ONNX Runtime network per fold, from MODEL_DIR/fold_X/model.onnx (see module doc); an export that was
-not made from the fold's current plans and checkpoint (fingerprint.py) is refused."""
+def load_onnx_networks(config: ModelConfig, fold_names: Sequence[str], device: torch.device, backend: str,
+                       checkpoint_name: str = "checkpoint_final.pth", largest_patch: tuple[int, ...] | None = None
+                       ) -> list[OnnxRuntimeNetwork]:
+    """One ONNX Runtime network per fold, from MODEL_DIR/fold_X/model.onnx (see module doc); an export that was not
+    made from the fold's current plans and checkpoint (fingerprint.py) is refused. `largest_patch`: see open_fold."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -402,8 +376,8 @@ not made from the fold's current plans and checkpoint (fingerprint.py) is refuse
         if not path.is_file():
             raise ModelError(f"{path}: not found; export the model first with "
                              f"`python -m inference.export_onnx -m {config.model_dir}`")
-        network = open_fold(path, config, device, providers)
-        reason = stale_export_reason(network, config, fold, checkpoint_name)
+        network = open_fold(path, config, device, providers, largest_patch)
+        reason = stale_export_reason(export_metadata(network), config, fold, checkpoint_name)
         if reason is not None:
             raise ModelError(f"{path}: not used: {reason}; export it again: "
                              f"python -m inference.export_onnx -m {config.model_dir}")

@@ -36,7 +36,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from inference.model.folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
+from training.model_folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
                                     plain_unet_arch_kwargs, write_random_model_folder)
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,9 +13,7 @@ import torch
 
 from flare_common.files import atomic_path
 
-from .loader import fold_dir_name
-from .network import build_network
-from .plans import read_model_config
+from inference.model import build_network, fold_dir_name, read_model_config
 
 _IMPORTED_KWARGS = ("conv_op", "norm_op", "dropout_op", "nonlin")
 # CTNormalization statistics of a model that was never trained (benchmarks time such models)
