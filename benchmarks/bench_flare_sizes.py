@@ -31,9 +31,9 @@ import torch
 
 from evaluation.efficiency_report import case_file
 from flare_common.machine import device_tag
+from inference.timing import STAGE_ORDER as STAGES
 from training.model_folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
                                     plain_unet_arch_kwargs, write_random_model_folder)
-from inference.timing import STAGE_ORDER as STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,7 +82,7 @@ def run_harness(images: Path, command: str, out: Path, max_cases: int | None, ti
         for point, column in TIMELINE_POINTS.items():
             table.loc[i, column] = (record.get("timeline") or {}).get(point)
         path = timings_dir / f"{name}.json"
-        if "engine_case" in record:  # our engine: what the harness's --timeline collected
+        if record.get("engine_case"):  # our engine: what the harness's --timeline collected
             report = {"cases": {name: record["engine_case"]}, "model_load_s": record["engine_case"]["model_load_s"]}
         elif path.exists():  # the peer's own timings file
             report = json.loads(path.read_text())

@@ -42,11 +42,10 @@ from inference.backends import OnnxRuntimeNetwork
 from inference.export_onnx import export_fold
 from inference.model import load_model
 from inference.model.onnx_loader import session_options
-from inference.network_plan import window_lanes
+from inference.network_plan import enlarged_patch_size, window_lanes
 from inference.sliding_window import in_order
 from training.model_folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
                                     plain_unet_arch_kwargs, write_random_model_folder)
-from inference.network_plan import enlarged_patch_size
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -26,9 +26,10 @@ import SimpleITK as sitk
 import torch
 
 from evaluation.run_efficiency import machine_facts
+from flare_common.files import write_text_atomically
 from inference import PredictionSettings, load_model, predict_image, predict_image_with_report
-from training.model_folder import make_dataset_json, make_plans, plain_unet_arch_kwargs, write_model_folder
 from inference.model import build_network, read_model_config
+from training.model_folder import make_dataset_json, make_plans, plain_unet_arch_kwargs, write_model_folder
 
 BASELINE = Path(__file__).with_name("regression_baseline.json")
 STAGES = ("crop", "resample", "network", "export")
@@ -131,9 +132,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     result = measure(args.repeats)
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+        write_text_atomically(args.out, json.dumps(result, indent=2))
     if args.update_baseline:
-        args.baseline.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomically(args.baseline, json.dumps(result, indent=2) + "\n")
         print(f"baseline written to {args.baseline}: ratio {result['ratio']:.3f}")
         return 0
     if not args.baseline.exists():

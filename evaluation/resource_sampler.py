@@ -38,6 +38,8 @@ from pathlib import Path
 
 import psutil
 
+from flare_common.files import write_text_atomically
+
 MIB = 1024 * 1024
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -295,9 +297,7 @@ def run_sampler(out_path: Path, gpu_index: int | None, interval: float, command_
     if probe.gpu_error:
         result["sampler_error"] = probe.gpu_error
     result["utilization_error"] = probe.utilization_error
-    temporary = out_path.with_name(out_path.name + ".tmp")
-    temporary.write_text(json.dumps(result))
-    os.replace(temporary, out_path)
+    write_text_atomically(out_path, json.dumps(result))
     return 0
 
 

@@ -37,7 +37,7 @@ from .errors import ModelError
 from .model.loader import available_folds, fold_dir_name, load_model, select_folds
 from .model.onnx_loader import (FINGERPRINT_KEY, FP16_FILE_NAME, INPUT_NAME, ONNX_FILE_NAME, OUTPUT_NAME,
                                 PLANS_FINGERPRINT_KEY, export_cache_path, export_fingerprint, float16_model,
-                                has_dynamic_spatial_axes, stale_export_reason)
+                                dynamic_spatial_axes, stale_export_reason)
 from .model.plans import ModelConfig, read_model_config
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
@@ -206,8 +206,10 @@ def export_for_cpu_where_missing(model_dir: str | Path, folds: Sequence[str] | N
         if not (config.model_dir / fold_dir_name(fold) / checkpoint_name).is_file():
             return
         cached = export_cache_path(export_fingerprint(config, fold, checkpoint_name))
-        if cached is None or cached.is_file() or folder_export_is_current(config, fold, checkpoint_name):
-            continue  # nowhere to keep one, or one is there (the loader opens and checks it)
+        folder_export = config.model_dir / fold_dir_name(fold) / ONNX_FILE_NAME
+        if cached is None or any(export_is_current(path, config, fold, checkpoint_name)
+                                 for path in (folder_export, cached)):
+            continue  # nowhere to keep one, or a current one is there
         log.info("exporting fold %s of %s for ONNX Runtime on the CPU, once for this machine (--backend torch "
                  "skips it)", fold, config.model_dir)
         started = time.perf_counter()
@@ -217,22 +219,23 @@ def export_for_cpu_where_missing(model_dir: str | Path, folds: Sequence[str] | N
         except (ModelError, OSError) as err:
             log.warning("warning: %s: no ONNX export for the CPU (%s); running torch", config.model_dir, err)
             return
-        log.info("exported fold %s to %s (%.1f s)", fold, cached, time.perf_counter() - started)
+        log.info("exported fold %s to %s for ONNX Runtime on the CPU (once, %.1f s)", fold, cached,
+                 time.perf_counter() - started)
 
 
-def folder_export_is_current(config: ModelConfig, fold: str, checkpoint_name: str) -> bool:
-    """Whether the model folder's own fold_X/model.onnx takes any patch and was made from the fold's current content
-    (read from its metadata, without opening a session)."""
+def export_is_current(path: Path, config: ModelConfig, fold: str, checkpoint_name: str) -> bool:
+    """Whether the export at `path` takes any patch and was made from the fold's current content (read from the file,
+    without opening a session: the loader opens it and checks it again)."""
     import onnx
 
-    path = config.model_dir / fold_dir_name(fold) / ONNX_FILE_NAME
     if not path.is_file():
         return False
     try:
-        metadata = {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
-        return has_dynamic_spatial_axes(path) and stale_export_reason(metadata, config, fold, checkpoint_name) is None
+        model = onnx.load(str(path), load_external_data=False)
     except Exception:  # unreadable (onnx raises its own types, and protobuf's): exported again into the cache
         return False
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    return dynamic_spatial_axes(model) and stale_export_reason(metadata, config, fold, checkpoint_name) is None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,6 @@
-"""Reading cases and writing masks. The only module that talks to the file system."""
+"""Finding cases, reading images and writing masks: every image file the engine reads or writes goes through here,
+checked (the other files it writes: the --timings report, through flare_common.files; the ONNX cache, through
+export_onnx.py; the --ray journal, appended by scale_out.py)."""
 from __future__ import annotations
 
 import gzip

@@ -25,6 +25,7 @@ from .errors import ModelError
 from .gpu_memory import (ALLOCATOR_OVERHEAD, UNTRACKED_MB, ForwardMemory, accumulators_mb, device_used_mb,
                          forward_allocation_mb)
 from .model import LoadedModel
+from .model.plans import scaled_patch
 from .settings import PATCH_SCALE, PredictionSettings
 from .sliding_window import in_order, predict_window, sliding_window_logits, window_count
 
@@ -60,13 +61,6 @@ def accepted_patches(model: LoadedModel) -> PatchRange:
     for other in ranges[1:]:
         accepted = accepted.intersection(other)
     return accepted
-
-
-def scaled_patch(training_patch: Sequence[int], total_stride: Sequence[int], scale: float = PATCH_SCALE
-                 ) -> tuple[int, ...]:
-    """The training patch x `scale`, rounded up to the network's total stride (never below the training patch)."""
-    return tuple(max(train, int(math.ceil(train * scale / stride) * stride))
-                 for train, stride in zip(training_patch, total_stride))
 
 
 def enlarged_patch_size(training_patch: Sequence[int], total_stride: Sequence[int], volume_shape: Sequence[int],
@@ -305,12 +299,14 @@ def step_for_time_budget(volume: torch.Tensor, model: LoadedModel, settings: Pre
     return chosen
 
 
-def seconds_left(settings: PredictionSettings, started: float) -> float | None:
-    """What the network may take of the case's time budget, the case having started at `started`
-    (time.perf_counter), BUDGET_RESERVE kept for what follows; None without a budget."""
+def seconds_left(settings: PredictionSettings, case_started: float, predict_started: float) -> float | None:
+    """What the network may take of the case's time budget (time.perf_counter times): the budget less what the case
+    took before its prediction started (the read), BUDGET_RESERVE of that kept for what follows the network, less
+    what the prediction has taken so far; None without a budget."""
     if settings.time_budget_s is None:
         return None
-    return settings.time_budget_s * (1 - BUDGET_RESERVE) - (time.perf_counter() - started)
+    budget = settings.time_budget_s - (predict_started - case_started)
+    return budget * (1 - BUDGET_RESERVE) - (time.perf_counter() - predict_started)
 
 
 # -------------------------------------------------------------------------------------------- the run

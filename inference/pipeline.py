@@ -90,7 +90,8 @@ def predict_array_with_report(array: np.ndarray, spacing: tuple[float, ...], mod
     windows."""
     settings = settings or PredictionSettings()
     report = report if report is not None else CaseReport()
-    started = time.perf_counter() if started is None else started
+    predict_started = time.perf_counter()
+    started = predict_started if started is None else started
     timer = StageTimer(report, model.device)
     config = model.config
     with timer("crop"):
@@ -101,7 +102,7 @@ def predict_array_with_report(array: np.ndarray, spacing: tuple[float, ...], mod
     with timer("resample"):
         volume = to_model_space(cropped, spacing, model)
     with timer("network"):
-        network = network_logits(volume, model, settings, seconds_left(settings, started), progress)
+        network = network_logits(volume, model, settings, seconds_left(settings, started, predict_started), progress)
         del volume
     logits = network.logits
     report.patch_size, report.step_size = network.patch_size, network.step_size

@@ -6,7 +6,6 @@ Loading (model/loader.py) only loads.
 """
 from __future__ import annotations
 
-from .export_onnx import export_for_cpu_where_missing
 from .model import LoadedModel, load_model, read_model_config
 from .model.loader import resolve_device
 from .network_plan import largest_patch
@@ -21,6 +20,9 @@ def load_for_run(options: RunOptions, settings: PredictionSettings, check_only: 
         return load_model(options.model, options.folds, options.checkpoint, "cpu", options.configuration, "torch")
     device = resolve_device(options.device)
     if options.backend == "auto" and device.type == "cpu":
+        # imported here: the exporter brings torch.onnx, 20 ms of every start-up that needs no export
+        from .export_onnx import export_for_cpu_where_missing
+
         export_for_cpu_where_missing(options.model, options.folds, options.checkpoint, options.configuration)
     largest = None
     if options.backend == "tensorrt":

@@ -201,7 +201,7 @@ class CaseWorker:
         torch.set_num_threads(read_environment().omp_num_threads or torch.get_num_threads())
         self.model = load_for_run(options, settings)
         self.settings = settings
-        # the driver's None: its masks carry no fingerprint, and nor do the worker's
+        # where the driver names no run (an API caller), the worker's masks carry no fingerprint either
         self.run = run and provenance.run_fingerprint(self.model.fingerprint(), settings, options.backend,
                                                       options.device)
         self.expected = run

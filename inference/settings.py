@@ -25,7 +25,8 @@ MAX_PATCH_SCALE = 8.0
 
 @dataclass(frozen=True)
 class PredictionSettings:
-    """What a case's mask is computed with. Each field changes the mask (provenance.run_fingerprint names them all)."""
+    """What a case's mask is computed with. Every field is in the run's fingerprint (provenance.run_fingerprint): a mask
+    made under other settings is never reused."""
 
     step_size: float = 0.5
     patch_size: tuple[int, int, int] | None = None  # None: training patch x patch_scale (network_plan.py)
@@ -130,7 +131,7 @@ def read_environment() -> Environment:
     threads = get("OMP_NUM_THREADS", "")
     return Environment(onnx_cache=get("FLARE_ONNX_CACHE"), onnx_precision=get("FLARE_ONNX_PRECISION", "fp16").lower(),
                        trt_cache_dir=get("FLARE_TRT_CACHE_DIR"),
-                       omp_num_threads=int(threads) if threads.isdigit() and int(threads) > 0 else None,
+                       omp_num_threads=max(1, int(threads)) if threads.isdigit() else None,
                        ray_auth_mode=get("RAY_AUTH_MODE"))
 
 

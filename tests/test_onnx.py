@@ -17,16 +17,16 @@ import torch
 
 from conftest import make_ct_image, make_toy_model, write_old_format_plans
 from inference import ModelError, PredictionSettings, load_model, predict_image
+from inference.backends import PatchRange
 from inference.export_onnx import export_fold, export_for_cpu_where_missing
 from inference.export_onnx import main as export_main
-from training.model_folder import write_model_folder
 from inference.model.onnx_loader import (CPU, CUDA, TENSORRT, choose_providers, float16_model,
                                          has_dynamic_spatial_axes, open_fold, trt_cache_dir,
                                          trt_profile_shapes)
-from inference.backends import PatchRange
 from inference.network_plan import check_request, inference_patch_size, largest_patch
 from inference.pipeline import crop_box, to_model_space
 from inference.sliding_window import sliding_window_logits
+from training.model_folder import write_model_folder
 
 REPO = Path(__file__).resolve().parent.parent
 LESION_FRACTION = 0.1  # of the model-space body box, after calibration

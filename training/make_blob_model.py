@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
+from inference.model import build_network, read_model_config
 from training.model_folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,
                                     write_model_folder)
-from inference.model import build_network, read_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 

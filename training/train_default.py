@@ -59,10 +59,10 @@ from phantoms import BOWEL, CSF, GENERATOR_VERSION, MUSCLE, NODE, ORGAN, VESSEL,
 from flare_common.machine import cpu_model
 from inference import PredictionSettings
 from inference.model import build_network, load_model, read_model_config
-from training.model_folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,
-                                    write_model_folder)
 from inference.pipeline import crop_box, to_model_space
 from inference.resample import resample_channels
+from training.model_folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,
+                                    write_model_folder)
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -87,7 +87,7 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
     default): torch on CUDA, ONNX Runtime on the CPU where there is a current export of these checkpoints
     (onnx_loader.current_cpu_networks; export_onnx.export_for_cpu_where_missing makes one), else torch.
     largest_patch: the largest patch a TensorRT engine is built for (network_plan.largest_patch; default the
-    training patch)."""
+    training patch x PATCH_SCALE, the default run's)."""
     model_dir = Path(model_dir)
     config = read_model_config(model_dir, configuration)
     device = resolve_device(device)

@@ -28,7 +28,7 @@ from ..backends import OnnxRuntimeNetwork
 from ..errors import ModelError
 from ..settings import read_environment
 from .fingerprint import network_fingerprint
-from .plans import ModelConfig
+from .plans import ModelConfig, scaled_patch
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
 __all__ = ["cpu_lanes", "load_onnx_networks", "session_options"]
@@ -145,7 +145,12 @@ def has_dynamic_spatial_axes(path: Path) -> bool:
         import onnx
     except ImportError:
         return True
-    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return dynamic_spatial_axes(onnx.load(str(path), load_external_data=False))
+
+
+def dynamic_spatial_axes(model) -> bool:
+    """Whether an onnx.ModelProto's input has a dynamic spatial axis."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
     return any(not d.HasField("dim_value") for d in dims[2:])
 
 
@@ -216,8 +221,8 @@ def check_session_fits(session, path: Path, config: ModelConfig) -> None:
 
 def open_fold(path: Path, config: ModelConfig, device: torch.device, providers: list[str],
               largest_patch: tuple[int, ...] | None = None):
-    """One fold's session on the best of `providers` that starts, as an OnnxRuntimeNetwork. `largest_patch`: what a
-    TensorRT engine is built for (default the training patch)."""
+    """One fold's session on the best of `providers` that starts, as an OnnxRuntimeNetwork. `largest_patch`: the largest
+    patch a TensorRT engine is built for (default the training patch x PATCH_SCALE, the default run's)."""
     import onnxruntime as ort
 
     main = providers[0]
@@ -238,7 +243,7 @@ def open_fold(path: Path, config: ModelConfig, device: torch.device, providers: 
             "trt_timing_cache_enable": "1", "trt_timing_cache_path": cache,
         }
         if has_dynamic_spatial_axes(path):
-            profile = trt_profile_shapes(config, largest_patch or tuple(config.patch_size))
+            profile = trt_profile_shapes(config, largest_patch or scaled_patch(config.patch_size, config.total_stride))
             options_by_provider[TENSORRT].update(profile)
             patch_range = tuple(tuple(int(v) for v in profile[key].split(":")[1].split("x")[2:])
                                 for key in ("trt_profile_min_shapes", "trt_profile_max_shapes"))

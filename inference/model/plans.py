@@ -9,8 +9,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from ..errors import ModelError
+from ..settings import PATCH_SCALE
 
 _OLD_FORMAT_NETWORKS = {
     "PlainConvUNet": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
@@ -56,6 +58,14 @@ class ModelConfig:
             stage = [stage] * len(total) if isinstance(stage, int) else stage
             total = [t * s for t, s in zip(total, stage)]
         return tuple(total)
+
+
+def scaled_patch(training_patch: Sequence[int], total_stride: Sequence[int], scale: float = PATCH_SCALE
+                 ) -> tuple[int, ...]:
+    """The training patch x `scale`, rounded up to the network's total stride (never below the training patch): the
+    inference patch before the volume's size caps it (network_plan.py decides the patch; this is its arithmetic)."""
+    return tuple(max(train, int(math.ceil(train * scale / stride) * stride))
+                 for train, stride in zip(training_patch, total_stride))
 
 
 def read_json(path: Path) -> dict:
