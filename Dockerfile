@@ -28,11 +28,28 @@ RUN python3 -m pip install --no-cache-dir --no-compile --only-binary=:all: \
     && python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/flare/site-packages \
     && rm -rf /tmp/requirements
 
+# ---- export: the model folder with its ONNX export, made here once ------------------------------------
+# Without a GPU the engine runs ONNX Runtime (`--backend auto`: 1.6x torch's network on the CPU) from an export of
+# the very checkpoint it loads. A run of the image keeps nothing (a fresh container, FLARE_CACHE_DIR=off), so the
+# export is made at build time, into the model folder (fold_X/model.onnx): no run pays for it, and none falls back
+# to torch. export_onnx checks it (onnx.checker, then ONNX Runtime against torch on a patch: max abs logits
+# difference <= 1e-3, else the build fails) and writes into it the fingerprint of the plans and checkpoint it was
+# made from, which the engine checks at every load. `onnx` is needed to export, not to run: it stays in this stage.
+# The model folder to embed (nnU-Net v2 layout, under models/ of the build context). It always lands in
+# /workspace/models/default, where predict.sh looks when MODEL_DIR is not set.
+FROM deps AS export
+ARG MODEL_SRC=models/default
+RUN python3 -m pip install --no-cache-dir --no-compile --only-binary=:all: --no-deps \
+        --target /opt/flare/export-tools onnx==1.23.2 ml_dtypes==0.7.0 typing_extensions==4.16.0
+WORKDIR /workspace
+COPY inference/ /workspace/inference/
+COPY flare_common/ /workspace/flare_common/
+COPY ${MODEL_SRC}/ /workspace/models/default/
+RUN PYTHONPATH=/opt/flare/site-packages:/opt/flare/export-tools FLARE_CACHE_DIR=off PYTHONDONTWRITEBYTECODE=1 \
+        python3 -m inference.export_onnx -m /workspace/models/default
+
 # ---- the image FLARE runs ------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
-# The model folder to embed (nnU-Net v2 layout, under models/ of the build context). It always lands
-# in /workspace/models/default, where predict.sh looks when MODEL_DIR is not set.
-ARG MODEL_SRC=models/default
 # Extra `python -m inference` flags baked into the image (the FLARE command passes none), e.g.
 # --build-arg PREDICT_ARGS="--lesion-labels 2"; predict.sh reads them from the environment.
 ARG PREDICT_ARGS=""
@@ -52,7 +69,7 @@ COPY --from=deps /opt/flare/site-packages /opt/flare/site-packages
 WORKDIR /workspace
 COPY inference/ /workspace/inference/
 COPY flare_common/ /workspace/flare_common/
-COPY ${MODEL_SRC}/ /workspace/models/default/
+COPY --from=export /workspace/models/default/ /workspace/models/default/
 COPY predict.sh /workspace/predict.sh
 # Compile the engine now (the first case must not pay for it) and fail the build, not the first case, if
 # an import or the model folder is broken: import everything the engine needs and parse the CLI.
@@ -61,5 +78,6 @@ RUN python3 -m compileall -q /workspace/inference /workspace/flare_common \
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'numpy', numpy.__version__)" \
     && python3 -m inference --help > /dev/null \
     && test -f /workspace/models/default/plans.json \
-    && test -f /workspace/models/default/dataset.json
+    && test -f /workspace/models/default/dataset.json \
+    && find /workspace/models/default -path '*/fold_*/model.onnx' | grep -q .
 CMD ["/bin/sh", "predict.sh"]
