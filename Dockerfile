@@ -79,5 +79,5 @@ print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'numpy', numpy.__v
     && python3 -m inference --help > /dev/null \
     && test -f /workspace/models/default/plans.json \
     && test -f /workspace/models/default/dataset.json \
-    && find /workspace/models/default -path '*/fold_*/model.onnx' | grep -q .
+    && test -n "$(find /workspace/models/default -path '*/fold_*/model.onnx')"
 CMD ["/bin/sh", "predict.sh"]

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from contextlib import closing
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -24,7 +25,8 @@ from flare_common.files import write_text_atomically
 
 from . import batch, io, provenance
 from .errors import CaseError, ModelError
-from .network_plan import check_request
+from .model.calibration import read_calibration
+from .network_plan import calibrated_settings, check_request
 from .postprocess import lesion_label_ids
 from .run_model import load_for_run
 from .settings import MAX_PATCH_SCALE, PredictionSettings, RunOptions, prefer_expandable_segments
@@ -82,21 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plans configuration (default: from the folder name, else 3d_fullres)")
     parser.add_argument("-device", "--device", default="auto", choices=["auto", "cuda", "cpu"],
                         help="auto (default): the GPU if torch sees one, else the CPU")
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],
-                        help="auto (default): torch on CUDA; ONNX Runtime on the CPU from an export of the same "
-                             "checkpoint (the model folder's, else one made once into ~/.cache), else torch; "
-                             "or force one (onnx/tensorrt need `python -m inference.export_onnx` first)")
-    parser.add_argument("-step_size", "--step-size", type=step_fraction, default=DEFAULTS.step_size,
-                        help="window step as a fraction of the patch, within (0, 1] (0.5 = half overlap)")
+    parser.add_argument("--backend", default=None, choices=["auto", "torch", "onnx", "tensorrt"],
+                        help="auto (default, unless the model's calibration chose torch): torch on CUDA; ONNX Runtime "
+                             "on the CPU from an export of the same checkpoint (the model folder's, else one made once "
+                             "into ~/.cache), else torch; or force one (onnx/tensorrt need `python -m "
+                             "inference.export_onnx` first)")
+    parser.add_argument("-step_size", "--step-size", type=step_fraction, default=None,
+                        help="window step as a fraction of the patch, within (0, 1] (default: the model's calibration "
+                             f"record, inference.json, else {DEFAULTS.step_size}: half overlap)")
     parser.add_argument("--patch-size", type=positive_int, nargs=3, metavar=("Z", "Y", "X"), default=None,
                         help="inference patch, a multiple of the network's stride (default: training patch x "
                              "--patch-scale)")
-    parser.add_argument("--patch-scale", type=patch_scale, default=DEFAULTS.patch_scale,
-                        help="inference patch as a multiple of the training patch, rounded to the network's "
-                             f"stride, within [1, {MAX_PATCH_SCALE:g}] (default {DEFAULTS.patch_scale}: fewer windows than the "
-                             "training patch)")
+    parser.add_argument("--patch-scale", type=patch_scale, default=None,
+                        help="inference patch as a multiple of the training patch, rounded to the network's stride, "
+                             f"within [1, {MAX_PATCH_SCALE:g}] (default: the model's calibration record, inference.json, "
+                             f"else {DEFAULTS.patch_scale:g}: nnU-Net's tiling)")
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
-    parser.add_argument("--no-crop", action="store_true", help="skip the body crop")
+    parser.add_argument("--no-crop", action="store_true",
+                        help="run every window, also those of the air around the body (the crop runs only the windows "
+                             "that meet the body's box, on the same grid: the same mask inside the box, 0 outside)")
     parser.add_argument("--crop-threshold", type=finite, default=DEFAULTS.crop_threshold_hu,
                         help="body threshold (HU)")
     parser.add_argument("--crop-margin", type=non_negative, default=DEFAULTS.crop_margin_mm,
@@ -152,14 +158,18 @@ def run_options_from_args(args: argparse.Namespace) -> RunOptions:
         verbose=args.verbose)
 
 
-def settings_from_args(args: argparse.Namespace) -> PredictionSettings:
-    return PredictionSettings(
-        step_size=args.step_size, patch_size=tuple(args.patch_size) if args.patch_size else None,
-        patch_scale=args.patch_scale, tta=args.tta, crop=not args.no_crop,
+def settings_from_args(args: argparse.Namespace) -> dict:
+    """The PredictionSettings fields the command line sets: every flag's, and the patch scale and step only where a
+    flag gives them (else the model's calibration decides: network_plan.calibrated_settings)."""
+    given = dict(
+        patch_size=tuple(args.patch_size) if args.patch_size else None, tta=args.tta, crop=not args.no_crop,
         crop_threshold_hu=args.crop_threshold, crop_margin_mm=args.crop_margin,
         lesion_labels=tuple(args.lesion_labels) if args.lesion_labels else None,
         resample_back=args.resample_back, min_lesion_ml=args.min_lesion_ml,
         min_lesion_probability=args.min_lesion_probability, time_budget_s=args.time_budget)
+    given.update({name: value for name, value in (("patch_scale", args.patch_scale), ("step_size", args.step_size))
+                  if value is not None})
+    return given
 
 
 def format_timings(seconds: dict) -> str:
@@ -207,7 +217,7 @@ def entry_point() -> None:
 def main(argv: list[str] | None = None) -> int:
     imports_done_at = time.time()  # this module's imports (torch among them) are the start-up's bulk
     args = build_parser().parse_args(argv)
-    options, settings = run_options_from_args(args), settings_from_args(args)
+    options, given = run_options_from_args(args), settings_from_args(args)
     _stopped_by.clear()
     prefer_expandable_segments()  # before CUDA starts
     logging.basicConfig(level=logging.WARNING if options.quiet else logging.INFO, format="%(message)s",
@@ -217,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     done: list[str] = []
     try:
-        return run(options, settings, imports_done_at, done)
+        return run(options, given, imports_done_at, done)
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", None) or (_stopped_by[0] if _stopped_by else signal.SIGINT)
         log.error("error: stopped by %s after %d case(s); no partial mask left", signal.Signals(signum).name,
@@ -225,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
 
 
-def run(options: RunOptions, settings: PredictionSettings, imports_done_at: float, done: list[str]) -> int:
-    """The CLI's work; `done` receives the name of each case whose mask is written."""
+def run(options: RunOptions, given: dict, imports_done_at: float, done: list[str]) -> int:
+    """The CLI's work; `done` receives the name of each case whose mask is written. `given`: the settings the flags
+    set (settings_from_args); the model's calibration record sets the others."""
     try:
         # every flag and path is checked before the first case: a run that cannot finish stops here
         scan = io.find_cases(options.input)
@@ -236,9 +247,14 @@ def run(options: RunOptions, settings: PredictionSettings, imports_done_at: floa
         if options.timings:
             io.check_file_can_be_written(options.timings, "--timings")
         journal = ray_journal(options) if options.on_ray else None
+        calibration = read_calibration(options.model)
+        if options.backend is None:
+            options = replace(options, backend=calibration.backend if calibration else "auto")
         load_start = time.perf_counter()
         # with --ray the workers load the model; here it is only checked, on the CPU
-        model = load_for_run(options, settings, check_only=options.on_ray)
+        asked = PredictionSettings(**{**(calibration.settings if calibration else {}), **given})
+        model = load_for_run(options, asked, check_only=options.on_ray)
+        settings, calibration_line = calibrated_settings(model, **given)
         check_settings(model, settings)
         load_seconds = time.perf_counter() - load_start
         model_loaded_at = time.time()
@@ -253,6 +269,7 @@ def run(options: RunOptions, settings: PredictionSettings, imports_done_at: floa
     total = len(scan.cases) + len(scan.broken)
     log.info("model %s (folds %s, %s on %s) loaded in %.2f s; %d case(s)", options.model,
              ",".join(model.folds), model.backend, model.device, load_seconds, total)
+    (log.warning if calibration_line.startswith("warning") else log.info)("%s", calibration_line)
     # Absolute times (seconds since the epoch) of the start-up, for timelines drawn beside the container's
     # own start and end (evaluation/run_efficiency.py); each case adds its stages' [start, end] under "at".
     startup = {"process_start": process_start_time(), "imports_done": imports_done_at,

@@ -30,7 +30,7 @@ from .settings import PATCH_SCALE, PredictionSettings
 from .sliding_window import in_order, predict_window, sliding_window_logits, window_count
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
-__all__ = ["check_request", "enlarged_patch_size", "inference_patch_size", "largest_patch", "network_logits",
+__all__ = ["calibrated_settings", "check_request", "enlarged_patch_size", "inference_patch_size", "largest_patch", "network_logits",
            "scaled_patch", "window_lanes"]
 
 log = logging.getLogger("inference")
@@ -43,6 +43,26 @@ BUDGET_RESERVE = 0.1  # of the time budget, kept for what follows the network (e
 
 def shown(patch: Sequence[int]) -> str:
     return "x".join(map(str, patch))
+
+
+# ------------------------------------------------------------------------------------- calibrated settings
+
+
+def calibrated_settings(model: LoadedModel, **given) -> tuple[PredictionSettings, str]:
+    """The settings a case runs with where nothing sets them: the patch scale and step of the model folder's
+    calibration record (model/calibration.py), where it was measured on this very model, else nnU-Net's tiling (the
+    training patch, step 0.5); the fields in `given` (a flag's, a caller's) win. With the line that says which."""
+    calibration, uncalibrated = model.calibration, "nnU-Net's tiling (the training patch, step 0.5)"
+    if calibration is None:
+        return PredictionSettings(**given), (f"uncalibrated: {uncalibrated}; `python -m inference.calibrate` measures "
+                                             "faster settings on this model")
+    if calibration.model_fingerprint != model.fingerprint():
+        return PredictionSettings(**given), (f"warning: {calibration.source}: measured on other folds, weights, plans "
+                                             f"or lesion filter than this run's: not used; {uncalibrated}")
+    settings = PredictionSettings(**{**calibration.settings, **given})
+    overridden = sorted(set(calibration.settings) & set(given))
+    return settings, (f"calibrated ({calibration.source}): patch x{settings.patch_scale:g} of the training patch, "
+                      f"step {settings.step_size:g}" + (f" ({', '.join(overridden)} set by a flag)" if overridden else ""))
 
 
 # ------------------------------------------------------------------------------------------- which patches
@@ -244,7 +264,7 @@ def window_lanes(networks: Sequence[PatchNetwork]) -> int:
 
 
 def run_attempt(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings, attempt: Attempt,
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, region: tuple[slice, ...] | None = None) -> torch.Tensor:
     networks = model.networks
     if attempt.networks_on_cpu:
         networks, volume = [network.on(attempt.accumulate_on) for network in networks], volume.cpu().float()
@@ -252,7 +272,7 @@ def run_attempt(volume: torch.Tensor, model: LoadedModel, settings: PredictionSe
         return sliding_window_logits(volume, networks, attempt.patch, model.config.num_classes,
                                      step_size=settings.step_size, accumulate_on=attempt.accumulate_on,
                                      mirror_axes=model.mirror_axes if settings.tta else (),
-                                     progress=progress, lanes=window_lanes(networks))
+                                     progress=progress, lanes=window_lanes(networks), region=region)
     finally:
         if attempt.networks_on_cpu:  # back where the next case expects them
             for network in model.networks:
@@ -282,20 +302,23 @@ def seconds_per_window(volume: torch.Tensor, model: LoadedModel, patch: tuple[in
 
 
 def step_for_time_budget(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,
-                         patch: tuple[int, ...], seconds_left: float) -> float:
+                         patch: tuple[int, ...], seconds_left: float, region: tuple[slice, ...] | None = None) -> float:
     """`settings.step_size`, or the first larger step of CHEAPER_STEPS whose predicted network time (windows x the
     measured time of one) fits `seconds_left`; the largest when none fits. A switch is logged."""
     per_window = seconds_per_window(volume, model, patch, settings.tta)
     padded = tuple(max(size, p) for size, p in zip(volume.shape[1:], patch))
+    if region is not None:  # in the padded volume's coordinates (sliding_window.pad_to_patch centres the volume)
+        region = tuple(slice(r.start + (p - s) // 2, r.stop + (p - s) // 2)
+                       for r, s, p in zip(region, volume.shape[1:], padded))
     steps = [settings.step_size] + [step for step in CHEAPER_STEPS if step > settings.step_size]
-    predicted = {step: window_count(padded, patch, step) * per_window for step in steps}
+    predicted = {step: window_count(padded, patch, step, region) * per_window for step in steps}
     chosen = next((step for step in steps if predicted[step] <= seconds_left), steps[-1])
     if chosen != settings.step_size:
-        first = window_count(padded, patch, settings.step_size)
+        first = window_count(padded, patch, settings.step_size, region)
         log.warning("warning: predicted network time %.1f s (%d windows x %.3f s) over the %.1f s left of the "
                     "time budget: step %g -> %g (%d windows, %.1f s predicted)", predicted[settings.step_size],
                     first, per_window, seconds_left, settings.step_size, chosen,
-                    window_count(padded, patch, chosen), predicted[chosen])
+                    window_count(padded, patch, chosen, region), predicted[chosen])
     return chosen
 
 
@@ -323,24 +346,27 @@ class NetworkResult:
 
 
 def network_logits(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,
-                   seconds_left: float | None = None, progress: bool = False) -> NetworkResult:
-    """Sliding-window logits of a model-space volume [C, z, y, x], with the patch and step used.
+                   seconds_left: float | None = None, progress: bool = False,
+                   region: tuple[slice, ...] | None = None) -> NetworkResult:
+    """Sliding-window logits of a model-space volume [C, z, y, x], with the patch and step used; with `region`, of
+    the windows that meet it only (the body: sliding_window.sliding_window_logits), on the whole volume's grid.
 
     With `seconds_left` (a time budget), the step may be enlarged to fit it (step_for_time_budget). Out of GPU
     memory, each of `out_of_memory_attempts` is tried in turn (a warning says which). `progress`: a bar over the
     windows."""
     patch, predicted = inference_patch_size(volume, model, settings)
     if seconds_left is not None:
-        settings = replace(settings, step_size=step_for_time_budget(volume, model, settings, patch, seconds_left))
+        settings = replace(settings, step_size=step_for_time_budget(volume, model, settings, patch, seconds_left,
+                                                                    region))
     attempts = out_of_memory_attempts(patch, model)
     for attempt, following in zip(attempts, attempts[1:]):
         try:
-            logits = run_attempt(volume, model, settings, attempt, progress)
+            logits = run_attempt(volume, model, settings, attempt, progress, region)
             return NetworkResult(logits, attempt.patch, settings.step_size, predicted)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log.warning("warning: out of GPU memory; retrying with %s", following.label)
     last = attempts[-1]
-    return NetworkResult(run_attempt(volume, model, settings, last, progress), last.patch, settings.step_size,
-                         predicted)
+    return NetworkResult(run_attempt(volume, model, settings, last, progress, region), last.patch,
+                         settings.step_size, predicted)

@@ -1,5 +1,10 @@
-"""One case through the engine, stage by stage: crop -> resample + normalise -> sliding window ->
-lesion filter -> argmax + resample back -> paste. Reading and writing files is the caller's (see cli.py).
+"""One case through the engine, stage by stage: body box -> resample + normalise -> sliding window over the
+body's windows -> lesion filter -> argmax + resample back -> the mask inside the body box. Reading and writing
+files is the caller's (see cli.py).
+
+The crop is exact: the whole volume is resampled and tiled as without a crop, and only the windows that meet the
+body (its box in model space, crop.model_space_region) are run. Inside the body box the mask is the one a run
+without the crop makes, voxel for voxel; outside it is 0. The windows of air it skips are most of a CT's.
 
 On a GPU everything between the upload of the cropped image and the download of the final mask stays
 on the device.
@@ -15,11 +20,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .crop import body_bounding_box, no_crop
+from .crop import body_bounding_box, model_space_region, no_crop
 from .errors import CaseError
 from .lesion_filter import filter_lesions
 from .model import LoadedModel, load_model
-from .network_plan import network_logits, seconds_left
+from .network_plan import calibrated_settings, network_logits, seconds_left
 from .normalize import NORMALIZERS
 from .postprocess import lesion_label_ids, lesion_mask_at_shape
 from .resample import resample_channels, shape_at_spacing
@@ -86,9 +91,9 @@ def predict_array_with_report(array: np.ndarray, spacing: tuple[float, ...], mod
     """Lesion mask (uint8 0/1, same shape) for a (z, y, x) CT array with (z, y, x) spacing in mm, and the
     case's report (`report`, if given, is the one filled: the CLI's, which already holds the read).
 
-    `started`: when the case began (time.perf_counter), for its time budget; default now. `progress`: a bar over the
-    windows."""
-    settings = settings or PredictionSettings()
+    `settings`: default the model's calibrated ones (network_plan.calibrated_settings). `started`: when the case
+    began (time.perf_counter), for its time budget; default now. `progress`: a bar over the windows."""
+    settings = settings or calibrated_settings(model)[0]
     report = report if report is not None else CaseReport()
     predict_started = time.perf_counter()
     started = predict_started if started is None else started
@@ -96,13 +101,13 @@ def predict_array_with_report(array: np.ndarray, spacing: tuple[float, ...], mod
     config = model.config
     with timer("crop"):
         box = crop_box(array, spacing, settings)
-        check_model_grid(tuple(len(range(*s.indices(n))) for s, n in zip(box, array.shape)), spacing, model,
-                         settings)
-        cropped = array[box].copy()  # contiguous, writable: torch needs both
+        check_model_grid(array.shape, spacing, model, settings)
     with timer("resample"):
-        volume = to_model_space(cropped, spacing, model)
+        volume = to_model_space(np.array(array), spacing, model)  # contiguous, writable: torch needs both
+        region = model_space_region(box, array.shape, tuple(volume.shape[1:]), config.transpose_forward)
     with timer("network"):
-        network = network_logits(volume, model, settings, seconds_left(settings, started, predict_started), progress)
+        network = network_logits(volume, model, settings, seconds_left(settings, started, predict_started), progress,
+                                 region)
         del volume
     logits = network.logits
     report.patch_size, report.step_size = network.patch_size, network.step_size
@@ -115,12 +120,12 @@ def predict_array_with_report(array: np.ndarray, spacing: tuple[float, ...], mod
             logits, found, dropped = filter_lesions(logits, lesion_ids, config.voxel_ml, lesion_filter)
         report.lesions_dropped = (dropped, found)
     with timer("export"):
-        cropped_shape = tuple(cropped.shape[a] for a in config.transpose_forward)
-        mask = lesion_mask_at_shape(logits, cropped_shape, lesion_ids, settings.resample_back)
+        shape = tuple(array.shape[a] for a in config.transpose_forward)
+        mask = lesion_mask_at_shape(logits, shape, lesion_ids, settings.resample_back)
         del logits
         mask = mask.permute(*config.transpose_backward).cpu().numpy()
         full = np.zeros(array.shape, dtype=np.uint8)
-        full[box] = mask
+        full[box] = mask[box]
     return full, report
 
 

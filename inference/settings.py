@@ -19,7 +19,9 @@ from flare_common.digests import cache_root
 __all__ = ["ENVIRONMENT_VARIABLES", "Environment", "PATCH_SCALE", "PredictionSettings", "RunOptions",
            "read_environment"]
 
-PATCH_SCALE = 1.2  # the inference patch, as a multiple of the training patch (network_plan.py says why)
+# The inference patch as a multiple of the training patch where nothing else is known: 1.0, nnU-Net's tiling. A larger
+# patch (fewer windows) is a departure a model's calibration record must show costs it nothing (calibrate.py).
+PATCH_SCALE = 1.0
 MAX_PATCH_SCALE = 8.0
 
 
@@ -28,11 +30,13 @@ class PredictionSettings:
     """What a case's mask is computed with. Every field is in the run's fingerprint (provenance.run_fingerprint): a mask
     made under other settings is never reused."""
 
+    # step_size and patch_scale: nnU-Net's where a model folder's calibration record (inference.json) says nothing;
+    # the command line and predict_image take the record's (network_plan.calibrated_settings)
     step_size: float = 0.5
     patch_size: tuple[int, int, int] | None = None  # None: training patch x patch_scale (network_plan.py)
     patch_scale: float = PATCH_SCALE
     tta: bool = False
-    crop: bool = True
+    crop: bool = True  # run only the windows that meet the body's box (exact: pipeline.py, crop.py)
     crop_threshold_hu: float = -500.0
     crop_margin_mm: float = 10.0
     lesion_labels: tuple[int, ...] | None = None  # None: every non-background label
@@ -61,7 +65,7 @@ class RunOptions:
     checkpoint: str = "checkpoint_final.pth"
     configuration: str | None = None
     device: str = "auto"
-    backend: str = "auto"
+    backend: str | None = "auto"  # None (no --backend): the model's calibration record's, else "auto" (cli.run)
     on_error: str = "fail"  # "fail": no mask; "empty": an all-zero mask on the input's grid
     timings: Path | None = None
     skip_existing: bool = False

@@ -37,25 +37,38 @@ def window_starts(size: int, patch: int, step_size: float) -> list[int]:
 MAX_WINDOWS = 200_000
 
 
+def starts_in(size: int, patch: int, step_size: float, region: slice | None = None) -> list[int]:
+    """The window starts along an axis (window_starts), only those whose window meets `region` where one is given."""
+    starts = window_starts(size, patch, step_size)
+    if region is None:
+        return starts
+    return [start for start in starts if start < region.stop and start + patch > region.start]
+
+
 def starts_along(size: int, patch: int, step_size: float) -> int:
     """How many windows cover an axis of `size` voxels, at most `patch * step_size` apart (nnU-Net's rule)."""
     return 1 if size <= patch else math.ceil((size - patch) / (patch * step_size)) + 1
 
 
-def window_count(shape: Sequence[int], patch: Sequence[int], step_size: float) -> int:
+def window_count(shape: Sequence[int], patch: Sequence[int], step_size: float,
+                 region: tuple[slice, ...] | None = None) -> int:
     """How many windows window_slices would make, without making them."""
-    return math.prod(starts_along(size, p, step_size) for size, p in zip(shape, patch))
+    if region is None:
+        return math.prod(starts_along(size, p, step_size) for size, p in zip(shape, patch))
+    return math.prod(len(starts_in(size, p, step_size, r)) for size, p, r in zip(shape, patch, region))
 
 
-def window_slices(shape: Sequence[int], patch: Sequence[int], step_size: float) -> list[tuple[slice, ...]]:
-    """Every window of the sliding window over a (padded) volume of `shape`, as tuples of slices; CaseError
-    over MAX_WINDOWS."""
-    count = window_count(shape, patch, step_size)
+def window_slices(shape: Sequence[int], patch: Sequence[int], step_size: float,
+                  region: tuple[slice, ...] | None = None) -> list[tuple[slice, ...]]:
+    """Every window of the sliding window over a (padded) volume of `shape`, as tuples of slices, in the same order
+    whatever the region: with `region`, only the windows that meet it. CaseError over MAX_WINDOWS."""
+    count = window_count(shape, patch, step_size, region)
     if count > MAX_WINDOWS:
         raise CaseError(f"step {step_size:g} of the {'x'.join(map(str, patch))} patch would make {count:,} windows "
                         f"over {'x'.join(map(str, shape))} voxels, over the limit of {MAX_WINDOWS:,}: take a "
                         "larger --step-size")
-    starts = [window_starts(s, p, step_size) for s, p in zip(shape, patch)]
+    starts = [starts_in(s, p, step_size, region[axis] if region else None)
+              for axis, (s, p) in enumerate(zip(shape, patch))]
     return [tuple(slice(b, b + p) for b, p in zip(begin, patch)) for begin in itertools.product(*starts)]
 
 
@@ -137,8 +150,13 @@ def accumulator_dtype(device: torch.device) -> torch.dtype:
 def sliding_window_logits(volume: torch.Tensor, networks: Sequence[PatchPredictor],
                           patch_size: Sequence[int], num_classes: int, step_size: float = 0.5,
                           mirror_axes: Sequence[int] = (), accumulate_on: torch.device | None = None,
-                          progress: bool = False, lanes: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
+                          progress: bool = False, lanes: int = 1, dtype: torch.dtype | None = None,
+                          region: tuple[slice, ...] | None = None) -> torch.Tensor:
     """Logits [K, z, y, x] for a normalised volume [C, z, y, x], Gaussian-weighted over windows.
+
+    `region` (slices of the volume): only the windows that meet it are run, on the same grid as the whole volume's,
+    so that every voxel inside it gets the sum of exactly the windows, in the same order, that a run over the whole
+    volume gives it: the same logits, bit for bit. Outside the region the logits are 0 (no class wins: background).
 
     Accumulates in `dtype`, by default accumulator_dtype (fp16 on CUDA). A sum that overflows fp16 (a large
     model's logits over many overlapping windows: nnU-Net stops there) is made again in fp32, said in one
@@ -149,13 +167,13 @@ def sliding_window_logits(volume: torch.Tensor, networks: Sequence[PatchPredicto
     accumulate_on = accumulate_on or volume.device
     dtype = dtype or accumulator_dtype(accumulate_on)
     logits = weighted_sum(volume, networks, patch_size, num_classes, step_size, mirror_axes, accumulate_on, progress,
-                          lanes, dtype)
+                          lanes, dtype, region)
     if dtype != torch.float32 and not bool(torch.isfinite(logits).all()):
         log.warning("warning: the %s sum of the logits overflowed; summed again in float32",
                     str(dtype).removeprefix("torch."))
         del logits
         logits = weighted_sum(volume, networks, patch_size, num_classes, step_size, mirror_axes, accumulate_on,
-                              progress, lanes, torch.float32)
+                              progress, lanes, torch.float32, region)
     if not bool(torch.isfinite(logits).all()):
         raise CaseError("the network's logits are not finite (an overflow inside the network?); no mask is made")
     return logits
@@ -163,13 +181,17 @@ def sliding_window_logits(volume: torch.Tensor, networks: Sequence[PatchPredicto
 
 def weighted_sum(volume: torch.Tensor, networks: Sequence[PatchPredictor], patch_size: Sequence[int],
                  num_classes: int, step_size: float, mirror_axes: Sequence[int], accumulate_on: torch.device,
-                 progress: bool, lanes: int, dtype: torch.dtype) -> torch.Tensor:
-    """The Gaussian-weighted mean of every window's logits, accumulated in `dtype` on `accumulate_on`."""
+                 progress: bool, lanes: int, dtype: torch.dtype,
+                 region: tuple[slice, ...] | None = None) -> torch.Tensor:
+    """The Gaussian-weighted mean of every window's logits (of the windows meeting `region`, where given, and 0
+    outside it), accumulated in `dtype` on `accumulate_on`."""
     padded, unpad = pad_to_patch(volume, patch_size)
+    if region is not None:  # in the padded volume's coordinates
+        region = tuple(slice(r.start + u.start, r.stop + u.start) for r, u in zip(region, unpad[1:]))
     logits_sum = torch.zeros((num_classes, *padded.shape[1:]), dtype=dtype, device=accumulate_on)
     weight_sum = torch.zeros(padded.shape[1:], dtype=dtype, device=accumulate_on)
     gaussian = gaussian_importance_map(patch_size, device=accumulate_on, dtype=dtype)
-    windows = window_slices(padded.shape[1:], patch_size, step_size)
+    windows = window_slices(padded.shape[1:], patch_size, step_size, region)
 
     def predict(window: tuple[slice, ...]) -> torch.Tensor:
         return predict_window(networks, padded[(slice(None), *window)][None], mirror_axes)[0]
@@ -179,5 +201,18 @@ def weighted_sum(volume: torch.Tensor, networks: Sequence[PatchPredictor], patch
                                    disable=not progress):
             logits_sum[(slice(None), *window)] += logits.to(accumulate_on, dtype) * gaussian
             weight_sum[window] += gaussian
+    if region is not None:
+        zero_outside(logits_sum, region)
+        weight_sum[weight_sum == 0] = 1  # voxels no window reached: 0 / 1
     logits_sum /= weight_sum
     return logits_sum[unpad]
+
+
+def zero_outside(tensor: torch.Tensor, region: tuple[slice, ...]) -> None:
+    """Set every voxel of a [K, z, y, x] tensor outside the spatial `region` to 0, in place."""
+    for axis, window in enumerate(region, start=1):
+        before = [slice(None)] * tensor.ndim
+        after = list(before)
+        before[axis], after[axis] = slice(0, window.start), slice(window.stop, None)
+        tensor[tuple(before)] = 0
+        tensor[tuple(after)] = 0

@@ -82,16 +82,41 @@ def final_stage(instructions: list[tuple[str, str]]) -> tuple[list[tuple[str, st
 
 
 def copies_from_context(instructions: list[tuple[str, str]]) -> list[tuple[list[str], str]]:
-    """(sources, destination) of the COPY instructions of the final stage that read the build context."""
+    """(sources, destination) of the COPY instructions of the final stage that read the build context, directly or
+    through an earlier stage (`COPY --from=STAGE PATH DEST` of a PATH that stage copied from the context, as the
+    stage `export` copies the model folder before adding its ONNX export, which a build alone makes)."""
     copies = []
     for keyword, arguments in final_stage(instructions)[0]:
         if keyword not in ("COPY", "ADD"):
             continue
         words = shlex.split(arguments)
-        if any(w.startswith("--from") for w in words):
-            continue
+        stage = next((w.split("=", 1)[1] for w in words if w.startswith("--from=")), None)
         words = [w for w in words if not w.startswith("--")]
-        copies.append((words[:-1], words[-1]))
+        if stage is None:
+            copies.append((words[:-1], words[-1]))
+            continue
+        for sources, destination in stage_context_copies(instructions).get(stage, []):
+            if destination.rstrip("/") in (w.rstrip("/") for w in words[:-1]):
+                copies.append((sources, words[-1]))
+    return copies
+
+
+def stage_context_copies(instructions: list[tuple[str, str]]) -> dict[str, list[tuple[list[str], str]]]:
+    """For each named stage (`FROM ... AS NAME`), its COPY instructions from the build context (ARGs expanded)."""
+    global_args, stage_args, in_stage, name, copies = {}, {}, False, None, {}
+    for keyword, arguments in instructions:
+        if keyword == "FROM":
+            words = arguments.split()
+            name = words[-1] if len(words) >= 3 and words[-2].upper() == "AS" else None
+            in_stage, stage_args = True, {}
+        elif keyword == "ARG":
+            variable, _, default = arguments.partition("=")
+            (stage_args if in_stage else global_args)[variable] = default or global_args.get(variable, "")
+        elif keyword in ("COPY", "ADD") and name is not None:
+            words = shlex.split(expand_args(arguments, stage_args))
+            if not any(w.startswith("--from") for w in words):
+                words = [w for w in words if not w.startswith("--")]
+                copies.setdefault(name, []).append((words[:-1], words[-1]))
     return copies
 
 

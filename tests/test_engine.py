@@ -195,7 +195,8 @@ def test_logs_have_no_progress_bars_when_not_on_a_terminal_and_bars_on_one(tmp_p
     assert piped.returncode == 0, piped.stderr
     assert "\r" not in piped.stderr and "\x1b[" not in piped.stderr
     lines = piped.stderr.splitlines()
-    assert len(lines) == 3 and lines[0].startswith("model ") and lines[1].startswith("a: ")  # one line a case
+    assert len(lines) == 4 and lines[0].startswith("model ") and lines[1].startswith("uncalibrated: ")
+    assert lines[2].startswith("a: ")  # one line a case
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a width
     on_terminal = subprocess.run(argv[:6] + [str(tmp_path / "out2")] + argv[7:], cwd=REPO, stdout=follower,

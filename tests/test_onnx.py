@@ -285,9 +285,9 @@ def test_dynamic_axes_detection(exported_model, tmp_path):
     assert not has_dynamic_spatial_axes(fixed)
 
 
-def test_tensorrt_profile_covers_the_pipelines_default_patches(tmp_path):
+def test_tensorrt_profile_covers_the_patches_a_run_asks_for(tmp_path):
     config = load_model(make_toy_model(tmp_path / "m"), device="cpu").config
-    profile = trt_profile_shapes(config, largest_patch(config, PredictionSettings()))
+    profile = trt_profile_shapes(config, largest_patch(config, PredictionSettings(patch_scale=1.2)))
     assert profile == {"trt_profile_min_shapes": "patch:1x1x32x32x32",
                        "trt_profile_opt_shapes": "patch:1x1x40x40x40",
                        "trt_profile_max_shapes": "patch:1x1x40x40x40"}

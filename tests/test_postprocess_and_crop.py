@@ -95,3 +95,70 @@ def test_body_crop_discards_small_debris_and_handles_all_air():
     assert box[1].start >= 20 - 4 - 3  # body starts at y=20; margin 4 mm; coarse sampling step 4
     air = np.full((10, 20, 20), -1000, np.int16)
     assert body_bounding_box(air, (1.0, 1.0, 1.0)) == (slice(0, 10), slice(0, 20), slice(0, 20))
+
+
+def test_the_model_space_region_holds_every_model_voxel_the_box_is_resampled_from():
+    """Resampling back (trilinear, align_corners=False) reads, for input voxel i, the model voxels floor(c) and
+    floor(c) + 1 around c = (i + 0.5) * model / input - 0.5: the region must hold them all, and little more."""
+    from inference.crop import REGION_MARGIN, model_space_region
+    assert model_space_region((slice(0, 10), slice(0, 20), slice(0, 30)), (10, 20, 30), (5, 10, 15), (0, 1, 2)) is None
+    box, shape, model_shape = (slice(4, 8), slice(0, 20), slice(10, 21)), (10, 20, 30), (5, 40, 15)
+    region = model_space_region(box, shape, model_shape, (2, 0, 1))  # the model's axes: x, z, y
+    for model_axis, input_axis in enumerate((2, 0, 1)):
+        size = model_shape[model_axis]
+        read = set()
+        for i in range(box[input_axis].start, box[input_axis].stop):
+            c = max(0.0, (i + 0.5) * size / shape[input_axis] - 0.5)
+            read |= {min(size - 1, int(np.floor(c))), min(size - 1, int(np.floor(c)) + 1)}
+        assert region[model_axis].start <= min(read) and max(read) < region[model_axis].stop
+        assert region[model_axis].stop - region[model_axis].start <= max(read) - min(read) + 2 + 2 * REGION_MARGIN
+
+
+class CountingNetwork:
+    """A network that counts its windows (backends.PatchNetwork)."""
+
+    lanes, movable, source = 1, True, "counting"
+
+    def __init__(self, network):
+        self.network, self.calls = network, 0
+
+    def accepted_patches(self):
+        return self.network.accepted_patches()
+
+    def on(self, device):
+        return self
+
+    def __call__(self, patch):
+        self.calls += 1
+        return self.network(patch)
+
+
+def test_the_exact_crop_runs_only_the_bodys_windows_and_changes_no_voxel_inside_its_box(tmp_path):
+    """A body with air around it: the crop runs fewer windows on the uncropped grid, and inside the body box the
+    mask is the uncropped run's, voxel for voxel (outside it, 0). The toy model, untrained, marks much of the air:
+    a crop that moved the grid would change its answer inside the box too."""
+    from conftest import make_ct_image, make_toy_model
+    from inference import PredictionSettings, load_model, predict_image
+    from inference.pipeline import crop_box
+    import SimpleITK as sitk
+
+    model = load_model(make_toy_model(tmp_path / "m", seed=3), device="cpu")
+    counting = CountingNetwork(model.networks[0])
+    model.networks = [counting]
+    base = make_ct_image(shape_zyx=(24, 40, 48), seed=2)
+    windows = []
+    for pad, steps in (((4, 30, 30), (0.5, 0.7)), ((10, 5, 40), (0.5,)), ((2, 120, 120), (1.0,))):
+        array = np.pad(sitk.GetArrayFromImage(base), [(p, p) for p in pad], constant_values=-1000)
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(base.GetSpacing())
+        for step in steps:
+            counting.calls = 0
+            cropped = sitk.GetArrayFromImage(predict_image(image, model, PredictionSettings(step_size=step)))
+            windows_cropped, counting.calls = counting.calls, 0
+            full = sitk.GetArrayFromImage(predict_image(image, model, PredictionSettings(step_size=step, crop=False)))
+            box = crop_box(array, tuple(image.GetSpacing())[::-1], PredictionSettings())
+            assert np.array_equal(cropped[box], full[box]) and full[box].any()
+            assert cropped.sum() == cropped[box].sum() < full.sum()  # 0 outside the box; the air had "lesions"
+            windows.append((windows_cropped, counting.calls))
+    assert all(cropped <= full for cropped, full in windows) and any(cropped < full for cropped, full in windows), \
+        windows

@@ -216,3 +216,25 @@ def test_logits_that_are_not_finite_make_no_mask():
         sliding_window_logits(volume, [ConstantLogits(float("inf"))], (8, 8, 8), 2)
     with pytest.raises(CaseError, match="not finite"):
         sliding_window_logits(volume, [ConstantLogits(float("nan"))], (8, 8, 8), 2, dtype=torch.float16)
+
+
+def test_a_region_gets_the_logits_of_the_whole_volume_bit_for_bit_from_fewer_windows():
+    """The exact crop's sliding window: the windows of the whole volume's grid that meet the region, summed in the
+    same order, give every voxel inside it the whole run's logits exactly; outside, 0."""
+    from inference.sliding_window import window_count
+    torch.manual_seed(0)
+    network = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
+
+    def run(patch):
+        with torch.no_grad():
+            return network(patch)
+
+    volume = torch.randn(1, 30, 41, 37)
+    region = (slice(6, 19), slice(12, 30), slice(0, 9))
+    whole = sliding_window_logits(volume, [run], (16, 16, 16), 2)
+    part = sliding_window_logits(volume, [run], (16, 16, 16), 2, region=region)
+    assert torch.equal(part[(slice(None), *region)], whole[(slice(None), *region)])
+    outside = torch.ones_like(part, dtype=torch.bool)
+    outside[(slice(None), *region)] = False
+    assert not part[outside].any()
+    assert window_count((30, 41, 37), (16, 16, 16), 0.5, region) < window_count((30, 41, 37), (16, 16, 16), 0.5)

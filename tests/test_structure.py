@@ -91,6 +91,10 @@ def test_the_command_line_builds_typed_records_with_the_parsers_defaults():
     from inference import cli
 
     args = cli.build_parser().parse_args(["-i", "in", "-o", "out", "--ray", "--folds", "0", "1", "--tta"])
-    options, settings = cli.run_options_from_args(args), cli.settings_from_args(args)
-    assert options.ray_address == "" and options.folds == ("0", "1") and options.backend == "auto"
-    assert settings == dataclasses.replace(PredictionSettings(), tta=True)
+    options, given = cli.run_options_from_args(args), cli.settings_from_args(args)
+    assert options.ray_address == "" and options.folds == ("0", "1")
+    assert options.backend is None  # no --backend: the model's calibration record's, else auto (cli.run)
+    assert "patch_scale" not in given and "step_size" not in given  # no flag: the calibration decides
+    assert PredictionSettings(**given) == dataclasses.replace(PredictionSettings(), tta=True)
+    given = cli.settings_from_args(cli.build_parser().parse_args(["-i", "in", "-o", "out", "--patch-scale", "1.5"]))
+    assert given["patch_scale"] == 1.5

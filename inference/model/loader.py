@@ -13,11 +13,13 @@ import torch
 from ..backends import PatchNetwork, TorchNetwork
 from ..errors import ModelError
 from ..lesion_filter import LesionFilter, read_lesion_filter
+from ..settings import PATCH_SCALE
+from .calibration import Calibration, read_calibration
 from .checkpoint import load_checkpoint
 from .fingerprint import model_fingerprint
 from .network import build_network
 from .onnx_loader import ONNX_FILE_NAME, current_cpu_networks, load_onnx_networks
-from .plans import ModelConfig, read_model_config
+from .plans import ModelConfig, read_model_config, scaled_patch
 
 @dataclass
 class LoadedModel:
@@ -29,6 +31,7 @@ class LoadedModel:
     mirror_axes: tuple[int, ...] = (0, 1, 2)  # spatial axes TTA may flip, from the checkpoint
     lesion_filter: LesionFilter = LesionFilter()  # the folder's lesion_filter.json; default keeps all
     content: Future | None = field(default=None, repr=False)  # the model folder's fingerprint, being hashed
+    calibration: Calibration | None = None  # the folder's inference.json (model/calibration.py), if any
 
     def fingerprint(self) -> str:
         """The content hash of what defines this model's masks (fingerprint.model_fingerprint): plans, dataset,
@@ -87,13 +90,14 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
     default): torch on CUDA, ONNX Runtime on the CPU where there is a current export of these checkpoints
     (onnx_loader.current_cpu_networks; export_onnx.export_for_cpu_where_missing makes one), else torch.
     largest_patch: the largest patch a TensorRT engine is built for (network_plan.largest_patch; default the
-    training patch x PATCH_SCALE, the default run's)."""
+    default run's: the calibrated patch, else the training patch)."""
     model_dir = Path(model_dir)
     config = read_model_config(model_dir, configuration)
     device = resolve_device(device)
     fold_names = select_folds(model_dir, folds)
     weights = fold_weight_files(model_dir, fold_names, checkpoint_name, backend)
     lesion_filter = read_lesion_filter(model_dir)
+    calibration = read_calibration(model_dir)
     content = _HASHING.submit(model_fingerprint, model_dir, config.configuration, weights)
     if backend == "auto":  # torch (fp16) on CUDA; ONNX Runtime on the CPU where an export is or can be had
         if device.type == "cpu":
@@ -101,12 +105,16 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
         networks = current_cpu_networks(config, fold_names, checkpoint_name) if device.type == "cpu" else None
         if networks:
             return LoadedModel(config, networks, device, tuple(fold_names), "onnx", networks[0].mirror_axes,
-                               lesion_filter, content)
+                               lesion_filter, content, calibration)
         backend = "torch"
     if backend != "torch":
+        if largest_patch is None:  # the default run's: the calibrated patch, else the training patch
+            largest_patch = scaled_patch(config.patch_size, config.total_stride,
+                                         calibration.patch_scale if calibration else PATCH_SCALE)
         networks = load_onnx_networks(config, fold_names, device, backend, checkpoint_name, largest_patch)
         mirror_axes = networks[0].mirror_axes  # kept in the export's metadata
-        return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter, content)
+        return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter, content,
+                           calibration)
     networks, mirror_axes = [], (0, 1, 2)
     for fold in fold_names:
         checkpoint_path = model_dir / f"fold_{fold}" / checkpoint_name
@@ -115,7 +123,8 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
         network = network_with_weights(config, checkpoint["network_weights"], checkpoint_path)
         mirror_axes = tuple(checkpoint.get("inference_allowed_mirroring_axes") or mirror_axes)
         networks.append(TorchNetwork(network, device, checkpoint_path))
-    return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter, content)
+    return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter, content,
+                       calibration)
 
 
 def fold_weight_files(model_dir: Path, fold_names: Sequence[str], checkpoint_name: str,

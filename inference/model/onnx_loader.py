@@ -28,7 +28,7 @@ from ..backends import OnnxRuntimeNetwork
 from ..errors import ModelError
 from ..settings import read_environment
 from .fingerprint import network_fingerprint
-from .plans import ModelConfig, scaled_patch
+from .plans import ModelConfig
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
 __all__ = ["cpu_lanes", "load_onnx_networks", "session_options"]
@@ -222,7 +222,7 @@ def check_session_fits(session, path: Path, config: ModelConfig) -> None:
 def open_fold(path: Path, config: ModelConfig, device: torch.device, providers: list[str],
               largest_patch: tuple[int, ...] | None = None):
     """One fold's session on the best of `providers` that starts, as an OnnxRuntimeNetwork. `largest_patch`: the largest
-    patch a TensorRT engine is built for (default the training patch x PATCH_SCALE, the default run's)."""
+    patch a TensorRT engine is built for (default the training patch)."""
     import onnxruntime as ort
 
     main = providers[0]
@@ -243,7 +243,7 @@ def open_fold(path: Path, config: ModelConfig, device: torch.device, providers: 
             "trt_timing_cache_enable": "1", "trt_timing_cache_path": cache,
         }
         if has_dynamic_spatial_axes(path):
-            profile = trt_profile_shapes(config, largest_patch or scaled_patch(config.patch_size, config.total_stride))
+            profile = trt_profile_shapes(config, largest_patch or tuple(config.patch_size))
             options_by_provider[TENSORRT].update(profile)
             patch_range = tuple(tuple(int(v) for v in profile[key].split(":")[1].split("x")[2:])
                                 for key in ("trt_profile_min_shapes", "trt_profile_max_shapes"))

@@ -117,10 +117,11 @@ def test_time_budget_takes_a_larger_step_and_says_so(tmp_path, caplog):
     _, relaxed = predict_image_with_report(image, model, PredictionSettings(time_budget_s=600))
     assert relaxed.step_size == 0.5 and "time budget" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="inference"):
-        _, tight = predict_image_with_report(image, model, PredictionSettings(time_budget_s=0.5))
+        _, tight = predict_image_with_report(image, model, PredictionSettings(time_budget_s=0.5, patch_scale=1.2))
     assert tight.step_size == 1.0
-    # 64 windows of 40^3 over the body at step 0.5, 25 at step 1 (each sleeps 0.02 s: 0.5 s > the 0.45 s left)
-    assert "(64 windows x" in caplog.text and "time budget: step 0.5 -> 1 (25 windows" in caplog.text
+    # 81 windows of 40^3 meet the body at step 0.5 (on the whole volume's grid: the exact crop), 25 at step 1 (each
+    # sleeps 0.02 s: 0.5 s > the 0.45 s left)
+    assert "(81 windows x" in caplog.text and "time budget: step 0.5 -> 1 (25 windows" in caplog.text
 
 
 def test_on_error_empty_writes_an_empty_mask_on_the_inputs_grid(tmp_path):

@@ -1,0 +1,202 @@
+"""`python -m inference.calibrate`: measure this model's speed settings against nnU-Net's own, and keep the fastest
+that costs no accuracy.
+
+    python -m inference.calibrate -m MODEL --images DIR [--labels DIR] [-f FOLD ...] [--device cpu|cuda]
+
+Every candidate (the inference patch as 1.0 / 1.2 / 1.5 x the training patch, step 0.5 / 0.75, and on the CPU torch
+or ONNX Runtime: `--backend auto`) runs every case of --images, as does the reference: nnU-Net's tiling (the training
+patch, step 0.5, torch). For each candidate: seconds per case (the pipeline, the read left out), agreement with the
+reference's masks (DSC per case), and where --labels are given the lesion DSC against them. Chosen: the fastest
+candidate whose mean lesion DSC is at least the reference's - --tolerance (0.005) and whose every case is at least
+the reference's - --case-tolerance (0.05); without labels, whose masks agree with the reference's at DSC >= 0.99 on
+average and >= 0.95 on every case. The reference itself always qualifies.
+
+The choice, the evidence (every candidate's figures) and the fingerprint of the model it was measured on are written
+to MODEL/inference.json (model/calibration.py reads it). `python -m inference`, `predict.sh` and `predict_image`
+use the chosen settings wherever no flag sets them; a record made for other weights or plans is not used (said in
+a line). The body crop is exact (pipeline.py) and not a candidate.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from flare_common.arguments import OneLineParser, number
+from flare_common.files import write_text_atomically
+
+from . import __version__, io
+from .errors import CaseError, ModelError
+from .model.calibration import CALIBRATION_FILE
+from .pipeline import predict_image_with_report
+from .run_model import load_for_run
+from .settings import PredictionSettings, RunOptions
+
+log = logging.getLogger("inference")
+
+PATCH_SCALES = (1.0, 1.2, 1.5)
+STEPS = (0.5, 0.75)
+REFERENCE = (1.0, 0.5, "torch")  # nnU-Net's tiling: the training patch, half-overlapping windows, torch
+
+
+@dataclass
+class Candidate:
+    patch_scale: float
+    step_size: float
+    backend: str
+    seconds: list[float] = field(default_factory=list)
+    agreement: list[float] = field(default_factory=list)
+    lesion_dsc: list[float] = field(default_factory=list)
+    qualifies: bool = False
+
+    @property
+    def key(self) -> tuple:
+        return self.patch_scale, self.step_size, self.backend
+
+    def summary(self) -> dict:
+        mean = (lambda values: round(float(np.mean(values)), 4) if values else None)
+        return {"patch_scale": self.patch_scale, "step_size": self.step_size, "backend": self.backend,
+                "seconds_per_case": round(float(np.mean(self.seconds)), 3), "mean_agreement": mean(self.agreement),
+                "min_agreement": round(min(self.agreement), 4), "mean_lesion_dsc": mean(self.lesion_dsc),
+                "per_case_seconds": [round(s, 3) for s in self.seconds],
+                "per_case_agreement": [round(a, 4) for a in self.agreement],
+                "per_case_lesion_dsc": [round(d, 4) for d in self.lesion_dsc], "qualifies": self.qualifies}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2 * int(np.logical_and(a, b).sum()) / total
+
+
+def candidates(device: str) -> list[Candidate]:
+    """The reference first, then every other candidate; ONNX Runtime (`auto`) only on the CPU."""
+    backends = ("torch", "auto") if device == "cpu" else ("torch",)
+    keys = [REFERENCE] + [(scale, step, backend) for backend in backends for scale in PATCH_SCALES for step in STEPS
+                          if (scale, step, backend) != REFERENCE]
+    return [Candidate(*key) for key in keys]
+
+
+def qualifies(candidate: Candidate, reference: Candidate, tolerance: float, case_tolerance: float) -> bool:
+    """Within the tolerances of the reference (see module doc)."""
+    if reference.lesion_dsc:
+        return (np.mean(candidate.lesion_dsc) >= np.mean(reference.lesion_dsc) - tolerance
+                and all(c >= r - case_tolerance for c, r in zip(candidate.lesion_dsc, reference.lesion_dsc)))
+    return np.mean(candidate.agreement) >= 0.99 and min(candidate.agreement) >= 0.95
+
+
+def choose(measured: list[Candidate], tolerance: float, case_tolerance: float) -> Candidate:
+    """The fastest qualifying candidate (the reference is measured[0] and always qualifies)."""
+    reference = measured[0]
+    for candidate in measured:
+        candidate.qualifies = candidate is reference or qualifies(candidate, reference, tolerance, case_tolerance)
+    return min((c for c in measured if c.qualifies), key=lambda c: np.mean(c.seconds))
+
+
+def measure(options: RunOptions, images: list[sitk.Image], truths: list[np.ndarray] | None,
+            device: str) -> tuple[list[Candidate], str]:
+    """Every candidate on every image; the model's fingerprint."""
+    measured, models, reference_masks, fingerprint = candidates(device), {}, [], None
+    for candidate in measured:
+        if candidate.backend not in models:
+            models[candidate.backend] = load_for_run(
+                RunOptions(options.input, options.output, options.model, options.folds, options.checkpoint,
+                           options.configuration, device, candidate.backend), PredictionSettings())
+        model = models[candidate.backend]
+        fingerprint = fingerprint or model.fingerprint()
+        settings = PredictionSettings(patch_scale=candidate.patch_scale, step_size=candidate.step_size)
+        for index, image in enumerate(images):
+            started = time.perf_counter()
+            mask, _ = predict_image_with_report(image, model, settings)
+            candidate.seconds.append(time.perf_counter() - started)
+            mask = sitk.GetArrayViewFromImage(mask) > 0
+            if candidate is measured[0]:
+                reference_masks.append(mask.copy())
+            candidate.agreement.append(dice(mask, reference_masks[index]))
+            if truths is not None:
+                candidate.lesion_dsc.append(dice(mask, truths[index]))
+        log.info("patch x%g, step %g, %s: %.2f s a case, agreement %.4f%s", candidate.patch_scale,
+                 candidate.step_size, "ONNX Runtime" if candidate.backend == "auto" and device == "cpu" else "torch",
+                 np.mean(candidate.seconds), np.mean(candidate.agreement),
+                 f", lesion DSC {np.mean(candidate.lesion_dsc):.4f}" if candidate.lesion_dsc else "")
+    return measured, fingerprint
+
+
+def read_cases(images_dir: Path, labels_dir: Path | None) -> tuple[list[str], list[sitk.Image], list | None]:
+    scan = io.find_cases(images_dir)
+    if scan.broken:
+        raise CaseError(f"{scan.broken[0][0]}: {scan.broken[0][1]}")
+    names = [io.case_id(path) for path in scan.cases]
+    images = [io.read_checked(path) for path in scan.cases]
+    truths = None
+    if labels_dir is not None:
+        truths = []
+        for name, image in zip(names, images):
+            path = labels_dir / f"{name}.nii.gz"
+            if not path.is_file():
+                raise CaseError(f"{path}: no label for {name}")
+            label = sitk.GetArrayFromImage(io.read_checked(path))
+            if label.shape != sitk.GetArrayViewFromImage(image).shape:
+                raise CaseError(f"{path}: its size differs from the image's")
+            truths.append(label > 0)
+    return names, images, truths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m inference.calibrate", description=__doc__.splitlines()[0])
+    parser.add_argument("-m", "--model", required=True, help="nnU-Net v2 model folder (inference.json is written there)")
+    parser.add_argument("--images", required=True, type=Path, help="folder of <case>_0000.nii.gz validation images")
+    parser.add_argument("--labels", type=Path, default=None, help="folder of <case>.nii.gz lesion labels (optional)")
+    parser.add_argument("-f", "--folds", nargs="+", default=None)
+    parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    parser.add_argument("-c", "--configuration", default=None)
+    parser.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--tolerance", type=lambda t: number(t, low=0, high=1), default=0.005,
+                        help="mean lesion DSC a candidate may lose against the reference (0.005)")
+    parser.add_argument("--case-tolerance", type=lambda t: number(t, low=0, high=1), default=0.05,
+                        help="lesion DSC any one case may lose (0.05)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    model_dir = Path(args.model)
+    try:
+        io.check_file_can_be_written(model_dir / CALIBRATION_FILE, "the calibration record")
+        names, images, truths = read_cases(args.images, args.labels)
+        with tempfile.TemporaryDirectory() as scratch:
+            options = RunOptions(args.images, Path(scratch), model_dir,
+                                 tuple(args.folds) if args.folds else None, args.checkpoint, args.configuration)
+            measured, fingerprint = measure(options, images, truths, args.device)
+    except (CaseError, ModelError, ValueError) as err:
+        log.error("error: %s", err)
+        return 2
+    chosen = choose(measured, args.tolerance, args.case_tolerance)
+    record = {
+        "chosen": {"patch_scale": chosen.patch_scale, "step_size": chosen.step_size, "backend": chosen.backend},
+        "model_fingerprint": fingerprint, "folds": args.folds, "checkpoint": args.checkpoint,
+        "device": args.device, "engine": __version__,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "rule": (f"fastest candidate with mean lesion DSC >= reference - {args.tolerance:g} and every case >= "
+                 f"reference - {args.case_tolerance:g}" if truths is not None else
+                 "fastest candidate agreeing with the reference at mean DSC >= 0.99 and every case >= 0.95"),
+        "reference": {"patch_scale": REFERENCE[0], "step_size": REFERENCE[1], "backend": REFERENCE[2]},
+        "cases": names, "candidates": [candidate.summary() for candidate in measured]}
+    write_text_atomically(model_dir / CALIBRATION_FILE, json.dumps(record, indent=1) + "\n")
+    speedup = np.mean(measured[0].seconds) / np.mean(chosen.seconds)
+    log.info("chosen: patch x%g, step %g, %s: %.2f s a case, %.2fx the reference; wrote %s", chosen.patch_scale,
+             chosen.step_size, chosen.backend, np.mean(chosen.seconds), speedup, model_dir / CALIBRATION_FILE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Per-model calibration of the speed settings (inference/calibrate.py, model/calibration.py,
+network_plan.calibrated_settings): the record is read as untrusted data, the rule picks the reference where a faster
+candidate loses accuracy, the chosen settings are the default of the CLI and the API, flags win, and a folder without
+a record (or with one made for other weights) runs nnU-Net's tiling, saying so."""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_ct_image, make_toy_model
+from inference import ModelError, PredictionSettings, load_model, predict_image_with_report
+from inference.calibrate import REFERENCE, Candidate, choose
+from inference.calibrate import main as calibrate_main
+from inference.model.calibration import CALIBRATION_FILE, read_calibration
+from inference.network_plan import calibrated_settings
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPE = (40, 96, 96)  # 53 x 48 x 48 voxels at the toy model's 3 mm: room for patches of 32 (x1.0), 40 (x1.2), 48 (x1.5)
+PATCH = {1.0: [32, 32, 32], 1.2: [40, 40, 40], 1.5: [48, 48, 48]}
+
+
+def record(model_dir: Path, fingerprint: str, patch_scale=1.2, step_size=0.5, backend="auto") -> None:
+    (model_dir / CALIBRATION_FILE).write_text(json.dumps({
+        "chosen": {"patch_scale": patch_scale, "step_size": step_size, "backend": backend},
+        "model_fingerprint": fingerprint}))
+
+
+def candidate(scale, step, backend, seconds, dsc):
+    return Candidate(scale, step, backend, seconds=list(seconds), agreement=[1.0] * len(dsc), lesion_dsc=list(dsc))
+
+
+def test_the_rule_keeps_the_reference_where_a_faster_candidate_loses_accuracy():
+    reference = candidate(*REFERENCE, seconds=[10, 10], dsc=[0.80, 0.60])
+    losing = candidate(1.5, 0.5, "auto", seconds=[2, 2], dsc=[0.79, 0.59])  # mean -0.01 > 0.005
+    one_case = candidate(1.2, 0.75, "auto", seconds=[3, 3], dsc=[0.86, 0.54])  # mean +0.0, one case -0.06
+    assert choose([reference, losing, one_case], 0.005, 0.05) is reference
+    assert not losing.qualifies and not one_case.qualifies and reference.qualifies
+    close = candidate(1.2, 0.5, "auto", seconds=[5, 5], dsc=[0.798, 0.596])  # mean -0.003, each within 0.05
+    assert choose([reference, losing, close], 0.005, 0.05) is close
+    without_labels = [Candidate(*REFERENCE, seconds=[4], agreement=[1.0]),
+                      Candidate(1.5, 0.5, "auto", seconds=[1], agreement=[0.94]),
+                      Candidate(1.2, 0.5, "auto", seconds=[2], agreement=[0.995])]
+    assert choose(without_labels, 0.005, 0.05) is without_labels[2]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("[1, 2]", "not a valid calibration record"),
+    ('{"chosen": {"patch_scale": 1.2, "step_size": 0.5, "backend": "auto"}}', "not a valid calibration record"),
+    ('{"chosen": {"patch_scale": 0.5, "step_size": 0.5, "backend": "auto"}, "model_fingerprint": "x"}',
+     "patch_scale must be in \\[1, 8\\]"),
+    ('{"chosen": {"patch_scale": 1.2, "step_size": 0.5, "backend": "os.system"}, "model_fingerprint": "x"}',
+     "backend one of auto, torch"),
+])
+def test_a_record_that_is_not_valid_is_refused_in_one_line(tmp_path, text, problem):
+    (tmp_path / CALIBRATION_FILE).write_text(text)
+    with pytest.raises(ModelError, match=problem) as refused:
+        read_calibration(tmp_path)
+    assert "\n" not in str(refused.value) and str(tmp_path / CALIBRATION_FILE) in str(refused.value)
+    assert read_calibration(tmp_path / "nowhere") is None
+
+
+def test_a_record_is_used_for_its_own_model_only_and_flags_win(tmp_path):
+    model_dir = make_toy_model(tmp_path / "model")
+    settings, line = calibrated_settings(load_model(model_dir, device="cpu"))
+    assert settings == PredictionSettings() and settings.patch_scale == 1.0 and line.startswith("uncalibrated: ")
+    record(model_dir, load_model(model_dir, device="cpu").fingerprint(), patch_scale=1.5, step_size=0.75)
+    model = load_model(model_dir, device="cpu")
+    settings, line = calibrated_settings(model)
+    assert (settings.patch_scale, settings.step_size) == (1.5, 0.75) and line.startswith("calibrated (")
+    settings, line = calibrated_settings(model, patch_scale=1.0, tta=True)
+    assert (settings.patch_scale, settings.step_size, settings.tta) == (1.0, 0.75, True)
+    assert "(patch_scale set by a flag)" in line
+    _, report = predict_image_with_report(make_ct_image(shape_zyx=SHAPE), model)  # the API's default: the record's
+    assert list(report.patch_size) == PATCH[1.5] and report.step_size == 0.75
+    record(model_dir, "another model's fingerprint", patch_scale=1.5)
+    settings, line = calibrated_settings(load_model(model_dir, device="cpu"))
+    assert settings.patch_scale == 1.0 and line.startswith("warning: ") and "not used" in line
+
+
+def test_calibration_writes_its_record_and_the_command_line_runs_it(tmp_path, caplog):
+    """The command end to end on two small cases with labels: every candidate measured, the record written with its
+    evidence; the CLI then runs the chosen settings by default (said in a line) and a flag still wins."""
+    model_dir = make_toy_model(tmp_path / "model", seed=5)
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for index in range(2):
+        image = make_ct_image(shape_zyx=SHAPE, seed=index)
+        sitk.WriteImage(image, str(images / f"case{index}_0000.nii.gz"))
+        truth = sitk.GetImageFromArray((sitk.GetArrayFromImage(image) > 300).astype(np.uint8))
+        truth.CopyInformation(image)
+        sitk.WriteImage(truth, str(labels / f"case{index}.nii.gz"))
+    with caplog.at_level(logging.INFO, logger="inference"):
+        assert calibrate_main(["-m", str(model_dir), "--images", str(images), "--labels", str(labels)]) == 0
+    written = json.loads((model_dir / CALIBRATION_FILE).read_text())
+    assert len(written["candidates"]) == 12 and written["cases"] == ["case0", "case1"]
+    reference = written["candidates"][0]
+    assert (reference["patch_scale"], reference["step_size"], reference["backend"]) == REFERENCE
+    assert reference["mean_agreement"] == 1.0 and reference["qualifies"]
+    chosen = [c for c in written["candidates"] if (c["patch_scale"], c["step_size"], c["backend"]) ==
+              tuple(written["chosen"].values())]
+    assert len(chosen) == 1 and chosen[0]["qualifies"]
+    assert chosen[0]["seconds_per_case"] == min(c["seconds_per_case"] for c in written["candidates"] if c["qualifies"])
+    assert written["model_fingerprint"] == load_model(model_dir, device="cpu").fingerprint()
+    for flags, scale in (([], written["chosen"]["patch_scale"]), (["--patch-scale", "1.0"], 1.0)):
+        out = tmp_path / f"out{len(flags)}"
+        result = subprocess.run([sys.executable, "-m", "inference", "-i", images, "-o", out, "-m", model_dir,
+                                 "--device", "cpu", "--timings", out.with_suffix(".json"), *flags],
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert f"calibrated ({model_dir / CALIBRATION_FILE}): patch x{scale:g}" in result.stderr
+        patch = json.loads(out.with_suffix(".json").read_text())["cases"]["case0_0000.nii.gz"]["patch_size"]
+        assert patch == PATCH[scale]
+
+
+def test_an_uncalibrated_folder_runs_nnunets_tiling_and_says_so(tmp_path):
+    model_dir = make_toy_model(tmp_path / "model")
+    images = tmp_path / "images"
+    images.mkdir()
+    sitk.WriteImage(make_ct_image(), str(images / "case_0000.nii.gz"))
+    result = subprocess.run([sys.executable, "-m", "inference", "-i", images, "-o", tmp_path / "out", "-m", model_dir,
+                             "--device", "cpu", "--timings", tmp_path / "t.json"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "uncalibrated: nnU-Net's tiling (the training patch, step 0.5)" in result.stderr
+    report = json.loads((tmp_path / "t.json").read_text())["cases"]["case_0000.nii.gz"]
+    assert report["patch_size"] == [32, 32, 32] and report["step_size"] == 0.5
