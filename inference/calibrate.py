@@ -88,9 +88,9 @@ def candidates(device: str) -> list[Candidate]:
 def qualifies(candidate: Candidate, reference: Candidate, tolerance: float, case_tolerance: float) -> bool:
     """Within the tolerances of the reference (see module doc)."""
     if reference.lesion_dsc:
-        return (np.mean(candidate.lesion_dsc) >= np.mean(reference.lesion_dsc) - tolerance
-                and all(c >= r - case_tolerance for c, r in zip(candidate.lesion_dsc, reference.lesion_dsc)))
-    return np.mean(candidate.agreement) >= 0.99 and min(candidate.agreement) >= 0.95
+        return bool(np.mean(candidate.lesion_dsc) >= np.mean(reference.lesion_dsc) - tolerance
+                    and all(c >= r - case_tolerance for c, r in zip(candidate.lesion_dsc, reference.lesion_dsc)))
+    return bool(np.mean(candidate.agreement) >= 0.99 and min(candidate.agreement) >= 0.95)
 
 
 def choose(measured: list[Candidate], tolerance: float, case_tolerance: float) -> Candidate:

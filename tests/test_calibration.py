@@ -42,6 +42,7 @@ def test_the_rule_keeps_the_reference_where_a_faster_candidate_loses_accuracy():
     one_case = candidate(1.2, 0.75, "auto", seconds=[3, 3], dsc=[0.86, 0.54])  # mean +0.0, one case -0.06
     assert choose([reference, losing, one_case], 0.005, 0.05) is reference
     assert not losing.qualifies and not one_case.qualifies and reference.qualifies
+    assert json.loads(json.dumps([c.summary() for c in (reference, losing, one_case)]))[1]["qualifies"] is False
     close = candidate(1.2, 0.5, "auto", seconds=[5, 5], dsc=[0.798, 0.596])  # mean -0.003, each within 0.05
     assert choose([reference, losing, close], 0.005, 0.05) is close
     without_labels = [Candidate(*REFERENCE, seconds=[4], agreement=[1.0]),
