@@ -11,8 +11,8 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator
 

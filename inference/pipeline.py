@@ -4,7 +4,8 @@ files is the caller's (see cli.py).
 
 The crop is exact: the whole volume is resampled and tiled as without a crop, and only the windows that meet the
 body (its box in model space, crop.model_space_region) are run. Inside the body box the mask is the one a run
-without the crop makes, voxel for voxel; outside it is 0. The windows of air it skips are most of a CT's.
+without the crop makes, voxel for voxel; outside it is 0. It skips only windows that hold no body: few where the
+body spans most of each axis, as on our phantoms (results/exact_crop_*.md).
 
 On a GPU everything between the upload of the cropped image and the download of the final mask stays
 on the device.
