@@ -34,7 +34,7 @@ import torch
 from flare_common.files import atomic_path
 
 from .errors import ModelError
-from .model.loader import available_folds, fold_dir_name, load_model, select_folds
+from .model.loader import available_folds, fold_dir_name, load_model, network_on_meta, select_folds
 from .model.onnx_loader import (FINGERPRINT_KEY, FP16_FILE_NAME, INPUT_NAME, ONNX_FILE_NAME, OUTPUT_NAME,
                                 PLANS_FINGERPRINT_KEY, export_cache_path, export_fingerprint, float16_model,
                                 dynamic_spatial_axes, stale_export_reason)
@@ -195,13 +195,15 @@ def export_for_cpu_where_missing(model_dir: str | Path, folds: Sequence[str] | N
     patch (the folder's own fold_X/model.onnx, else this machine's cache: onnx_loader.export_cache_path) is exported
     into the cache, once, said in a line before it starts and one when it is done. Nothing where onnx or
     onnxruntime is missing, where there is no cache (FLARE_CACHE_DIR=off) or no checkpoint to export: the loader
-    then runs torch. A failed export is a warning, and torch runs."""
+    then runs torch. A failed export is a warning, and torch runs; plans no network can be built from are a
+    ModelError, as the loader's."""
     try:
         import onnx  # noqa: F401 - the export needs both
         import onnxruntime  # noqa: F401
     except ImportError:
         return
     config = read_model_config(model_dir, configuration)
+    network_on_meta(config)  # plans no network can be built from: refused (ModelError) here, not as a failed export
     for fold in select_folds(config.model_dir, folds):
         if not (config.model_dir / fold_dir_name(fold) / checkpoint_name).is_file():
             return

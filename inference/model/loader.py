@@ -101,7 +101,7 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
     content = _HASHING.submit(model_fingerprint, model_dir, config.configuration, weights)
     if backend == "auto":  # torch (fp16) on CUDA; ONNX Runtime on the CPU where an export is or can be had
         if device.type == "cpu":
-            network_on_meta(config)  # plans no network can be built from: refused here, not as a failed export
+            network_on_meta(config)  # plans no network can be built from: refused here, before any export is looked for
         networks = current_cpu_networks(config, fold_names, checkpoint_name) if device.type == "cpu" else None
         if networks:
             return LoadedModel(config, networks, device, tuple(fold_names), "onnx", networks[0].mirror_axes,
