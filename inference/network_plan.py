@@ -27,7 +27,7 @@ from .gpu_memory import (ALLOCATOR_OVERHEAD, UNTRACKED_MB, ForwardMemory, accumu
 from .model import LoadedModel
 from .model.plans import scaled_patch
 from .settings import PATCH_SCALE, PredictionSettings
-from .sliding_window import in_order, predict_window, sliding_window_logits, window_count
+from .sliding_window import in_order, padded_region, predict_window, sliding_window_logits, window_count
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
 __all__ = ["calibrated_settings", "check_request", "enlarged_patch_size", "inference_patch_size", "largest_patch", "network_logits",
@@ -307,9 +307,8 @@ def step_for_time_budget(volume: torch.Tensor, model: LoadedModel, settings: Pre
     measured time of one) fits `seconds_left`; the largest when none fits. A switch is logged."""
     per_window = seconds_per_window(volume, model, patch, settings.tta)
     padded = tuple(max(size, p) for size, p in zip(volume.shape[1:], patch))
-    if region is not None:  # in the padded volume's coordinates (sliding_window.pad_to_patch centres the volume)
-        region = tuple(slice(r.start + (p - s) // 2, r.stop + (p - s) // 2)
-                       for r, s, p in zip(region, volume.shape[1:], padded))
+    if region is not None:
+        region = padded_region(region, volume.shape[1:], patch)
     steps = [settings.step_size] + [step for step in CHEAPER_STEPS if step > settings.step_size]
     predicted = {step: window_count(padded, patch, step, region) * per_window for step in steps}
     chosen = next((step for step in steps if predicted[step] <= seconds_left), steps[-1])

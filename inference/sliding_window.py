@@ -92,12 +92,22 @@ def gaussian_importance_map(patch: Sequence[int], sigma_scale: float = 1 / 8,
     return weights.to(device)
 
 
+def padding_before(size: int, patch: int) -> int:
+    """Voxels pad_to_patch adds before an axis of `size` (the volume centred in the patch; none where it is longer)."""
+    return max(0, patch - size) // 2
+
+
+def padded_region(region: tuple[slice, ...], shape: Sequence[int], patch: Sequence[int]) -> tuple[slice, ...]:
+    """`region` of a volume of spatial `shape`, in the coordinates of that volume padded by pad_to_patch."""
+    return tuple(slice(r.start + padding_before(s, p), r.stop + padding_before(s, p))
+                 for r, s, p in zip(region, shape, patch))
+
+
 def pad_to_patch(volume: torch.Tensor, patch: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
     """Zero-pad (normalised space) axes shorter than the patch, centred; return the slices to undo it."""
     pads, unpad = [], [slice(None)]
     for size, p in zip(volume.shape[1:], patch):
-        missing = max(0, p - size)
-        before = missing // 2
+        missing, before = max(0, p - size), padding_before(size, p)
         pads.append((before, missing - before))
         unpad.append(slice(before, before + size))
     if not any(before or after for before, after in pads):
@@ -186,8 +196,8 @@ def weighted_sum(volume: torch.Tensor, networks: Sequence[PatchPredictor], patch
     """The Gaussian-weighted mean of every window's logits (of the windows meeting `region`, where given, and 0
     outside it), accumulated in `dtype` on `accumulate_on`."""
     padded, unpad = pad_to_patch(volume, patch_size)
-    if region is not None:  # in the padded volume's coordinates
-        region = tuple(slice(r.start + u.start, r.stop + u.start) for r, u in zip(region, unpad[1:]))
+    if region is not None:
+        region = padded_region(region, volume.shape[1:], patch_size)
     logits_sum = torch.zeros((num_classes, *padded.shape[1:]), dtype=dtype, device=accumulate_on)
     weight_sum = torch.zeros(padded.shape[1:], dtype=dtype, device=accumulate_on)
     gaussian = gaussian_importance_map(patch_size, device=accumulate_on, dtype=dtype)
