@@ -238,3 +238,13 @@ def test_a_region_gets_the_logits_of_the_whole_volume_bit_for_bit_from_fewer_win
     outside[(slice(None), *region)] = False
     assert not part[outside].any()
     assert window_count((30, 41, 37), (16, 16, 16), 0.5, region) < window_count((30, 41, 37), (16, 16, 16), 0.5)
+
+
+def test_a_region_in_the_padded_volume_moves_only_along_the_axes_that_are_padded():
+    from inference.sliding_window import padded_region
+    volume = torch.zeros(1, 20, 100, 37)
+    padded, unpad = pad_to_patch(volume, (40, 40, 40))
+    region = (slice(2, 18), slice(30, 70), slice(0, 37))
+    moved = padded_region(region, volume.shape[1:], (40, 40, 40))
+    assert moved == (slice(12, 28), slice(30, 70), slice(1, 38))  # padded by 10 and 1; y (100 > 40) not at all
+    assert all(m.start - r.start == u.start for m, r, u in zip(moved, region, unpad[1:]))
