@@ -3,9 +3,9 @@ that costs no accuracy.
 
     python -m inference.calibrate -m MODEL --images DIR [--labels DIR] [-f FOLD ...] [--device cpu|cuda]
 
-Every candidate (the inference patch as 1.0 / 1.2 / 1.5 x the training patch, step 0.5 / 0.75, and on the CPU torch
-or ONNX Runtime: `--backend auto`) runs every case of --images, as does the reference: nnU-Net's tiling (the training
-patch, step 0.5, torch). For each candidate: seconds per case (the pipeline, the read left out), agreement with the
+Every candidate (the inference patch as 1.0 / 1.2 / 1.5 x the training patch, step 0.5 / 0.75, the exact crop or the
+box crop, on the CPU ONNX Runtime: `--backend auto`) runs every case of --images, as does the reference: nnU-Net's
+tiling (the training patch, step 0.5, torch) with the exact crop, whose mask is nnU-Net's inside the body's box. For each candidate: seconds per case (the pipeline, the read left out), agreement with the
 reference's masks (DSC per case), and where --labels are given the lesion DSC against them. Chosen: the fastest
 candidate whose mean lesion DSC is at least the reference's - --tolerance (0.005) and whose every case is at least
 the reference's - --case-tolerance (0.05); without labels, whose masks agree with the reference's at DSC >= 0.99 on
@@ -14,7 +14,7 @@ average and >= 0.95 on every case. The reference itself always qualifies.
 The choice, the evidence (every candidate's figures) and the fingerprint of the model it was measured on are written
 to MODEL/inference.json (model/calibration.py reads it). `python -m inference`, `predict.sh` and `predict_image`
 use the chosen settings wherever no flag sets them; a record made for other weights or plans is not used (said in
-a line). The body crop is exact (pipeline.py) and not a candidate.
+a line). The export of the model for ONNX Runtime (made before the first case, once) is timed and recorded too.
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ log = logging.getLogger("inference")
 
 PATCH_SCALES = (1.0, 1.2, 1.5)
 STEPS = (0.5, 0.75)
-REFERENCE = (1.0, 0.5, "torch")  # nnU-Net's tiling: the training patch, half-overlapping windows, torch
+CROPS = ("exact", "box")
+REFERENCE = (1.0, 0.5, "torch", "exact")  # nnU-Net's tiling: the training patch, half-overlapping windows, torch
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Candidate:
     patch_scale: float
     step_size: float
     backend: str
+    crop: str
     seconds: list[float] = field(default_factory=list)
     agreement: list[float] = field(default_factory=list)
     lesion_dsc: list[float] = field(default_factory=list)
@@ -60,11 +62,11 @@ class Candidate:
 
     @property
     def key(self) -> tuple:
-        return self.patch_scale, self.step_size, self.backend
+        return self.patch_scale, self.step_size, self.backend, self.crop
 
     def summary(self) -> dict:
         mean = (lambda values: round(float(np.mean(values)), 4) if values else None)
-        return {"patch_scale": self.patch_scale, "step_size": self.step_size, "backend": self.backend,
+        return {"patch_scale": self.patch_scale, "step_size": self.step_size, "backend": self.backend, "crop": self.crop,
                 "seconds_per_case": round(float(np.mean(self.seconds)), 3), "mean_agreement": mean(self.agreement),
                 "min_agreement": round(min(self.agreement), 4), "mean_lesion_dsc": mean(self.lesion_dsc),
                 "per_case_seconds": [round(s, 3) for s in self.seconds],
@@ -78,10 +80,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def candidates(device: str) -> list[Candidate]:
-    """The reference first, then every other candidate; ONNX Runtime (`auto`) only on the CPU."""
-    backends = ("torch", "auto") if device == "cpu" else ("torch",)
-    keys = [REFERENCE] + [(scale, step, backend) for backend in backends for scale in PATCH_SCALES for step in STEPS
-                          if (scale, step, backend) != REFERENCE]
+    """The reference first, then every other candidate: on the CPU with ONNX Runtime (`auto`; its logits are torch's
+    within 1e-5, so torch at the same tiling would only be slower), on CUDA with torch."""
+    backend = "auto" if device == "cpu" else "torch"
+    keys = [REFERENCE] + [(scale, step, backend, crop) for crop in CROPS for scale in PATCH_SCALES for step in STEPS
+                          if (scale, step, backend, crop) != REFERENCE]
     return [Candidate(*key) for key in keys]
 
 
@@ -101,6 +104,29 @@ def choose(measured: list[Candidate], tolerance: float, case_tolerance: float) -
     return min((c for c in measured if c.qualifies), key=lambda c: np.mean(c.seconds))
 
 
+def first_run_export_seconds(options: RunOptions) -> float | None:
+    """What a first `--backend auto` run on a CPU spends exporting the model before its first case (every fold,
+    exported again into a scratch folder, so that a cached export does not hide it); None where ONNX cannot run."""
+    from .export_onnx import export_fold  # the exporter brings torch.onnx: only where it is used
+    from .model.loader import select_folds
+
+    try:
+        import onnx  # noqa: F401 - the export needs both
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        for fold in select_folds(options.model, options.folds):
+            try:
+                export_fold(options.model, fold, output=Path(scratch) / f"{fold}.onnx",
+                            checkpoint_name=options.checkpoint, configuration=options.configuration)
+            except (ModelError, OSError) as err:
+                log.warning("warning: %s: no ONNX export (%s)", options.model, err)
+                return None
+    return time.perf_counter() - started
+
+
 def measure(options: RunOptions, images: list[sitk.Image], truths: list[np.ndarray] | None,
             device: str) -> tuple[list[Candidate], str]:
     """Every candidate on every image; the model's fingerprint."""
@@ -112,7 +138,8 @@ def measure(options: RunOptions, images: list[sitk.Image], truths: list[np.ndarr
                            options.configuration, device, candidate.backend), PredictionSettings())
         model = models[candidate.backend]
         fingerprint = fingerprint or model.fingerprint()
-        settings = PredictionSettings(patch_scale=candidate.patch_scale, step_size=candidate.step_size)
+        settings = PredictionSettings(patch_scale=candidate.patch_scale, step_size=candidate.step_size,
+                                      crop=candidate.crop)
         for index, image in enumerate(images):
             started = time.perf_counter()
             mask, _ = predict_image_with_report(image, model, settings)
@@ -123,8 +150,9 @@ def measure(options: RunOptions, images: list[sitk.Image], truths: list[np.ndarr
             candidate.agreement.append(dice(mask, reference_masks[index]))
             if truths is not None:
                 candidate.lesion_dsc.append(dice(mask, truths[index]))
-        log.info("patch x%g, step %g, %s: %.2f s a case, agreement %.4f%s", candidate.patch_scale,
-                 candidate.step_size, "ONNX Runtime" if candidate.backend == "auto" and device == "cpu" else "torch",
+        log.info("patch x%g, step %g, %s crop, %s: %.2f s a case, agreement %.4f%s", candidate.patch_scale,
+                 candidate.step_size, candidate.crop,
+                 "ONNX Runtime" if candidate.backend == "auto" and device == "cpu" else "torch",
                  np.mean(candidate.seconds), np.mean(candidate.agreement),
                  f", lesion DSC {np.mean(candidate.lesion_dsc):.4f}" if candidate.lesion_dsc else "")
     return measured, fingerprint
@@ -176,25 +204,30 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as scratch:
             options = RunOptions(args.images, Path(scratch), model_dir,
                                  tuple(args.folds) if args.folds else None, args.checkpoint, args.configuration)
+            export_seconds = first_run_export_seconds(options) if args.device == "cpu" else None
             measured, fingerprint = measure(options, images, truths, args.device)
     except (CaseError, ModelError, ValueError) as err:
         log.error("error: %s", err)
         return 2
     chosen = choose(measured, args.tolerance, args.case_tolerance)
     record = {
-        "chosen": {"patch_scale": chosen.patch_scale, "step_size": chosen.step_size, "backend": chosen.backend},
+        "chosen": {"patch_scale": chosen.patch_scale, "step_size": chosen.step_size, "backend": chosen.backend,
+                   "crop": chosen.crop},
         "model_fingerprint": fingerprint, "folds": args.folds, "checkpoint": args.checkpoint,
         "device": args.device, "engine": __version__,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "rule": (f"fastest candidate with mean lesion DSC >= reference - {args.tolerance:g} and every case >= "
                  f"reference - {args.case_tolerance:g}" if truths is not None else
                  "fastest candidate agreeing with the reference at mean DSC >= 0.99 and every case >= 0.95"),
-        "reference": {"patch_scale": REFERENCE[0], "step_size": REFERENCE[1], "backend": REFERENCE[2]},
-        "cases": names, "candidates": [candidate.summary() for candidate in measured]}
+        "reference": {"patch_scale": REFERENCE[0], "step_size": REFERENCE[1], "backend": REFERENCE[2],
+                      "crop": REFERENCE[3]},
+        "cases": names, "candidates": [candidate.summary() for candidate in measured],
+        # once per model and machine, before the first case of a first `--backend auto` run (--backend torch skips it)
+        "first_run_export_seconds": None if export_seconds is None else round(export_seconds, 2)}
     write_text_atomically(model_dir / CALIBRATION_FILE, json.dumps(record, indent=1) + "\n")
     speedup = np.mean(measured[0].seconds) / np.mean(chosen.seconds)
-    log.info("chosen: patch x%g, step %g, %s: %.2f s a case, %.2fx the reference; wrote %s", chosen.patch_scale,
-             chosen.step_size, chosen.backend, np.mean(chosen.seconds), speedup, model_dir / CALIBRATION_FILE)
+    log.info("chosen: patch x%g, step %g, %s crop, %s: %.2f s a case, %.2fx the reference; wrote %s",
+             chosen.patch_scale, chosen.step_size, chosen.crop, chosen.backend, np.mean(chosen.seconds), speedup, model_dir / CALIBRATION_FILE)
     return 0
 
 

@@ -29,7 +29,7 @@ from .model.calibration import read_calibration
 from .network_plan import calibrated_settings, check_request
 from .postprocess import lesion_label_ids
 from .run_model import load_for_run
-from .settings import MAX_PATCH_SCALE, PredictionSettings, RunOptions, prefer_expandable_segments
+from .settings import CROP_MODES, MAX_PATCH_SCALE, PredictionSettings, RunOptions, prefer_expandable_segments
 from .timing import STAGE_ORDER, process_start_time
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
@@ -100,9 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                              f"within [1, {MAX_PATCH_SCALE:g}] (default: the model's calibration record, inference.json, "
                              f"else {DEFAULTS.patch_scale:g}: nnU-Net's tiling)")
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
-    parser.add_argument("--no-crop", action="store_true",
-                        help="run every window, also those of the air around the body (the crop runs only the windows "
-                             "that meet the body's box, on the same grid: the same mask inside the box, 0 outside)")
+    parser.add_argument("--crop", choices=CROP_MODES, default=None,
+                        help="exact: run only the windows that meet the body's box, on the whole volume's grid (the "
+                             "uncropped mask inside the box, 0 outside); box: cut the box out and tile the cut (fewer "
+                             "windows, another mask); none: every window (default: the model's calibration record, "
+                             f"else {DEFAULTS.crop})")
+    parser.add_argument("--no-crop", action="store_true", help="the same as --crop none")
     parser.add_argument("--crop-threshold", type=finite, default=DEFAULTS.crop_threshold_hu,
                         help="body threshold (HU)")
     parser.add_argument("--crop-margin", type=non_negative, default=DEFAULTS.crop_margin_mm,
@@ -162,13 +165,14 @@ def settings_from_args(args: argparse.Namespace) -> dict:
     """The PredictionSettings fields the command line sets: every flag's, and the patch scale and step only where a
     flag gives them (else the model's calibration decides: network_plan.calibrated_settings)."""
     given = dict(
-        patch_size=tuple(args.patch_size) if args.patch_size else None, tta=args.tta, crop=not args.no_crop,
+        patch_size=tuple(args.patch_size) if args.patch_size else None, tta=args.tta,
         crop_threshold_hu=args.crop_threshold, crop_margin_mm=args.crop_margin,
         lesion_labels=tuple(args.lesion_labels) if args.lesion_labels else None,
         resample_back=args.resample_back, min_lesion_ml=args.min_lesion_ml,
         min_lesion_probability=args.min_lesion_probability, time_budget_s=args.time_budget)
-    given.update({name: value for name, value in (("patch_scale", args.patch_scale), ("step_size", args.step_size))
-                  if value is not None})
+    crop = "none" if args.no_crop else args.crop
+    given.update({name: value for name, value in (("patch_scale", args.patch_scale), ("step_size", args.step_size),
+                                                  ("crop", crop)) if value is not None})
     return given
 
 
@@ -216,7 +220,10 @@ def entry_point() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     imports_done_at = time.time()  # this module's imports (torch among them) are the start-up's bulk
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.no_crop and args.crop not in (None, "none"):
+        parser.error(f"--no-crop contradicts --crop {args.crop}")
     options, given = run_options_from_args(args), settings_from_args(args)
     _stopped_by.clear()
     prefer_expandable_segments()  # before CUDA starts

@@ -27,7 +27,7 @@ from .gpu_memory import (ALLOCATOR_OVERHEAD, UNTRACKED_MB, ForwardMemory, accumu
 from .model import LoadedModel
 from .model.plans import scaled_patch
 from .settings import PATCH_SCALE, PredictionSettings
-from .sliding_window import in_order, padded_region, predict_window, sliding_window_logits, window_count
+from .sliding_window import in_order, predict_window, sliding_window_logits, windows_over
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
 __all__ = ["calibrated_settings", "check_request", "enlarged_patch_size", "inference_patch_size", "largest_patch", "network_logits",
@@ -52,7 +52,7 @@ def calibrated_settings(model: LoadedModel, **given) -> tuple[PredictionSettings
     """The settings a case runs with where nothing sets them: the patch scale and step of the model folder's
     calibration record (model/calibration.py), where it was measured on this very model, else nnU-Net's tiling (the
     training patch, step 0.5); the fields in `given` (a flag's, a caller's) win. With the line that says which."""
-    calibration, uncalibrated = model.calibration, "nnU-Net's tiling (the training patch, step 0.5)"
+    calibration, uncalibrated = model.calibration, "nnU-Net's tiling (the training patch, step 0.5, exact crop)"
     if calibration is None:
         return PredictionSettings(**given), (f"uncalibrated: {uncalibrated}; `python -m inference.calibrate` measures "
                                              "faster settings on this model")
@@ -62,7 +62,8 @@ def calibrated_settings(model: LoadedModel, **given) -> tuple[PredictionSettings
     settings = PredictionSettings(**{**calibration.settings, **given})
     overridden = sorted(set(calibration.settings) & set(given))
     return settings, (f"calibrated ({calibration.source}): patch x{settings.patch_scale:g} of the training patch, "
-                      f"step {settings.step_size:g}" + (f" ({', '.join(overridden)} set by a flag)" if overridden else ""))
+                      f"step {settings.step_size:g}, {settings.crop} crop"
+                      + (f" ({', '.join(overridden)} set by a flag)" if overridden else ""))
 
 
 # ------------------------------------------------------------------------------------------- which patches
@@ -306,18 +307,15 @@ def step_for_time_budget(volume: torch.Tensor, model: LoadedModel, settings: Pre
     """`settings.step_size`, or the first larger step of CHEAPER_STEPS whose predicted network time (windows x the
     measured time of one) fits `seconds_left`; the largest when none fits. A switch is logged."""
     per_window = seconds_per_window(volume, model, patch, settings.tta)
-    padded = tuple(max(size, p) for size, p in zip(volume.shape[1:], patch))
-    if region is not None:
-        region = padded_region(region, volume.shape[1:], patch)
     steps = [settings.step_size] + [step for step in CHEAPER_STEPS if step > settings.step_size]
-    predicted = {step: window_count(padded, patch, step, region) * per_window for step in steps}
+    windows = {step: windows_over(volume.shape[1:], patch, step, region) for step in steps}
+    predicted = {step: windows[step] * per_window for step in steps}
     chosen = next((step for step in steps if predicted[step] <= seconds_left), steps[-1])
     if chosen != settings.step_size:
-        first = window_count(padded, patch, settings.step_size, region)
         log.warning("warning: predicted network time %.1f s (%d windows x %.3f s) over the %.1f s left of the "
                     "time budget: step %g -> %g (%d windows, %.1f s predicted)", predicted[settings.step_size],
-                    first, per_window, seconds_left, settings.step_size, chosen,
-                    window_count(padded, patch, chosen, region), predicted[chosen])
+                    windows[settings.step_size], per_window, seconds_left, settings.step_size, chosen,
+                    windows[chosen], predicted[chosen])
     return chosen
 
 
@@ -342,6 +340,7 @@ class NetworkResult:
     patch_size: tuple[int, ...]
     step_size: float
     predicted_gpu_peak_mb: float | None = None
+    windows: int | None = None  # how many windows the network ran
 
 
 def network_logits(volume: torch.Tensor, model: LoadedModel, settings: PredictionSettings,
@@ -361,11 +360,13 @@ def network_logits(volume: torch.Tensor, model: LoadedModel, settings: Predictio
     for attempt, following in zip(attempts, attempts[1:]):
         try:
             logits = run_attempt(volume, model, settings, attempt, progress, region)
-            return NetworkResult(logits, attempt.patch, settings.step_size, predicted)
+            return NetworkResult(logits, attempt.patch, settings.step_size, predicted,
+                                 windows_over(volume.shape[1:], attempt.patch, settings.step_size, region))
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log.warning("warning: out of GPU memory; retrying with %s", following.label)
     last = attempts[-1]
     return NetworkResult(run_attempt(volume, model, settings, last, progress, region), last.patch,
-                         settings.step_size, predicted)
+                         settings.step_size, predicted, windows_over(volume.shape[1:], last.patch, settings.step_size,
+                                                                     region))

@@ -2,10 +2,12 @@
 body's windows -> lesion filter -> argmax + resample back -> the mask inside the body box. Reading and writing
 files is the caller's (see cli.py).
 
-The crop is exact: the whole volume is resampled and tiled as without a crop, and only the windows that meet the
-body (its box in model space, crop.model_space_region) are run. Inside the body box the mask is the one a run
-without the crop makes, voxel for voxel; outside it is 0. It skips only windows that hold no body: few where the
-body spans most of each axis, as on our phantoms (results/exact_crop_*.md).
+The crop (settings.crop) is exact by default: the whole volume is resampled and tiled as without a crop, and only the
+windows that meet the body (its box in model space, crop.model_space_region) are run. Inside the body box the mask is
+the one a run without the crop makes, voxel for voxel; outside it is 0. It skips only windows that hold no body: few
+where the body spans most of each axis, as on our phantoms (results/exact_crop_*.md). The box crop cuts the box out
+and tiles the cut on its own: fewer windows and a smaller resampling, but windows placed elsewhere, so another mask;
+only a model's calibration record (calibrate.py) chooses it.
 
 On a GPU everything between the upload of the cropped image and the download of the final mask stays
 on the device.
@@ -40,11 +42,18 @@ log = logging.getLogger("inference")
 
 
 def crop_box(array: np.ndarray, spacing: tuple[float, ...], settings: PredictionSettings) -> tuple[slice, ...]:
-    """The part of the array the network sees: the body's bounding box (crop.py), or all of it."""
-    if not settings.crop:
+    """Where the mask may be non-zero: the body's bounding box (crop.py), or all of the array."""
+    if settings.crop == "none":
         return no_crop(array, spacing)
     return body_bounding_box(array, spacing, threshold_hu=settings.crop_threshold_hu,
                              margin_mm=settings.crop_margin_mm)
+
+
+def resampled_part(array: np.ndarray, spacing: tuple[float, ...], box: tuple[slice, ...],
+                   settings: PredictionSettings) -> tuple[slice, ...]:
+    """The part of the array resampled and tiled: the box itself for the box crop, else the whole array (the exact
+    crop keeps the whole volume's grid and skips windows instead)."""
+    return box if settings.crop == "box" else no_crop(array, spacing)
 
 
 def check_model_grid(cropped_shape: tuple[int, ...], spacing: tuple[float, ...], model: LoadedModel,
@@ -102,16 +111,19 @@ def predict_array_with_report(array: np.ndarray, spacing: tuple[float, ...], mod
     config = model.config
     with timer("crop"):
         box = crop_box(array, spacing, settings)
-        check_model_grid(array.shape, spacing, model, settings)
+        part = resampled_part(array, spacing, box, settings)
+        part_shape = tuple(len(range(*s.indices(n))) for s, n in zip(part, array.shape))
+        check_model_grid(part_shape, spacing, model, settings)
     with timer("resample"):
-        volume = to_model_space(np.array(array), spacing, model)  # contiguous, writable: torch needs both
-        region = model_space_region(box, array.shape, tuple(volume.shape[1:]), config.transpose_forward)
+        volume = to_model_space(np.array(array[part]), spacing, model)  # contiguous, writable: torch needs both
+        region = (model_space_region(box, array.shape, tuple(volume.shape[1:]), config.transpose_forward)
+                  if settings.crop == "exact" else None)
     with timer("network"):
         network = network_logits(volume, model, settings, seconds_left(settings, started, predict_started), progress,
                                  region)
         del volume
     logits = network.logits
-    report.patch_size, report.step_size = network.patch_size, network.step_size
+    report.patch_size, report.step_size, report.windows = network.patch_size, network.step_size, network.windows
     report.predicted_gpu_peak_mb = network.predicted_gpu_peak_mb
     del network  # the logits are freed with their last name, in the export
     lesion_ids = lesion_label_ids(config.labels, settings.lesion_labels)
@@ -121,12 +133,12 @@ def predict_array_with_report(array: np.ndarray, spacing: tuple[float, ...], mod
             logits, found, dropped = filter_lesions(logits, lesion_ids, config.voxel_ml, lesion_filter)
         report.lesions_dropped = (dropped, found)
     with timer("export"):
-        shape = tuple(array.shape[a] for a in config.transpose_forward)
+        shape = tuple(part_shape[a] for a in config.transpose_forward)
         mask = lesion_mask_at_shape(logits, shape, lesion_ids, settings.resample_back)
         del logits
         mask = mask.permute(*config.transpose_backward).cpu().numpy()
         full = np.zeros(array.shape, dtype=np.uint8)
-        full[box] = mask[box]
+        full[box] = mask[tuple(slice(b.start - p.start, b.stop - p.start) for b, p in zip(box, part))]
     return full, report
 
 

@@ -16,13 +16,14 @@ from pathlib import Path
 from flare_common.digests import cache_root
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
-__all__ = ["ENVIRONMENT_VARIABLES", "Environment", "PATCH_SCALE", "PredictionSettings", "RunOptions",
+__all__ = ["CROP_MODES", "ENVIRONMENT_VARIABLES", "Environment", "PATCH_SCALE", "PredictionSettings", "RunOptions",
            "read_environment"]
 
 # The inference patch as a multiple of the training patch where nothing else is known: 1.0, nnU-Net's tiling. A larger
 # patch (fewer windows) is a departure a model's calibration record must show costs it nothing (calibrate.py).
 PATCH_SCALE = 1.0
 MAX_PATCH_SCALE = 8.0
+CROP_MODES = ("exact", "box", "none")
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,10 @@ class PredictionSettings:
     patch_size: tuple[int, int, int] | None = None  # None: training patch x patch_scale (network_plan.py)
     patch_scale: float = PATCH_SCALE
     tta: bool = False
-    crop: bool = True  # run only the windows that meet the body's box (exact: pipeline.py, crop.py)
+    # "exact": the whole volume tiled as without a crop, only the windows that meet the body's box run (the uncropped
+    # mask inside the box); "box": the box cut out and tiled on its own (fewer windows, not the same mask: a departure
+    # calibration must show costs nothing); "none": every window. pipeline.py, crop.py
+    crop: str = "exact"
     crop_threshold_hu: float = -500.0
     crop_margin_mm: float = 10.0
     lesion_labels: tuple[int, ...] | None = None  # None: every non-background label
@@ -51,6 +55,10 @@ class PredictionSettings:
     # Seconds a case may take, its read included: when the network is predicted to overrun what is left, a larger
     # step is taken (network_plan.step_for_time_budget). None: no budget.
     time_budget_s: float | None = None
+
+    def __post_init__(self):
+        if self.crop not in CROP_MODES:
+            raise ValueError(f"crop must be one of {', '.join(CROP_MODES)}, not {self.crop!r}")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from .errors import CaseError
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
 __all__ = ["gaussian_importance_map", "in_order", "predict_window", "sliding_window_logits", "window_count",
+           "windows_over",
            "window_slices", "window_starts"]
 
 PatchPredictor = Callable[[torch.Tensor], torch.Tensor]
@@ -56,6 +57,14 @@ def window_count(shape: Sequence[int], patch: Sequence[int], step_size: float,
     if region is None:
         return math.prod(starts_along(size, p, step_size) for size, p in zip(shape, patch))
     return math.prod(len(starts_in(size, p, step_size, r)) for size, p, r in zip(shape, patch, region))
+
+
+def windows_over(shape: Sequence[int], patch: Sequence[int], step_size: float,
+                 region: tuple[slice, ...] | None = None) -> int:
+    """How many windows sliding_window_logits runs over an unpadded model-space volume of `shape` (axes shorter than
+    the patch are padded to it, the region moving with them)."""
+    padded = tuple(max(size, p) for size, p in zip(shape, patch))
+    return window_count(padded, patch, step_size, None if region is None else padded_region(region, shape, patch))
 
 
 def window_slices(shape: Sequence[int], patch: Sequence[int], step_size: float,

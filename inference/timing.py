@@ -39,8 +39,8 @@ def process_start_time() -> float | None:
 @dataclass
 class CaseReport:
     """One case: each stage's seconds and its [start, end] wall-clock times (seconds since the epoch), the
-    inference patch and step used, the whole-device GPU peak predicted for the patch (CUDA), and the lesions
-    the lesion filter dropped out of those it found (when a filter is active)."""
+    inference patch and step used, the windows run, the whole-device GPU peak predicted for the patch (CUDA), and the
+    lesions the lesion filter dropped out of those it found (when a filter is active)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     spans: dict[str, list[float]] = field(default_factory=dict)
@@ -48,13 +48,14 @@ class CaseReport:
     step_size: float | None = None
     predicted_gpu_peak_mb: float | None = None
     lesions_dropped: tuple[int, int] | None = None  # (dropped, found)
+    windows: int | None = None  # sliding windows the network ran
 
     def as_dict(self) -> dict:
         """A case's entry of the CLI's --timings JSON: stage seconds at the top, the spans under "at"."""
         entry: dict = dict(self.seconds)
         if self.spans:
             entry["at"] = dict(self.spans)
-        for key in ("patch_size", "step_size", "predicted_gpu_peak_mb", "lesions_dropped"):
+        for key in ("patch_size", "step_size", "windows", "predicted_gpu_peak_mb", "lesions_dropped"):
             value = getattr(self, key)
             if value is not None:
                 entry[key] = list(value) if isinstance(value, tuple) else value

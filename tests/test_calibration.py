@@ -26,14 +26,15 @@ SHAPE = (40, 96, 96)  # 53 x 48 x 48 voxels at the toy model's 3 mm: room for pa
 PATCH = {1.0: [32, 32, 32], 1.2: [40, 40, 40], 1.5: [48, 48, 48]}
 
 
-def record(model_dir: Path, fingerprint: str, patch_scale=1.2, step_size=0.5, backend="auto") -> None:
+def record(model_dir: Path, fingerprint: str, patch_scale=1.2, step_size=0.5, backend="auto", crop=None) -> None:
+    chosen = {"patch_scale": patch_scale, "step_size": step_size, "backend": backend}
     (model_dir / CALIBRATION_FILE).write_text(json.dumps({
-        "chosen": {"patch_scale": patch_scale, "step_size": step_size, "backend": backend},
-        "model_fingerprint": fingerprint}))
+        "chosen": chosen if crop is None else {**chosen, "crop": crop}, "model_fingerprint": fingerprint}))
 
 
-def candidate(scale, step, backend, seconds, dsc):
-    return Candidate(scale, step, backend, seconds=list(seconds), agreement=[1.0] * len(dsc), lesion_dsc=list(dsc))
+def candidate(scale, step, backend, crop="exact", *, seconds, dsc):
+    return Candidate(scale, step, backend, crop, seconds=list(seconds), agreement=[1.0] * len(dsc),
+                     lesion_dsc=list(dsc))
 
 
 def test_the_rule_keeps_the_reference_where_a_faster_candidate_loses_accuracy():
@@ -45,9 +46,11 @@ def test_the_rule_keeps_the_reference_where_a_faster_candidate_loses_accuracy():
     assert json.loads(json.dumps([c.summary() for c in (reference, losing, one_case)]))[1]["qualifies"] is False
     close = candidate(1.2, 0.5, "auto", seconds=[5, 5], dsc=[0.798, 0.596])  # mean -0.003, each within 0.05
     assert choose([reference, losing, close], 0.005, 0.05) is close
+    box = candidate(1.2, 0.5, "auto", "box", seconds=[4, 4], dsc=[0.80, 0.52])  # the box crop loses a case
+    assert choose([reference, close, box], 0.005, 0.05) is close and not box.qualifies
     without_labels = [Candidate(*REFERENCE, seconds=[4], agreement=[1.0]),
-                      Candidate(1.5, 0.5, "auto", seconds=[1], agreement=[0.94]),
-                      Candidate(1.2, 0.5, "auto", seconds=[2], agreement=[0.995])]
+                      Candidate(1.5, 0.5, "auto", "exact", seconds=[1], agreement=[0.94]),
+                      Candidate(1.2, 0.5, "auto", "box", seconds=[2], agreement=[0.995])]
     assert choose(without_labels, 0.005, 0.05) is without_labels[2]
 
 
@@ -58,6 +61,8 @@ def test_the_rule_keeps_the_reference_where_a_faster_candidate_loses_accuracy():
      "patch_scale must be in \\[1, 8\\]"),
     ('{"chosen": {"patch_scale": 1.2, "step_size": 0.5, "backend": "os.system"}, "model_fingerprint": "x"}',
      "backend one of auto, torch"),
+    ('{"chosen": {"patch_scale": 1.2, "step_size": 0.5, "backend": "auto", "crop": false}, "model_fingerprint": "x"}',
+     "crop one of exact, box, none"),
 ])
 def test_a_record_that_is_not_valid_is_refused_in_one_line(tmp_path, text, problem):
     (tmp_path / CALIBRATION_FILE).write_text(text)
@@ -101,12 +106,14 @@ def test_calibration_writes_its_record_and_the_command_line_runs_it(tmp_path, ca
     with caplog.at_level(logging.INFO, logger="inference"):
         assert calibrate_main(["-m", str(model_dir), "--images", str(images), "--labels", str(labels)]) == 0
     written = json.loads((model_dir / CALIBRATION_FILE).read_text())
-    assert len(written["candidates"]) == 12 and written["cases"] == ["case0", "case1"]
+    assert len(written["candidates"]) == 13 and written["cases"] == ["case0", "case1"]
+    assert {c["crop"] for c in written["candidates"]} == {"exact", "box"}
+    assert written["first_run_export_seconds"] > 0
+    key = ("patch_scale", "step_size", "backend", "crop")
     reference = written["candidates"][0]
-    assert (reference["patch_scale"], reference["step_size"], reference["backend"]) == REFERENCE
+    assert tuple(reference[k] for k in key) == REFERENCE
     assert reference["mean_agreement"] == 1.0 and reference["qualifies"]
-    chosen = [c for c in written["candidates"] if (c["patch_scale"], c["step_size"], c["backend"]) ==
-              tuple(written["chosen"].values())]
+    chosen = [c for c in written["candidates"] if tuple(c[k] for k in key) == tuple(written["chosen"][k] for k in key)]
     assert len(chosen) == 1 and chosen[0]["qualifies"]
     assert chosen[0]["seconds_per_case"] == min(c["seconds_per_case"] for c in written["candidates"] if c["qualifies"])
     assert written["model_fingerprint"] == load_model(model_dir, device="cpu").fingerprint()
@@ -130,6 +137,47 @@ def test_an_uncalibrated_folder_runs_nnunets_tiling_and_says_so(tmp_path):
                              "--device", "cpu", "--timings", tmp_path / "t.json"], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "uncalibrated: nnU-Net's tiling (the training patch, step 0.5)" in result.stderr
+    assert "uncalibrated: nnU-Net's tiling (the training patch, step 0.5, exact crop)" in result.stderr
     report = json.loads((tmp_path / "t.json").read_text())["cases"]["case_0000.nii.gz"]
     assert report["patch_size"] == [32, 32, 32] and report["step_size"] == 0.5
+
+
+def test_a_recorded_box_crop_is_the_default_and_crop_flags_win(tmp_path):
+    """A record choosing the box crop: the API and the CLI run it (a mask other than the exact crop's on this toy model,
+    where the cut moves the windows), `--crop exact` and `--no-crop` win; an old record (no crop) means the exact crop;
+    --no-crop with --crop box is refused in one line."""
+    model_dir = make_toy_model(tmp_path / "model", seed=5)
+    fingerprint = load_model(model_dir, device="cpu").fingerprint()
+    record(model_dir, fingerprint, patch_scale=1.0)
+    assert calibrated_settings(load_model(model_dir, device="cpu"))[0].crop == "exact"
+    record(model_dir, fingerprint, patch_scale=1.0, crop="box")
+    model = load_model(model_dir, device="cpu")
+    settings, line = calibrated_settings(model)
+    assert settings.crop == "box" and "box crop" in line
+    assert calibrated_settings(model, crop="none")[0].crop == "none"
+    image = make_ct_image(shape_zyx=SHAPE, seed=3)
+    masks = {crop: sitk.GetArrayFromImage(predict_image_with_report(image, model, PredictionSettings(crop=crop))[0])
+             for crop in ("exact", "box")}
+    default = sitk.GetArrayFromImage(predict_image_with_report(image, model)[0])
+    assert np.array_equal(default, masks["box"])
+    images = tmp_path / "images"
+    images.mkdir()
+    sitk.WriteImage(image, str(images / "case_0000.nii.gz"))
+    for flags, crop in (([], "box"), (["--crop", "exact"], "exact"), (["--no-crop"], "none")):
+        out = tmp_path / f"out{len(flags)}"
+        result = subprocess.run([sys.executable, "-m", "inference", "-i", images, "-o", out, "-m", model_dir,
+                                 "--device", "cpu", "--backend", "torch", *flags], cwd=REPO, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert f"{crop} crop" in result.stderr
+        if crop in masks:
+            assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case.nii.gz"))), masks[crop])
+    result = subprocess.run([sys.executable, "-m", "inference", "-i", images, "-o", tmp_path / "x", "-m", model_dir,
+                             "--no-crop", "--crop", "box"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "--no-crop contradicts --crop box" in result.stderr and not (tmp_path / "x").exists()
+
+
+def test_crop_must_be_a_mode():
+    with pytest.raises(ValueError, match="crop must be one of exact, box, none"):
+        PredictionSettings(crop=False)

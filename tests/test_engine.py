@@ -94,8 +94,8 @@ def test_resample_back_methods_agree(toy_model_dir, method):
 def test_crop_does_not_change_the_mask_inside_the_body(toy_model_dir):
     image = make_ct_image(shape_zyx=(20, 48, 56), spacing_xyz=(3.0, 3.0, 3.0))
     model = threshold_model(toy_model_dir)
-    cropped = sitk.GetArrayFromImage(predict_image(image, model, PredictionSettings(crop=True)))
-    full = sitk.GetArrayFromImage(predict_image(image, model, PredictionSettings(crop=False)))
+    cropped = sitk.GetArrayFromImage(predict_image(image, model, PredictionSettings(crop="exact")))
+    full = sitk.GetArrayFromImage(predict_image(image, model, PredictionSettings(crop="none")))
     assert np.array_equal(cropped, full)
 
 

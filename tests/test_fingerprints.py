@@ -108,7 +108,7 @@ def test_the_run_fingerprint_changes_with_each_setting_that_changes_a_mask_and_o
 
     base = run()
     assert base != run("other model") and base != run(backend="torch") and base != run(device="cpu")
-    for changed in (dict(step_size=0.6), dict(patch_scale=1.2), dict(crop=False), dict(tta=True),
+    for changed in (dict(step_size=0.6), dict(patch_scale=1.2), dict(crop="none"), dict(crop="box"), dict(tta=True),
                     dict(min_lesion_ml=0.1), dict(min_lesion_probability=0.5), dict(resample_back="labels"),
                     dict(lesion_labels=(1,)), dict(time_budget_s=45.0), dict(patch_size=(32, 32, 32))):
         assert run(**changed) != base, changed

@@ -114,7 +114,7 @@ def test_engine_applies_the_folder_filter_and_settings_override_it(tmp_path, toy
     model.networks = [TorchNetwork(TwoBlobNetwork(), torch.device("cpu"))]
     image = sitk.GetImageFromArray(np.zeros((16, 16, 16), np.int16))
     image.SetSpacing((3.0, 3.0, 3.0))  # the toy model's spacing: no resampling
-    settings = PredictionSettings(crop=False, patch_size=(16, 16, 16))
+    settings = PredictionSettings(crop="none", patch_size=(16, 16, 16))
     filtered, report = predict_image_with_report(image, model, settings)
     filtered = sitk.GetArrayFromImage(filtered)
     assert filtered.sum() == 27 and filtered[3, 3, 3] == 1 and filtered[12, 12, 12] == 0

@@ -138,7 +138,7 @@ def test_the_exact_crop_runs_only_the_bodys_windows_and_changes_no_voxel_inside_
     mask is the uncropped run's, voxel for voxel (outside it, 0). The toy model, untrained, marks much of the air:
     a crop that moved the grid would change its answer inside the box too."""
     from conftest import make_ct_image, make_toy_model
-    from inference import PredictionSettings, load_model, predict_image
+    from inference import PredictionSettings, load_model, predict_image, predict_image_with_report
     from inference.pipeline import crop_box
     import SimpleITK as sitk
 
@@ -153,12 +153,39 @@ def test_the_exact_crop_runs_only_the_bodys_windows_and_changes_no_voxel_inside_
         image.SetSpacing(base.GetSpacing())
         for step in steps:
             counting.calls = 0
-            cropped = sitk.GetArrayFromImage(predict_image(image, model, PredictionSettings(step_size=step)))
+            cropped, report = predict_image_with_report(image, model, PredictionSettings(step_size=step))
+            cropped = sitk.GetArrayFromImage(cropped)
             windows_cropped, counting.calls = counting.calls, 0
-            full = sitk.GetArrayFromImage(predict_image(image, model, PredictionSettings(step_size=step, crop=False)))
+            assert report.windows == windows_cropped  # the report counts what ran
+            full = sitk.GetArrayFromImage(predict_image(image, model, PredictionSettings(step_size=step, crop="none")))
             box = crop_box(array, tuple(image.GetSpacing())[::-1], PredictionSettings())
             assert np.array_equal(cropped[box], full[box]) and full[box].any()
             assert cropped.sum() == cropped[box].sum() < full.sum()  # 0 outside the box; the air had "lesions"
             windows.append((windows_cropped, counting.calls))
     assert all(cropped <= full for cropped, full in windows) and any(cropped < full for cropped, full in windows), \
         windows
+
+
+def test_the_box_crop_is_the_run_on_the_cut_box_pasted_back(tmp_path):
+    """The box crop predicts the body's box as if it were the whole image (resampled and tiled on its own) and pastes
+    that mask back: 0 outside the box. On the toy model it is not the exact crop's answer (the windows moved),
+    which is why only a calibration record chooses it."""
+    from conftest import make_ct_image, make_toy_model
+    from inference import PredictionSettings, load_model, predict_image
+    from inference.pipeline import crop_box
+    import SimpleITK as sitk
+
+    model = load_model(make_toy_model(tmp_path / "m", seed=3), device="cpu")
+    base = make_ct_image(shape_zyx=(24, 40, 48), seed=2)
+    array = np.pad(sitk.GetArrayFromImage(base), [(3, 3), (20, 9), (25, 30)], constant_values=-1000)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(base.GetSpacing())
+    box = crop_box(array, tuple(image.GetSpacing())[::-1], PredictionSettings())
+    assert any(s.stop - s.start < n for s, n in zip(box, array.shape))
+    cut = sitk.GetImageFromArray(array[box].copy())
+    cut.SetSpacing(base.GetSpacing())
+    alone = sitk.GetArrayFromImage(predict_image(cut, model, PredictionSettings(crop="none")))
+    boxed = sitk.GetArrayFromImage(predict_image(image, model, PredictionSettings(crop="box")))
+    exact = sitk.GetArrayFromImage(predict_image(image, model, PredictionSettings(crop="exact")))
+    assert np.array_equal(boxed[box], alone) and alone.any() and boxed.sum() == alone.sum()
+    assert not np.array_equal(boxed, exact)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelError
-from ..settings import MAX_PATCH_SCALE
+from ..settings import CROP_MODES, MAX_PATCH_SCALE
 
 CALIBRATION_FILE = "inference.json"
 BACKENDS = ("auto", "torch")
@@ -26,11 +26,12 @@ class Calibration:
     backend: str  # on the CPU: "auto" (ONNX Runtime where an export can be had) or "torch"
     model_fingerprint: str  # LoadedModel.fingerprint() of the model it was measured on
     source: Path
+    crop: str = "exact"  # records of engines before 0.22 hold none: theirs measured the exact crop
 
     @property
     def settings(self) -> dict:
         """The PredictionSettings fields it sets."""
-        return {"patch_scale": self.patch_scale, "step_size": self.step_size}
+        return {"patch_scale": self.patch_scale, "step_size": self.step_size, "crop": self.crop}
 
 
 def read_calibration(model_dir: str | Path) -> Calibration | None:
@@ -44,11 +45,12 @@ def read_calibration(model_dir: str | Path) -> Calibration | None:
             raise ValueError("expected a JSON object with a 'chosen' object")
         chosen = record["chosen"]
         calibration = Calibration(float(chosen["patch_scale"]), float(chosen["step_size"]), str(chosen["backend"]),
-                                  str(record["model_fingerprint"]), path)
-    except (OSError, ValueError, TypeError, KeyError) as err:
+                                  str(record["model_fingerprint"]), path, str(chosen.get("crop", "exact")))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise ModelError(f"{path}: not a valid calibration record ({err})") from None
     if not (1 <= calibration.patch_scale <= MAX_PATCH_SCALE and 0 < calibration.step_size <= 1
-            and math.isfinite(calibration.patch_scale) and calibration.backend in BACKENDS):
-        raise ModelError(f"{path}: patch_scale must be in [1, {MAX_PATCH_SCALE:g}], step_size in (0, 1] and backend "
-                         f"one of {', '.join(BACKENDS)}")
+            and math.isfinite(calibration.patch_scale) and calibration.backend in BACKENDS
+            and calibration.crop in CROP_MODES):
+        raise ModelError(f"{path}: patch_scale must be in [1, {MAX_PATCH_SCALE:g}], step_size in (0, 1], backend "
+                         f"one of {', '.join(BACKENDS)} and crop one of {', '.join(CROP_MODES)}")
     return calibration
