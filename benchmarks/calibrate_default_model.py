@@ -1,6 +1,6 @@
 """Calibrate models/default on its validation phantoms and publish the evidence.
 
-    .venv/bin/python benchmarks/calibrate_default_model.py [--cases 4] [--seed 8] [--device cpu]
+    .venv/bin/python benchmarks/calibrate_default_model.py [--cases 8] [--seed 8] [--device cpu]
 
 Writes full-size phantoms of the validation seed (models/default: trained on seed 1000, validated on 8), all with
 lesions, runs `python -m inference.calibrate -m models/default --images ... --labels ...` (which writes
@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.calibration_report import calibration_lines
 from flare_common.machine import machine_facts
 from flare_common.results import REPO, display, write_result
 from phantoms import generate_phantom, write_case
@@ -24,7 +25,7 @@ MODEL = REPO / "models" / "default"
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=4)
+    parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--seed", type=int, default=8)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args(argv)
@@ -42,28 +43,10 @@ def main(argv=None) -> int:
     command = (f".venv/bin/python {display(__file__)} --cases {args.cases} --seed {args.seed} "
                f"--device {args.device}")
     result = {"machine": machine, "command": command, "record": record}
-    chosen = record["chosen"]
     lines = [f"# Calibration of models/default ({args.device})", "",
              f"Machine: {machine['cpu']}, {machine['date'][:10]}. Command: `{command}`", "",
-             f"{args.cases} full-size phantoms of the validation seed {args.seed}, all with lesions. Rule: "
-             f"{record['rule']}. Reference: nnU-Net's tiling (the training patch, step 0.5, torch). The body crop "
-             "(exact) is on in every row.", "",
-             "| patch x | step | backend | s / case | mean agreement with the reference | lowest | mean lesion DSC | "
-             "qualifies |", "|---|---|---|---|---|---|---|---|"]
-    for c in record["candidates"]:
-        backend = "ONNX Runtime" if c["backend"] == "auto" and args.device == "cpu" else "torch"
-        marker = " **chosen**" if (c["patch_scale"], c["step_size"], c["backend"]) == tuple(chosen.values()) else ""
-        lines.append(f"| {c['patch_scale']:g} | {c['step_size']:g} | {backend}{marker} | {c['seconds_per_case']:.2f} | "
-                     f"{c['mean_agreement']:.4f} | {c['min_agreement']:.4f} | {c['mean_lesion_dsc']:.4f} | "
-                     f"{'yes' if c['qualifies'] else 'no'} |")
-    reference = record["candidates"][0]
-    picked = next(c for c in record["candidates"]
-                  if (c["patch_scale"], c["step_size"], c["backend"]) == tuple(chosen.values()))
-    lines += ["", f"Chosen: patch x{chosen['patch_scale']:g}, step {chosen['step_size']:g}, backend {chosen['backend']}: "
-              f"{picked['seconds_per_case']:.2f} s a case against the reference's {reference['seconds_per_case']:.2f} s "
-              f"({reference['seconds_per_case'] / picked['seconds_per_case']:.2f}x), mean lesion DSC "
-              f"{picked['mean_lesion_dsc']:.4f} against {reference['mean_lesion_dsc']:.4f}. Written to "
-              "models/default/inference.json.", ""]
+             f"{args.cases} full-size phantoms of the validation seed {args.seed}, all with lesions.",
+             *calibration_lines(record, args.device, "models/default")]
     stem = write_result(f"calibration_default_{args.device}", result, "\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {display(stem)}.json and .md")

@@ -9,25 +9,20 @@ user's cache, keyed by what makes it (the training script, the data's generator,
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from flare_common.digests import cache_root
+from training.nnunet_trained import NNUNET_PYTHON, nnunet_trained_model
 
 REPO = Path(__file__).resolve().parent.parent
-NNUNET_PYTHON = REPO / ".venv-nnunet" / "bin" / "python"
-TRAINER_SCRIPT = REPO / "training" / "make_nnunet_trained_model.py"
-ITERATIONS = 200  # enough for lesions in the masks: with 12, nnU-Net's model still predicts background only
 MIN_DSC = 0.99
 
 
@@ -43,26 +38,10 @@ def nnunet_model(tmp_path_factory) -> Path:
         if os.environ.get("FLARE_REQUIRE_NNUNET") == "1":
             pytest.fail(reason + " (FLARE_REQUIRE_NNUNET=1: the parity test must run)")
         pytest.skip(reason)
-    # what makes the model: the trainer script, the data's generator, nnU-Net's pinned version, the iterations
-    made_by = [TRAINER_SCRIPT, REPO / "training" / "make_blob_model.py", REPO / "scripts" / "setup_nnunet_env.sh"]
-    key = hashlib.sha256(b"".join(path.read_bytes() for path in made_by) + f"{ITERATIONS}".encode()).hexdigest()[:16]
-    root = cache_root() or tmp_path_factory.mktemp("nnunet")
-    work = Path(root) / "nnunet-trained" / key
-    model = work / "nnUNet_results" / "Dataset901_ParityBlobs" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    if not (model / "fold_0" / "checkpoint_final.pth").is_file():
-        work.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=work.parent))  # renamed into place when whole
-        done = subprocess.run([str(NNUNET_PYTHON), str(TRAINER_SCRIPT), "--work", str(scratch), "--iterations",
-                               str(ITERATIONS)], cwd=REPO, capture_output=True, text=True, timeout=1200,
-                              env=dict(os.environ, PYTHONPATH=str(REPO)))
-        if done.returncode != 0:
-            shutil.rmtree(scratch, ignore_errors=True)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        try:
-            scratch.rename(work)
-        except OSError:  # another run put its model there first: the same one
-            shutil.rmtree(scratch, ignore_errors=True)
-    return model
+    try:
+        return nnunet_trained_model(tmp_path_factory.mktemp("nnunet"))
+    except RuntimeError as failed:
+        pytest.fail(str(failed))
 
 
 def write_cases(model: Path, folder: Path, spacing_zyx) -> None:
@@ -120,3 +99,30 @@ def test_our_masks_are_nnunets_on_a_model_nnunet_trained(nnunet_model, tmp_path,
         shutil.rmtree(nnunet_model.parents[2], ignore_errors=True)
         pytest.fail(f"{nnunet_model}: nnU-Net's model predicts lesions in fewer than 2 of 4 cases; removed from the "
                     "cache, trained again on the next run")
+
+
+def test_calibration_of_a_model_nnunet_trained(nnunet_model, tmp_path):
+    """`python -m inference.calibrate` on nnU-Net's own model folder (a copy: the record is written into it) and two
+    volumes it never saw: every candidate measured against nnU-Net's tiling, the chosen one qualifies and is the
+    fastest that does, and the CLI then runs it by default."""
+    from inference.calibrate import REFERENCE
+    from training.nnunet_trained import write_validation_cases
+
+    model = tmp_path / "model"
+    shutil.copytree(nnunet_model, model, ignore=shutil.ignore_patterns("*.onnx", "trt_cache"))
+    write_validation_cases(tmp_path / "data", 2, seed=101)
+    run([sys.executable, "-m", "inference.calibrate", "-m", str(model), "-f", "0", "--images",
+         str(tmp_path / "data" / "images"), "--labels", str(tmp_path / "data" / "labels")])
+    record = json.loads((model / "inference.json").read_text())
+    key = ("patch_scale", "step_size", "backend", "crop")
+    candidates = {tuple(c[k] for k in key): c for c in record["candidates"]}
+    assert len(candidates) == 13 and tuple(record["candidates"][0][k] for k in key) == REFERENCE
+    assert record["candidates"][0]["mean_lesion_dsc"] > 0.3  # the reference finds the lesions: a real comparison
+    chosen = candidates[tuple(record["chosen"][k] for k in key)]
+    assert chosen["qualifies"] and chosen["seconds_per_case"] == min(
+        c["seconds_per_case"] for c in candidates.values() if c["qualifies"])
+    assert record["first_run_export_seconds"] > 0
+    run([sys.executable, "-m", "inference", "-i", str(tmp_path / "data" / "images"), "-o", str(tmp_path / "out"), "-m",
+         str(model), "-f", "0", "--device", "cpu", "--timings", str(tmp_path / "t.json")])
+    report = json.loads((tmp_path / "t.json").read_text())["cases"]["blob_000_0000.nii.gz"]
+    assert report["step_size"] == record["chosen"]["step_size"]
