@@ -23,7 +23,6 @@ cases/<case>.log (the run's stdout/stderr) and predictions/<case>.nii.gz. See do
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import datetime
 import json
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import psutil
 
+from flare_common.arguments import OneLineParser, program_name
 from flare_common.machine import machine_facts
 from inference import CaseError, io
 from evaluation.case_record import SERIES, CaseRecord
@@ -507,8 +507,8 @@ def run_info(settings: Settings, gpu_info: dict | None, gpu_note: str | None, ar
 # --------------------------------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m evaluation.run_efficiency",
+    parser = OneLineParser(
+        prog=program_name("evaluation.run_efficiency", "flare-efficiency"),
         description="Run a FLARE container or a local command once per case and measure time, GPU memory, "
                     "CPU and RAM like the official FLARE efficiency scripts.")
     parser.add_argument("--cases", required=True, type=Path,

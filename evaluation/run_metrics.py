@@ -40,7 +40,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from evaluation.lesion_metrics import LESION_COLUMNS, lesion_metrics
-from flare_common.arguments import OneLineParser, number, positive_int
+from flare_common.arguments import OneLineParser, number, positive_int, program_name
 from flare_common.files import atomic_path
 from inference import CaseError
 from inference.io import IMAGE_SUFFIXES, case_id, check_file_can_be_written, read_checked, split_suffix
@@ -344,7 +344,7 @@ def write_results(per_case: pd.DataFrame, summary: pd.DataFrame, output) -> tupl
 
 def build_parser() -> OneLineParser:
     parser = OneLineParser(
-        prog="python -m evaluation.run_metrics",
+        prog=program_name("evaluation.run_metrics", "flare-metrics"),
         description="FLARE24-style lesion DSC/NSD and lesion-wise metrics for a folder of predictions.")
     parser.add_argument("--gt", required=True, type=Path, help="ground-truth folder (<case>.nii.gz)")
     parser.add_argument("--pred", required=True, type=Path,

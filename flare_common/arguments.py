@@ -3,14 +3,34 @@ naming the flag (exit code 2), never found deep inside a case. Shared by every c
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
+import sys
+from pathlib import Path
+
+UNRECOGNIZED = "unrecognized arguments: "
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, with a refused flag said in one line (no usage block above it), exit code 2."""
+    """argparse, with a refused flag said in one line (no usage block above it), exit code 2; a mistyped flag gets the
+    closest ones the command has."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message}{self.suggestion(message)} (see {self.prog} --help)\n")
+
+    def suggestion(self, message: str) -> str:
+        if not message.startswith(UNRECOGNIZED):
+            return ""
+        flags = [word.split("=")[0] for word in message[len(UNRECOGNIZED):].split() if word.startswith("--")]
+        known = [name for name in self._option_string_actions if name.startswith("--")]
+        close = [match for flag in flags for match in difflib.get_close_matches(flag, known, n=1, cutoff=0.75)]
+        return f"; did you mean {' or '.join(dict.fromkeys(close))}?" if close else ""
+
+
+def program_name(module: str, script: str) -> str:
+    """How a command names itself in its help and errors: its console script (`flare-predict`) where it was started
+    as one, else `python -m <module>`."""
+    return script if Path(sys.argv[0]).name == script else f"python -m {module}"
 
 
 def number(text: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:

@@ -20,8 +20,10 @@ from typing import Iterator, Sequence
 import SimpleITK as sitk
 
 from . import io, prefetch, provenance
+from .dicom_seg import SEG_SUFFIX
+from .dicom_series import DicomSeries
 from .errors import CaseError, ModelError
-from .pipeline import predict_image_with_report
+from .pipeline import predict_image_with_probability, predict_image_with_report
 from .settings import PredictionSettings
 from .timing import CaseReport, StageTimer
 
@@ -57,11 +59,28 @@ def read_case(path: Path) -> tuple[sitk.Image, str]:
     return prefetch.take(path) or prefetch.read_with_fingerprint(path)
 
 
-def write_case(mask: sitk.Image, output: Path, report: CaseReport, started: float, note: str | None = None
+PROBABILITY_FOLDER = "probabilities"  # under the output folder: a scorer listing <output>/*.nii.gz never sees them
+PROBABILITY_NOTE = "flare-lesion lesion probability, uint8 = round(p * 255)"
+
+
+def probability_path(output: Path) -> Path:
+    """Where the lesion probability of the mask at `output` is written (--save-probabilities)."""
+    return output.parent / PROBABILITY_FOLDER / output.name
+
+
+def write_case(mask: sitk.Image, output: Path, report: CaseReport, started: float, note: str | None = None,
+               case: io.Case | None = None, model_name: str = "", probability: sitk.Image | None = None
                ) -> CaseReport:
-    """Write the mask to `output`, with `note`, what made it (provenance.mask_note)."""
+    """Write the mask to `output`, with `note`, what made it (provenance.mask_note); as a DICOM SEG of the case's
+    series where `output` is a SEG's (dicom_seg.SEG_SUFFIX, --output-format dicom-seg). The lesion probability, where
+    given, first (probability_path): a mask is never there without the probability asked for beside it."""
     with StageTimer(report)("write"):  # host-side: nothing to synchronise
-        io.write_image_atomically(mask, output, note)
+        if probability is not None:
+            io.write_image_atomically(probability, probability_path(output), PROBABILITY_NOTE)
+        if output.name.endswith(SEG_SUFFIX) and isinstance(case, DicomSeries):
+            io.write_seg_atomically(mask, case, output, model_name)
+        else:
+            io.write_image_atomically(mask, output, note)
     report.seconds["total"] = time.perf_counter() - started
     return report
 
@@ -77,18 +96,23 @@ def completed(function, *args) -> Future:
     return done
 
 
-def compute_case(image_future: Future, model, settings: PredictionSettings, started: float, progress: bool = False
-                 ) -> tuple[sitk.Image, CaseReport, str]:
-    """Wait for the case's image (the wait is its "read" stage), then predict its mask: the mask, the case's
-    report and the input's fingerprint. The time budget counts from `started`, the read included."""
+def compute_case(image_future: Future, model, settings: PredictionSettings, started: float, progress: bool = False,
+                 probability: bool = False) -> tuple[sitk.Image, sitk.Image | None, CaseReport, str]:
+    """Wait for the case's image (the wait is its "read" stage), then predict its mask: the mask, the lesion
+    probability (with `probability`, else None), the case's report and the input's fingerprint. The time budget
+    counts from `started`, the read included."""
     report = CaseReport()
     with StageTimer(report)("read"):
         image, fingerprint = image_future.result()
-    return *predict_image_with_report(image, model, settings, report, started, progress), fingerprint
+    if probability:
+        return *predict_image_with_probability(image, model, settings, report, started, progress), fingerprint
+    mask, report = predict_image_with_report(image, model, settings, report, started, progress)
+    return mask, None, report, fingerprint
 
 
-def predict_cases(cases: Sequence[Path], outputs: dict[Path, Path], model, settings: PredictionSettings,
-                  pipelined: bool = True, run: str | None = None, progress: bool = False) -> Iterator[CaseResult]:
+def predict_cases(cases: Sequence[io.Case], outputs: dict[io.Case, Path], model, settings: PredictionSettings,
+                  pipelined: bool = True, run: str | None = None, progress: bool = False,
+                  probabilities: bool = False) -> Iterator[CaseResult]:
     """Predict and write every case, yielding each result in order once its mask is written (or it failed).
     `pipelined=False`: one case after another (read, compute, write), for comparison. `run`: the run's
     fingerprint (provenance.run_fingerprint), written into each mask with its input's. `progress`: a bar over
@@ -123,7 +147,8 @@ def predict_cases(cases: Sequence[Path], outputs: dict[Path, Path], model, setti
             read_ahead(index + 1)  # the next case is read while this one is computed
             started = time.perf_counter()
             try:
-                mask, report, fingerprint = compute_case(image_of(path), model, settings, started, progress)
+                mask, probability, report, fingerprint = compute_case(image_of(path), model, settings, started,
+                                                                      progress, probabilities)
             except Exception as err:  # one broken case must not stop the others
                 if (previous := finish_writing()) is not None:
                     yield previous
@@ -133,8 +158,9 @@ def predict_cases(cases: Sequence[Path], outputs: dict[Path, Path], model, setti
                 yield previous
             submit = writer.submit if writer is not None else completed
             note = provenance.mask_note(run, source_fingerprint=fingerprint)
-            writing = (path, submit(write_case, mask, outputs[path], report, started, note))
-            del mask
+            writing = (path, submit(write_case, mask, outputs[path], report, started, note, path,
+                                    model.config.model_dir.name, probability))
+            del mask, probability
         if (previous := finish_writing()) is not None:
             yield previous
     finally:  # stopped (SIGTERM) or done: a write under way ends (its mask whole), nothing new starts

@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from contextlib import closing
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -20,10 +20,12 @@ import SimpleITK as sitk
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from flare_common.arguments import OneLineParser, number, positive_int
+from flare_common.arguments import OneLineParser, number, positive_int, program_name
 from flare_common.files import write_text_atomically
 
 from . import batch, io, provenance
+from .dicom_seg import SEG_SUFFIX
+from .dicom_series import DicomSeries
 from .errors import CaseError, ModelError
 from .model.calibration import read_calibration
 from .network_plan import calibrated_settings, check_request
@@ -71,9 +73,10 @@ def finite(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="python -m inference", description=__doc__.splitlines()[0],
+        prog=program_name("inference", "flare-predict"), description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
-    parser.add_argument("-i", "--input", required=True, help="folder of <case>_0000.nii.gz images")
+    parser.add_argument("-i", "--input", required=True,
+                        help="folder of <case>_0000.nii.gz images, or one image (<case>[_0000].nii.gz)")
     parser.add_argument("-o", "--output", required=True, help="folder for <case>.nii.gz masks")
     parser.add_argument("-m", "--model", default=str(DEFAULT_MODEL), help="nnU-Net v2 model folder")
     parser.add_argument("-f", "--folds", nargs="+", default=None,
@@ -128,7 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a case that fails: no mask (fail, default) or an all-zero mask on the input's "
                              "grid (empty: challenge mode, since a missing output scores zero anyway); the "
                              "exit code is non-zero either way")
-    parser.add_argument("--timings", default=None, help="write per-case stage timings to this JSON")
+    parser.add_argument("--output-format", choices=["nifti", "dicom-seg"], default="nifti",
+                        help="nifti (default): <case>.nii.gz, 0/1 on the input's grid; dicom-seg: <case>.dcm, a DICOM "
+                             "Segmentation referencing the source series (DICOM input only; docs/dicom.md)")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="also write each case's lesion probability (softmax of the summed logits, on the input's "
+                             "grid) as uint8 round(p x 255) to OUTPUT/probabilities/<case>.nii.gz, beside the masks' "
+                             "folder (NIfTI output only)")
+    parser.add_argument("--timings", default=None, help="write per-case stage timings to this JSON (the run report)")
+    parser.add_argument("--report", default=None, metavar="FILE",
+                        help="write the run report to this JSON: engine version and commit, library and driver "
+                             "versions, device, the settings used (after the model's calibration), the model's "
+                             "fingerprint, each case's input, output, status, error and stage times")
     parser.add_argument("--skip-existing", action="store_true", help="keep masks already written")
     parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                         help="spread the cases over Ray workers (one per GPU, else one per --ray-cpus cores): Ray "
@@ -155,7 +169,9 @@ def run_options_from_args(args: argparse.Namespace) -> RunOptions:
         input=Path(args.input), output=Path(args.output), model=Path(args.model),
         folds=tuple(str(f) for f in args.folds) if args.folds else None, checkpoint=args.checkpoint,
         configuration=args.configuration, device=args.device, backend=args.backend, on_error=args.on_error,
-        timings=Path(args.timings) if args.timings else None, skip_existing=args.skip_existing,
+        output_format=args.output_format, save_probabilities=args.save_probabilities,
+        timings=Path(args.timings) if args.timings else None, report=Path(args.report) if args.report else None,
+        skip_existing=args.skip_existing,
         ray_address=args.ray, ray_cpus=args.ray_cpus, ray_workers=args.ray_workers,
         journal=Path(args.journal) if args.journal else None, sequential=args.sequential, quiet=args.quiet,
         verbose=args.verbose)
@@ -197,14 +213,16 @@ def _stop(signum, frame):
     raise Stopped(signum)
 
 
-def write_empty_mask(path: Path, output_path: Path) -> None:
-    """--on-error empty: the all-zero mask of a failed case, said in one line (or why there is none). Its note
-    says it is no finished mask: --skip-existing and a resumed run compute the case again."""
+def write_empty_mask(path: Path, output_path: Path) -> bool:
+    """--on-error empty: the all-zero mask of a failed case, said in one line (or why there is none); whether it
+    was written. Its note says it is no finished mask: --skip-existing and a resumed run compute the case again."""
     try:
         io.write_empty_mask(path, output_path)
         log.warning("warning: %s: wrote an empty mask %s (--on-error empty)", path, output_path.name)
+        return True
     except CaseError as err:
         log.error("error: %s", err)
+        return False
 
 
 def entry_point() -> None:
@@ -249,10 +267,13 @@ def run(options: RunOptions, given: dict, imports_done_at: float, done: list[str
         # every flag and path is checked before the first case: a run that cannot finish stops here
         scan = io.find_cases(options.input)
         io.set_aside_earlier_masks(scan, options.output)
-        outputs = io.output_paths(scan.cases + [path for path, _ in scan.broken], options.output)
+        check_input_kind(scan, options)
+        outputs = io.output_paths(scan.cases + [path for path, _ in scan.broken], options.output,
+                                  SEG_SUFFIX if options.output_format == "dicom-seg" else ".nii.gz")
+        for flag, path in (("--timings", options.timings), ("--report", options.report)):
+            if path:
+                io.check_file_can_be_written(path, flag)
         io.prepare_output_folder(options.output)
-        if options.timings:
-            io.check_file_can_be_written(options.timings, "--timings")
         journal = ray_journal(options) if options.on_ray else None
         calibration = read_calibration(options.model)
         if options.backend is None:
@@ -283,7 +304,9 @@ def run(options: RunOptions, given: dict, imports_done_at: float, done: list[str
                "model_loaded": model_loaded_at}
     report = {"model": str(options.model), "device": str(model.device), "backend": model.backend,
               "folds": list(model.folds), "model_load_s": load_seconds, "run_fingerprint": run_id,
-              "startup": startup, "cases": {}}
+              "model_fingerprint": model.fingerprint(), "settings": asdict(settings), "calibration": calibration_line,
+              "input": str(options.input), "output": str(options.output), "output_format": options.output_format,
+              "environment": provenance.run_environment(model.device), "startup": startup, "cases": {}}
     failures = len(scan.broken)
     for path, reason in scan.broken:
         report_failure(path, outputs[path], f"{path}: {reason}", options, report)
@@ -298,15 +321,33 @@ def run(options: RunOptions, given: dict, imports_done_at: float, done: list[str
     except ModelError as err:  # --ray: Ray missing, or no cluster at the address
         log.error("error: %s", err)
         return 2
-    if options.timings:
-        try:
-            write_text_atomically(options.timings, json.dumps(report, indent=2))
-        except OSError as err:
-            log.error("error: %s: --timings not written (%s)", options.timings, err.strerror or err)
-            failures += 1
+    for flag, path in (("--timings", options.timings), ("--report", options.report)):
+        if path:
+            try:
+                write_text_atomically(path, json.dumps(report, indent=2))
+            except OSError as err:
+                log.error("error: %s: %s not written (%s)", path, flag, err.strerror or err)
+                failures += 1
     if failures:
         log.error("error: %d of %d case(s) failed", failures, total)
     return 1 if failures else 0
+
+
+def check_input_kind(scan: io.CaseScan, options: RunOptions) -> None:
+    """What DICOM input and SEG output allow, checked before any work (CaseError, one line): a SEG refers to the
+    source instances it segments, so it needs DICOM input; a series is read here, not on Ray workers, and its
+    outputs carry no provenance note to be kept from an earlier run by."""
+    cases = scan.cases + [case for case, _ in scan.broken]
+    series = [case for case in cases if isinstance(case, DicomSeries)]
+    if options.output_format == "dicom-seg" and options.save_probabilities:
+        raise CaseError("--save-probabilities writes NIfTI; with --output-format dicom-seg (a FRACTIONAL SEG) it is "
+                        "not supported yet")
+    if options.output_format == "dicom-seg" and len(series) < len(cases):
+        raise CaseError(f"{options.input}: --output-format dicom-seg needs DICOM series as input (a SEG refers to "
+                        "the source images it segments); this input holds NIfTI images")
+    for flag, given in (("--ray", options.on_ray), ("--skip-existing", options.skip_existing)):
+        if series and given:
+            raise CaseError(f"{options.input}: {flag} is not supported for DICOM input yet; run it without {flag}")
 
 
 def check_settings(model, settings: PredictionSettings) -> None:
@@ -346,7 +387,7 @@ def case_results(todo: list[Path], outputs: dict[Path, Path], model, settings: P
     place Ray is imported), else in this process, pipelined unless --sequential (batch.py)."""
     if not options.on_ray:
         return batch.predict_cases(todo, outputs, model, settings, pipelined=not options.sequential, run=run_id,
-                                   progress=progress)
+                                   progress=progress, probabilities=options.save_probabilities)
     from .scale_out import predict_on_ray
 
     return predict_on_ray(todo, outputs, options, settings, journal, run=run_id)
@@ -356,13 +397,18 @@ def report_failure(path: Path, output: Path, error: str, options: RunOptions, re
     """A failed case: its one line, its entry in the report, and no mask of an earlier run left where its mask
     would be (a scorer would take it for this run's); under --on-error empty, the empty mask instead."""
     log.error("error: %s%s", error, remove_earlier_mask(output))
-    report["cases"][path.name] = {"error": error}
-    if options.on_error == "empty":
-        write_empty_mask(path, output)
+    report["cases"][path.name] = {"status": "failed", "error": error, "input": str(path), "output": None}
+    if options.on_error == "empty" and write_empty_mask(path, output):
+        report["cases"][path.name]["output"] = str(output)  # the empty mask of a failed case
 
 
 def remove_earlier_mask(output: Path) -> str:
-    """Remove the file an earlier run left at a failed case's mask path; what the error line adds about it."""
+    """Remove the file an earlier run left at a failed case's mask path (and its probability's); what the error line
+    adds about it."""
+    try:
+        batch.probability_path(output).unlink(missing_ok=True)
+    except OSError:  # a folder or an unwritable file there: the mask's line below is what matters
+        pass
     if not (output.is_file() or output.is_symlink()):
         return ""
     try:
@@ -383,13 +429,17 @@ def record_results(results: Iterable[batch.CaseResult], todo: list[Path], output
         seen.add(path)
         if result.kept:
             done.append(path.name)
+            report["cases"][path.name] = {"status": "kept", "input": str(path), "output": str(result.output)}
             continue
         if result.error is not None:
             failures += 1
             report_failure(path, result.output, result.error, options, report)
             continue
         done.append(path.name)
-        report["cases"][path.name] = result.report.as_dict()
+        report["cases"][path.name] = {**result.report.as_dict(), "status": "ok", "input": str(path),
+                                      "output": str(result.output)}
+        if options.save_probabilities:
+            report["cases"][path.name]["probability"] = str(batch.probability_path(result.output))
         where = f" on worker {result.worker}" if result.worker is not None else ""
         log.info("%s: %.2f s%s (%s)", io.case_id(path), result.report.seconds["total"], where,
                  format_timings(result.report.seconds))

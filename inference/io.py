@@ -20,11 +20,14 @@ import SimpleITK as sitk
 
 from flare_common.files import atomic_path, itk_path
 
+from .dicom_series import DicomSeries, find_series, is_dicom_file, read_series, series_of_file
 from .errors import CaseError
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
-__all__ = ["IMAGE_SUFFIXES", "case_id", "check_file_can_be_written", "find_cases", "read_checked",
+__all__ = ["IMAGE_SUFFIXES", "Case", "case_id", "check_file_can_be_written", "find_cases", "read_checked",
            "split_suffix", "write_image_atomically"]
+
+Case = Path | DicomSeries  # a case: an image file, or a DICOM series (dicom_series.py)
 
 log = logging.getLogger("inference")
 
@@ -45,8 +48,10 @@ def split_suffix(name: str) -> tuple[str, str]:
     return name, ""
 
 
-def case_id(path: Path) -> str:
-    """`<case>_0000.nii.gz` -> `<case>`: outputs drop the channel suffix, as FLARE expects."""
+def case_id(path: Case) -> str:
+    """`<case>_0000.nii.gz` -> `<case>`: outputs drop the channel suffix, as FLARE expects; a DICOM series' own id."""
+    if isinstance(path, DicomSeries):
+        return path.case_id
     stem, _ = split_suffix(path.name)
     return stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) else stem
 
@@ -56,7 +61,7 @@ class CaseScan:
     """What an input folder holds: the cases, image-like entries that are not cases (and why), and
     image-like entries that should be cases but cannot be read (each a failed case)."""
 
-    cases: list[Path]
+    cases: list[Case]
     skipped: list[tuple[Path, str]]
     broken: list[tuple[Path, str]]
 
@@ -64,10 +69,18 @@ class CaseScan:
 def find_cases(input_dir: str | Path) -> CaseScan:
     """Image files of the first channel, sorted. Every entry with an image suffix is a case, skipped with a
     reason (hidden, another channel) or broken (a dangling link, a folder); a folder with no case at all is
-    an error."""
+    an error. `input_dir` may also be one image file: the one case. A folder without images whose files (at any
+    depth) are DICOM holds DICOM series: each a case (dicom_series.py), a series that cannot be a correct
+    volume broken with its reason; so does one DICOM file, the series it belongs to."""
     input_dir = Path(input_dir)
+    if input_dir.is_file():  # one image: the case it is
+        if is_dicom_file(input_dir):
+            return series_scan([series_of_file(input_dir)], [])
+        if not split_suffix(input_dir.name)[1]:
+            raise CaseError(f"{input_dir}: not an image ({', '.join(IMAGE_SUFFIXES)}) nor a folder of them")
+        return CaseScan([input_dir], [], [])
     if not input_dir.is_dir():
-        raise CaseError(f"{input_dir}: input folder not found")
+        raise CaseError(f"{input_dir}: input folder or image not found")
     scan = CaseScan([], [], [])
     for path in sorted(input_dir.iterdir()):
         stem, suffix = split_suffix(path.name)
@@ -84,20 +97,30 @@ def find_cases(input_dir: str | Path) -> CaseScan:
         else:
             scan.cases.append(path)
     if not scan.cases and not scan.broken:
-        raise CaseError(f"{input_dir}: no case in it (no {', '.join(IMAGE_SUFFIXES)} file"
+        series, unreadable = find_series(input_dir)
+        if series or unreadable:
+            return series_scan(series, unreadable)
+        raise CaseError(f"{input_dir}: no case in it (no {', '.join(IMAGE_SUFFIXES)} file and no DICOM series"
                         + (f"; {len(scan.skipped)} skipped" if scan.skipped else "") + ")")
     return scan
 
 
-def output_paths(cases: list[Path], output_dir: str | Path) -> dict[Path, Path]:
+def series_scan(series: list[DicomSeries], unreadable: list[tuple[Path, str]]) -> CaseScan:
+    """The cases of DICOM input: each series that is a correct volume; the others broken, with the reason; an
+    unreadable DICOM file skipped, with its."""
+    return CaseScan([s for s in series if s.problem is None], list(unreadable),
+                    [(s, s.problem) for s in series if s.problem is not None])
+
+
+def output_paths(cases: list[Case], output_dir: str | Path, suffix: str = ".nii.gz") -> dict[Case, Path]:
     """Each case's mask path, `<output_dir>/<case>.nii.gz`. Refuses (CaseError) before any work when two
     cases would write the same mask, or a mask would replace an input."""
     output_dir = Path(output_dir)
-    planned: dict[Path, Path] = {}
-    writers: dict[Path, Path] = {}
-    inputs = {path.resolve() for path in cases}
+    planned: dict[Case, Path] = {}
+    writers: dict[Path, Case] = {}
+    inputs = {file.resolve() for path in cases for file in (path.files if isinstance(path, DicomSeries) else [path])}
     for path in cases:
-        output = output_dir / f"{case_id(path)}.nii.gz"
+        output = output_dir / f"{case_id(path)}{suffix}"
         key = output.resolve()
         if key in writers:
             raise CaseError(f"{writers[key]} and {path} would both be written to {output}; rename one")
@@ -111,7 +134,8 @@ def output_paths(cases: list[Path], output_dir: str | Path) -> dict[Path, Path]:
 def set_aside_earlier_masks(scan: CaseScan, output_dir: str | Path) -> None:
     """Where the output folder is the input folder, `<case>.nii.gz` beside `<case>_0000.*` is that case's mask
     from an earlier run, not a case: moved to the skipped entries, with the reason."""
-    if not scan.cases or scan.cases[0].parent.resolve() != Path(output_dir).resolve():
+    if not scan.cases or isinstance(scan.cases[0], DicomSeries) or \
+            scan.cases[0].parent.resolve() != Path(output_dir).resolve():
         return
     first_channels = {case_id(path) for path in scan.cases + [path for path, _ in scan.broken]
                       if split_suffix(path.name)[0].endswith(CHANNEL_SUFFIX)}
@@ -158,9 +182,11 @@ def prepare_output_folder(output_dir: str | Path) -> None:
             pass
 
 
-def read_image(path: str | Path) -> sitk.Image:
+def read_image(path: str | Case) -> sitk.Image:
     """A case's CT image, checked before its voxels are read (read_checked; non-positive spacing, a grid a mask
-    cannot be written on) and after (NaN voxels)."""
+    cannot be written on) and after (NaN voxels); a DICOM series' through dicom_series.read_series."""
+    if isinstance(path, DicomSeries):
+        return read_series(path)
     path = Path(path)
 
     def check_case_header(header: sitk.ImageFileReader) -> None:
@@ -429,15 +455,36 @@ def write_image_atomically(image: sitk.Image, path: str | Path, note: str | None
         raise CaseError(f"{path}: cannot write the mask ({err.strerror or err})") from None
 
 
+def write_seg_atomically(mask: sitk.Image, series: DicomSeries, path: str | Path, model_name: str) -> None:
+    """The mask as a DICOM SEG of `series` (dicom_seg.py), written as a mask is (a hidden partial file, renamed
+    when whole), then read back and checked: a SEG of this series' study and frame of reference, whose frames
+    reference its slices and hold the mask, voxel for voxel."""
+    from .dicom_seg import write_seg, read_seg_mask  # highdicom: only where a SEG is written
+
+    path = Path(path)
+    array = sitk.GetArrayViewFromImage(mask)
+    try:
+        with atomic_path(path, prefix=PARTIAL_PREFIX) as written:
+            write_seg(array, series, written, model_name)
+            if not np.array_equal(read_seg_mask(written, series), array > 0):
+                raise CaseError(f"{path}: the SEG written does not read back as the mask")
+            os.chmod(written, 0o644)
+    except OSError as err:
+        raise CaseError(f"{path}: cannot write the SEG ({err.strerror or err})") from None
+
+
 NOTE_KEY = "ITK_FileNotes"  # ITK's NIfTI writer puts it in the header's `descrip` (80 bytes), its reader back
 FAILED_NOTE = "flare-lesion failed case, empty mask (--on-error empty)"  # never kept as a finished mask
 MAX_EMPTY_MASK_VOXELS = 2 ** 31  # an empty mask is written only for a plausible header (2 GB of uint8)
 
 
-def write_empty_mask(source: Path, path: Path) -> None:
+def write_empty_mask(source: Case, path: Path) -> None:
     """An all-zero mask on `source`'s grid (read from its header only), written as a mask is: for a case
     that failed, in challenge mode, since a missing output scores zero anyway. Its note (FAILED_NOTE) says it
-    is no finished mask. CaseError if the header cannot be read."""
+    is no finished mask. CaseError if the header cannot be read, and for a DICOM series (FLARE's contract is
+    NIfTI: a hospital's failed series gets no mask, and its line)."""
+    if isinstance(source, DicomSeries):
+        raise CaseError(f"{source}: no empty mask for a DICOM series (--on-error empty is for NIfTI cases)")
     try:
         reader = read_header(source)
     except CaseError as err:

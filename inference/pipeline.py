@@ -29,14 +29,15 @@ from .lesion_filter import filter_lesions
 from .model import LoadedModel, load_model
 from .network_plan import calibrated_settings, network_logits, seconds_left
 from .normalize import NORMALIZERS
-from .postprocess import lesion_label_ids, lesion_mask_at_shape
+from .postprocess import lesion_label_ids, lesion_mask_at_shape, lesion_probability_at_shape
 from .resample import resample_channels, shape_at_spacing
 from .settings import PredictionSettings
 from .timing import CaseReport, StageTimer
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
-__all__ = ["check_model_grid", "crop_box", "predict_array", "predict_array_with_report", "predict_image",
-           "predict_image_with_report", "to_model_space"]
+__all__ = ["check_model_grid", "crop_box", "predict_array", "predict_array_with_probability",
+           "predict_array_with_report", "predict_image", "predict_image_with_probability", "predict_image_with_report",
+           "to_model_space"]
 
 log = logging.getLogger("inference")
 
@@ -103,6 +104,17 @@ def predict_array_with_report(array: np.ndarray, spacing: tuple[float, ...], mod
 
     `settings`: default the model's calibrated ones (network_plan.calibrated_settings). `started`: when the case
     began (time.perf_counter), for its time budget; default now. `progress`: a bar over the windows."""
+    mask, _, report = predict_array_with_probability(array, spacing, model, settings, report, started, progress,
+                                                     probability=False)
+    return mask, report
+
+
+def predict_array_with_probability(array: np.ndarray, spacing: tuple[float, ...], model: LoadedModel,
+                                   settings: PredictionSettings | None = None, report: CaseReport | None = None,
+                                   started: float | None = None, progress: bool = False, probability: bool = True
+                                   ) -> tuple[np.ndarray, np.ndarray | None, CaseReport]:
+    """predict_array_with_report, and (with `probability`) the lesion probability at the array's shape as uint8
+    round(p * 255) (postprocess.lesion_probability_at_shape), 0 outside the body box, where the mask is 0 too."""
     settings = settings or calibrated_settings(model)[0]
     report = report if report is not None else CaseReport()
     predict_started = time.perf_counter()
@@ -132,14 +144,22 @@ def predict_array_with_report(array: np.ndarray, spacing: tuple[float, ...], mod
         with timer("filter"):
             logits, found, dropped = filter_lesions(logits, lesion_ids, config.voxel_ml, lesion_filter)
         report.lesions_dropped = (dropped, found)
-    with timer("export"):
-        shape = tuple(part_shape[a] for a in config.transpose_forward)
-        mask = lesion_mask_at_shape(logits, shape, lesion_ids, settings.resample_back)
-        del logits
-        mask = mask.permute(*config.transpose_backward).cpu().numpy()
+    inside_box = tuple(slice(b.start - p.start, b.stop - p.start) for b, p in zip(box, part))
+    shape = tuple(part_shape[a] for a in config.transpose_forward)
+
+    def in_input_space(volume: torch.Tensor) -> np.ndarray:
         full = np.zeros(array.shape, dtype=np.uint8)
-        full[box] = mask[tuple(slice(b.start - p.start, b.stop - p.start) for b, p in zip(box, part))]
-    return full, report
+        full[box] = volume.permute(*config.transpose_backward).cpu().numpy()[inside_box]
+        return full
+
+    lesion_probability = None
+    if probability:
+        with timer("probability"):
+            lesion_probability = in_input_space(lesion_probability_at_shape(logits, shape, lesion_ids))
+    with timer("export"):
+        mask = in_input_space(lesion_mask_at_shape(logits, shape, lesion_ids, settings.resample_back))
+        del logits
+    return mask, lesion_probability, report
 
 
 def predict_array(array: np.ndarray, spacing: tuple[float, ...], model: LoadedModel,
@@ -168,6 +188,22 @@ def predict_image_with_report(image: sitk.Image, model: LoadedModel | str | Path
     output = sitk.GetImageFromArray(mask)
     output.CopyInformation(image)
     return output, report
+
+
+def predict_image_with_probability(image: sitk.Image, model: LoadedModel, settings: PredictionSettings | None = None,
+                                   report: CaseReport | None = None, started: float | None = None,
+                                   progress: bool = False) -> tuple[sitk.Image, sitk.Image, CaseReport]:
+    """predict_image_with_report, and the lesion probability as a uint8 image round(p * 255) on the input's grid."""
+    array = sitk.GetArrayViewFromImage(image)
+    spacing = tuple(image.GetSpacing())[::-1]
+    mask, probability, report = predict_array_with_probability(array, spacing, model, settings, report, started,
+                                                               progress)
+    images = []
+    for volume in (mask, probability):
+        output = sitk.GetImageFromArray(volume)
+        output.CopyInformation(image)
+        images.append(output)
+    return images[0], images[1], report
 
 
 def predict_image(image: sitk.Image, model: LoadedModel | str | Path,

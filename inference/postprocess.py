@@ -11,7 +11,9 @@ from .resample import resample_channels
 
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
-__all__ = ["lesion_label_ids", "lesion_mask_at_shape"]
+__all__ = ["PROBABILITY_SCALE", "lesion_label_ids", "lesion_mask_at_shape", "lesion_probability_at_shape"]
+
+PROBABILITY_SCALE = 255  # a saved probability p is stored as round(p * 255) in uint8: within 0.002 of p
 
 
 def lesion_label_ids(labels: dict[str, int], lesion_labels: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -60,3 +62,14 @@ def lesion_mask_at_shape(logits: torch.Tensor, shape: tuple[int, ...], lesion_id
         return (resample_channels(margin, shape)[0] > 0).to(torch.uint8)
     resampled = resample_channels(logits.to(work_dtype), shape)
     return argmax_lesion_mask(resampled, lesion_ids).to(torch.uint8)
+
+
+def lesion_probability_at_shape(logits: torch.Tensor, shape: tuple[int, ...], lesion_ids: tuple[int, ...]
+                                ) -> torch.Tensor:
+    """The lesion probability at `shape`, as uint8 round(p * PROBABILITY_SCALE): the softmax of the (summed) logits
+    over the classes, the lesion labels' probabilities added, in model space; then resampled trilinearly (a
+    probability interpolated stays within [0, 1]). For ensembling and calibration (--save-probabilities); the mask
+    itself never goes through it."""
+    probability = torch.softmax(logits.float(), dim=0)[list(lesion_ids)].sum(0)
+    probability = resample_channels(probability[None], shape)[0]
+    return (probability.clamp_(0, 1) * PROBABILITY_SCALE).round_().to(torch.uint8)

@@ -14,6 +14,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from . import io, provenance
+from .dicom_series import DicomSeries
 
 _pending: dict[Path, tuple[threading.Thread, dict]] = {}
 
@@ -64,7 +65,7 @@ def read_with_fingerprint(path: Path) -> tuple[sitk.Image, str]:
 def take(path: Path) -> tuple[sitk.Image, str] | None:
     """The prefetched image of `path` and its input fingerprint (waiting for the read to end), None when it was
     not prefetched."""
-    pending = _pending.pop(Path(path), None)
+    pending = _pending.pop(path if isinstance(path, DicomSeries) else Path(path), None)
     if pending is None:
         return None
     thread, result = pending

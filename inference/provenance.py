@@ -35,8 +35,11 @@ def run_fingerprint(model_fingerprint: str, settings: PredictionSettings, backen
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def input_fingerprint(path: Path) -> str:
-    """16 hex digits naming the input file's content (see module doc). OSError where it cannot be read."""
+def input_fingerprint(path) -> str:
+    """16 hex digits naming the input file's content (see module doc), or a DICOM series' files'
+    (dicom_series.DicomSeries.fingerprint). OSError where it cannot be read."""
+    if hasattr(path, "fingerprint"):
+        return path.fingerprint()
     path = Path(path)
     if not path.name.lower().endswith(".gz"):
         return file_digest(path)[:16]
@@ -57,3 +60,55 @@ def mask_note(run: str | None, source: Path | None = None, source_fingerprint: s
     if run is None:
         return None
     return f"{NOTE_PREFIX} run={run} input={source_fingerprint or input_fingerprint(source)}"
+
+
+def source_commit() -> str | None:
+    """The git commit the engine's source is at, "+changes" where tracked files differ from it; None outside a git
+    checkout (the image: its source is what the image was built from)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        changed = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
+
+
+def run_environment(device) -> dict:
+    """What a run ran on, for its report (an audit trail, a methods section): the engine's version and commit, the
+    versions of what computes (Python, torch, ONNX Runtime, SimpleITK, NumPy; CUDA and the driver where a GPU ran)
+    and the device's name."""
+    import platform
+
+    import numpy
+    import SimpleITK as sitk
+    import torch
+
+    from flare_common.machine import cpu_model
+
+    try:
+        import onnxruntime
+        onnxruntime_version = onnxruntime.__version__
+    except ImportError:
+        onnxruntime_version = None
+    on_gpu = getattr(device, "type", str(device)) == "cuda"
+    driver = None
+    if on_gpu:
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            driver = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:  # NVML absent or unusable: the report says null, the run goes on
+            driver = None
+    return {"engine": __version__, "commit": source_commit(), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime_version, "simpleitk": sitk.Version_VersionString(),
+            "numpy": numpy.__version__, "cuda": torch.version.cuda if on_gpu else None, "driver": driver,
+            "device_name": torch.cuda.get_device_name(device) if on_gpu else cpu_model()}

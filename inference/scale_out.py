@@ -201,6 +201,7 @@ class CaseWorker:
         torch.set_num_threads(read_environment().omp_num_threads or torch.get_num_threads())
         self.model = load_for_run(options, settings)
         self.settings = settings
+        self.probabilities = options.save_probabilities
         # where the driver names no run (an API caller), the worker's masks carry no fingerprint either
         self.run = run and provenance.run_fingerprint(self.model.fingerprint(), settings, options.backend,
                                                       options.device)
@@ -214,7 +215,8 @@ class CaseWorker:
                                f"{socket.gethostname()} is not the driver's ({self.model.config.model_dir})",
                                worker=os.getpid()) for path in paths]
         return [replace(result, worker=os.getpid())
-                for result in predict_cases(paths, outputs, self.model, self.settings, run=self.run)]
+                for result in predict_cases(paths, outputs, self.model, self.settings, run=self.run,
+                                            probabilities=self.probabilities)]
 
 
 def journal_entry(result: CaseResult, run: str | None) -> dict:

@@ -75,7 +75,10 @@ class RunOptions:
     device: str = "auto"
     backend: str | None = "auto"  # None (no --backend): the model's calibration record's, else "auto" (cli.run)
     on_error: str = "fail"  # "fail": no mask; "empty": an all-zero mask on the input's grid
+    output_format: str = "nifti"  # "nifti": <case>.nii.gz; "dicom-seg": <case>.dcm, a DICOM SEG (DICOM input only)
+    save_probabilities: bool = False  # also <output>/probabilities/<case>.nii.gz, the lesion probability x255 (uint8)
     timings: Path | None = None
+    report: Path | None = None  # the run report (--report): also what --timings holds
     skip_existing: bool = False
     ray_address: str | None = None  # None: no Ray; "": Ray on this machine; else the cluster's address
     ray_cpus: int = 1

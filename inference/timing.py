@@ -16,7 +16,7 @@ __all__ = ["CaseReport", "STAGE_ORDER", "StageTimer"]
 
 # The stages of one case, in pipeline order, as reports list them (cli.py, benchmarks/bench_flare_sizes.py);
 # "filter" only runs when a lesion filter is active.
-STAGE_ORDER = ("read", "crop", "resample", "network", "filter", "export", "write")
+STAGE_ORDER = ("read", "crop", "resample", "network", "filter", "probability", "export", "write")
 
 
 def process_start_time() -> float | None:

@@ -8,7 +8,8 @@ import numpy as np
 import SimpleITK as sitk
 
 
-GENERATOR_VERSION = 2  # 2: lymph nodes in nodal stations, normal nodes, bowel walls that survive 3 mm
+GENERATOR_VERSION = 3  # 2: lymph nodes in nodal stations, normal nodes, bowel walls that survive 3 mm; 3: no lesion cut by
+# the volume's faces or a circular field of view
 FLARE_SLICE_COUNTS = (55, 100, 150, 215, 334, 448, 499, 554)
 # slice spacing of each efficiency case: the scan covers a plausible extent, from a 275 mm abdomen
 # (55 slices) to ~830 mm from the lung apices to the thighs (554 slices)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from functools import partial
 
-from flare_common.arguments import OneLineParser, non_negative_int, number, positive_int
+from flare_common.arguments import OneLineParser, non_negative_int, number, positive_int, program_name
 
 from .case import DEFAULT_HEALTHY_FRACTION, PhantomError
 from .writing import write_dataset
@@ -16,7 +16,7 @@ from .writing import write_dataset
 
 def main(argv=None) -> int:
     parser = OneLineParser(
-        prog="python -m phantoms",
+        prog=program_name("phantoms", "flare-phantoms"),
         description="Synthetic whole-body CT phantoms with lesion labels (FLARE layout).")
     parser.add_argument("--out", required=True, help="output folder (images/, labels/, manifest.json)")
     parser.add_argument("--cases", type=non_negative_int, default=None,

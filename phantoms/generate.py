@@ -87,7 +87,7 @@ def _generate_arrays(seed, index, shape_zyx, spacing_zyx, healthy, direction, or
     tissue = np.empty(shape, np.uint8)
     for k in range(shape[0]):
         renderer.render(k, hu[k], tissue[k])
-    lesions = place_lesions(rng_lesions, patient, hu, tissue, spacing, healthy)
+    lesions = place_lesions(rng_lesions, patient, hu, tissue, spacing, healthy, renderer.outside_fov)
     _finish(streams[5], hu, patient, renderer.outside_fov)
     voxel_ml = float(np.prod(spacing)) / 1000
     t_range = renderer.t[[0, -1]]

@@ -42,8 +42,19 @@ def _random_rotation(rng):
                      [2 * (b * d - a * c), 2 * (c * d + a * b), a * a - b * b - c * c + d * d]])
 
 
-def _make_lesion(rng, kind, diameter, centre, hu, tissue, spacing, H):
-    """Paint one lesion around voxel `centre`, clipped to its host tissue: its voxel count, or 0."""
+def _cut_off(mask, lo, hi, shape, outside_fov):
+    """Whether a lesion's `mask` (the box lo:hi of a volume of `shape`) reaches a face of the volume or the outside of
+    a circular field of view: a lesion the scan cuts, whose label would hold voxels the image does not show."""
+    for axis in range(3):
+        if (lo[axis] == 0 and mask.take(0, axis=axis).any()) or \
+                (hi[axis] == shape[axis] and mask.take(-1, axis=axis).any()):
+            return True
+    return outside_fov is not None and bool((mask & outside_fov[lo[1]:hi[1], lo[2]:hi[2]][None]).any())
+
+
+def _make_lesion(rng, kind, diameter, centre, hu, tissue, spacing, H, outside_fov=None):
+    """Paint one lesion around voxel `centre`, clipped to its host tissue: its voxel count, or 0 (none painted:
+    where it would touch another lesion, lose half of itself to the clipping, or be cut by the scan's edge)."""
     radius = diameter / 2
     blobs = [(np.zeros(3), radius * rng.uniform(0.8, 1.2, 3), _random_rotation(rng))]
     for _ in range(int(rng.integers(0, 4)) if diameter > 12 else int(rng.integers(0, 2))):  # lobulation
@@ -87,6 +98,8 @@ def _make_lesion(rng, kind, diameter, centre, hu, tissue, spacing, H):
         return 0
     if (sub_tissue[ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), bool))] == LESION).any():
         return 0  # it would touch another lesion
+    if _cut_off(mask, lo, hi, tissue.shape, outside_fov):
+        return 0
     value = np.float32(_lesion_hu(rng, kind, H)) + np.float32(5) * noise
     if diameter > 30 and kind in ("liver", "kidney", "lymph_node") and rng.random() < 0.5:
         value = np.where(d < 0.35, value - np.float32(rng.uniform(15, 30)), value)  # necrotic core
@@ -112,8 +125,9 @@ def _near_earlier(pool, coarse_shape, coarse_spacing, lesions, kind, steps, diam
     return pool[near] if near.any() else pool
 
 
-def place_lesions(rng, patient, hu, tissue, spacing, healthy):
-    """Draw the case's lesions; their manifest entries (volumes from the painted voxel counts)."""
+def place_lesions(rng, patient, hu, tissue, spacing, healthy, outside_fov=None):
+    """Draw the case's lesions; their manifest entries (volumes from the painted voxel counts). Each lies wholly inside
+    the volume and the field of view (`outside_fov`: the in-plane mask outside a circular one)."""
     if healthy:
         return []
     spacing = np.asarray(spacing, float)
@@ -150,7 +164,7 @@ def place_lesions(rng, patient, hu, tissue, spacing, healthy):
             flat = int(pool[rng.integers(pool.size)])
             index = np.array(np.unravel_index(flat, coarse.shape)) * steps
             index = np.minimum(index + rng.integers(0, steps), np.array(tissue.shape) - 1)
-            voxels = _make_lesion(rng, kind, diameter, index, hu, tissue, spacing, patient.hu)
+            voxels = _make_lesion(rng, kind, diameter, index, hu, tissue, spacing, patient.hu, outside_fov)
             if voxels:
                 lesions.append(dict(type=kind, volume_ml=round(voxels * voxel_ml, 6), voxels=voxels,
                                     diameter_mm=round(diameter, 2), centre_index_zyx=[int(i) for i in index]))

@@ -28,6 +28,12 @@ if ! problems=$(.venv/bin/python -m pip check 2>&1); then
     echo "setup.sh: pip check: $unexpected" >&2
   fi
 fi
+# dciodvfy (Debian's dicom3tools): validates the DICOM SEG objects the tests write (tests/test_dicom.py); installed
+# where this runs as root with apt-get, else those checks skip, naming the reason
+if ! command -v dciodvfy > /dev/null && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+  apt-get install -y -q dicom3tools > /dev/null 2>&1 || { apt-get update -q > /dev/null 2>&1 &&
+    apt-get install -y -q dicom3tools > /dev/null 2>&1; } || echo "setup.sh: dicom3tools not installed" >&2
+fi
 echo "setup.sh: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
 # nnU-Net v2 itself, beside us (.venv-nnunet): the peer of the parity tests (tests/test_nnunet_parity.py, which
 # CI requires) and of benchmarks/parity_nnunet.py. SKIP_NNUNET_ENV=1 leaves it out (those tests then skip).

@@ -260,3 +260,30 @@ def test_the_groin_of_a_whole_trunk_scan_has_inguinal_station_fat():
     case = generate_phantom(0, 7, shape_zyx=(554, 128, 128), spacing_zyx=(1.5, 4.0, 4.0), with_tissue=True)
     feet_end = case.tissue[:40] if not (case.tissue[:40] == phantoms.AIRWAY).any() else case.tissue[-40:]
     assert case.info["body_range_mm"][1] > 780 and (feet_end == phantoms.NODAL_FAT).sum() > 100
+
+
+@pytest.mark.parametrize("shape, spacing, seeds", [
+    ((160, 256, 256), None, (42, 3, 17)),  # a user's shape (issue 35: all lesions once lay in slices 0-11, at the edge)
+    ((40, 128, 128), None, (5, 6)),
+    ((64, 200, 160), (5.0, 2.0, 2.5), (7, 8)),
+    ((24, 96, 96), (6.0, 4.0, 4.0), (9, 10)),
+])
+def test_lesions_lie_inside_the_volume_the_field_of_view_and_the_body_for_any_shape(shape, spacing, seeds):
+    """For shapes and spacings the CLI accepts, every lesion is whole: no label voxel on a face of the volume or
+    outside a circular field of view (where the image shows padding), and each lesion is surrounded by body."""
+    placed = 0
+    for seed in seeds:
+        for index in range(2):
+            phantom = generate_phantom(seed, index, shape_zyx=shape, spacing_zyx=spacing, healthy=False,
+                                       with_tissue=True)
+            label, hu = array(phantom.label).astype(bool), array(phantom.image)
+            assert phantom.info["lesion_count"] == cc3d.connected_components(label, connectivity=26).max()
+            if not label.any():
+                continue
+            placed += phantom.info["lesion_count"]
+            for axis in range(3):
+                assert not label.take(0, axis=axis).any() and not label.take(-1, axis=axis).any(), (seed, index)
+            assert not (label & (hu <= PADDING_HU)).any()
+            around = ndimage.binary_dilation(label, iterations=1) & ~label
+            assert not np.isin(phantom.tissue[around], (phantoms.AIR, phantoms.TABLE)).any()
+    assert placed >= len(seeds)  # lesions are still placed: the sweep tests something

@@ -225,8 +225,10 @@ def test_a_case_whose_result_never_comes_back_fails_the_run(tmp_path, caplog):
                                       cli.run_options_from_args(args), report, done, show_bar=False)
     assert failures == 1 and done == ["a_0000.nii.gz"] and not outputs[paths[1]].exists()
     assert f"error: {paths[1]}: no result came back for it (a fault of the engine) (removed b.nii.gz" in caplog.text
-    assert report["cases"] == {"b_0000.nii.gz": {"error": f"{paths[1]}: no result came back for it (a fault of "
-                                                            "the engine)"}}
+    assert report["cases"] == {
+        "a_0000.nii.gz": {"status": "kept", "input": str(paths[0]), "output": str(outputs[paths[0]])},
+        "b_0000.nii.gz": {"status": "failed", "error": f"{paths[1]}: no result came back for it (a fault of the "
+                                                       "engine)", "input": str(paths[1]), "output": None}}
 
 
 class FakeRay:

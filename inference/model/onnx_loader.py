@@ -379,8 +379,11 @@ def load_onnx_networks(config: ModelConfig, fold_names: Sequence[str], device: t
     for fold in fold_names:
         path = config.model_dir / f"fold_{fold}" / ONNX_FILE_NAME
         if not path.is_file():
+            cached = export_cache_path(export_fingerprint(config, fold, checkpoint_name))
+            elsewhere = (f"; this machine's CPU export of the same checkpoint is {cached} (`--backend auto` uses it)"
+                         if cached is not None and cached.is_file() else "")
             raise ModelError(f"{path}: not found; export the model first with "
-                             f"`python -m inference.export_onnx -m {config.model_dir}`")
+                             f"`python -m inference.export_onnx -m {config.model_dir}`{elsewhere}")
         network = open_fold(path, config, device, providers, largest_patch)
         reason = stale_export_reason(export_metadata(network), config, fold, checkpoint_name)
         if reason is not None:

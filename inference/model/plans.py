@@ -154,12 +154,25 @@ def architecture_from_old_plans(config: dict, plans_path: Path) -> tuple[str, di
     return _OLD_FORMAT_NETWORKS[class_name], kwargs, ("conv_op", "norm_op", "dropout_op", "nonlin")
 
 
+def model_folders_below(folder: Path, depth: int = 4, most: int = 8) -> list[Path]:
+    """Folders under `folder` (at most `depth` levels down) that hold a plans.json: where a user who named a parent
+    (`-m models`, an nnUNet_results folder) meant to point. At most `most`, sorted."""
+    found: list[Path] = []
+    for level in range(1, depth + 1):
+        found += sorted(path.parent for path in folder.glob("/".join(["*"] * level) + "/plans.json"))
+    return found[:most]
+
+
 def read_model_config(model_dir: str | Path, configuration: str | None = None) -> ModelConfig:
     """Parse plans.json + dataset.json of an nnU-Net v2 model folder."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: model folder not found")
     plans_path, dataset_path = model_dir / "plans.json", model_dir / "dataset.json"
+    if not plans_path.exists() and not plans_path.is_symlink():
+        below = model_folders_below(model_dir)
+        raise ModelError(f"{model_dir}: not an nnU-Net model folder (no plans.json)"
+                         + (f"; model folders below it: {', '.join(map(str, below))}" if below else ""))
     plans, dataset = read_json(plans_path), read_json(dataset_path)
     if configuration is None:
         configuration = _configuration_from_folder_name(model_dir, plans)
