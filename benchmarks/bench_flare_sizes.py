@@ -31,6 +31,7 @@ import torch
 
 from evaluation.efficiency_report import case_file
 from flare_common.machine import device_tag
+from flare_common.results import display
 from inference.timing import STAGE_ORDER as STAGES
 from training.model_folder import (SYNTHETIC_CT_INTENSITIES, make_dataset_json, make_plans,
                                     plain_unet_arch_kwargs, write_random_model_folder)
@@ -213,7 +214,9 @@ def main() -> int:
             tables.append(run_peer(peer_images, args.peer_python, args.device, model,
                                    args.out / label / f"nnunet-{mode}", args.timeout, resampler, tta))
     table = pd.concat(tables, ignore_index=True)
-    info = json.loads((args.out / label / args.backends[0] / "run_info.json").read_text())
+    # results are committed: the repository's own paths in them are written relative to it
+    info = json.loads((args.out / label / args.backends[0] / "run_info.json").read_text()
+                      .replace(f"{REPO}/", "").replace(f'"{REPO}"', '"."'))
     device_name = (info.get("gpu_name") or (info.get("machine") or {}).get("cpu") or info.get("cpu_model")
                    or "unknown")
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
@@ -228,7 +231,7 @@ def main() -> int:
     columns += stage_columns + [c for c in TIMELINE_POINTS.values() if c in table and table[c].notna().any()]
     columns = [c for c in columns if c in table.columns]
     ratios = speed_ratios(table)
-    record = {"device": device_name, "date": date, "model": str(model), "model_label": label,
+    record = {"device": device_name, "date": date, "model": display(model), "model_label": label,
               "command": " ".join(sys.argv), "run_info": info,
               "rows": json.loads(table[columns].to_json(orient="records")),
               "ratios": json.loads(ratios.to_json(orient="records")) if not ratios.empty else []}

@@ -8,6 +8,9 @@
 #                   installed), with NVML's GPU utilisation (benchmarks/bench_batch.py)
 #   load            model load to the device, ours and nnUNetPredictor's (benchmarks/bench_model_load.py)
 #   memory          one forward pass by patch and precision, two allocator settings (gpu_forward_memory.py)
+#   calibrate       the default model's speed settings measured on CUDA against nnU-Net's tiling, 4 validation
+#                   phantoms (benchmarks/calibrate_default_model.py --device cuda; the record it writes stays on
+#                   the device: only the results file comes back). fp16 against fp32 is not a candidate yet.
 # STEPS picks some (default: all, in this order). All of them may run past the device tool's 10 minutes a
 # command; two calls fit (each makes the phantoms it needs again):
 #
@@ -22,7 +25,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_benchmarks}
-STEPS=${STEPS:-sizes representative batch load memory}
+STEPS=${STEPS:-sizes representative batch load memory calibrate}
 mkdir -p "$OUT"
 # shellcheck source=../scripts/device_env.sh
 source scripts/device_env.sh
@@ -30,7 +33,7 @@ PEER_CASES="flare_z055 flare_z215 flare_z554"
 
 collect() {  # two files, however many results: the device tool brings back at most 8
   tar -czf "$OUT/results.tar.gz" results/flare_sizes_* results/gpu_forward_memory* results/batch_throughput_* \
-    results/model_load_* 2>/dev/null
+    results/model_load_* results/calibration_default_cuda_* 2>/dev/null
   tar -czf "$OUT/runs.tar.gz" --exclude=predictions --exclude=work --exclude='*.pth' data/flare_sizes_runs \
     2>/dev/null
 }
@@ -66,7 +69,9 @@ for step in $STEPS; do
     load) timeout 240 "$PYTHON" benchmarks/bench_model_load.py --device cuda --repeats 2 \
              --nnunet-python "$(command -v "$PYTHON")" --work data/model_load ;;
     memory) forward_memory ;;
-    *) echo "gpu_benchmarks: unknown step '$step' (sizes representative batch load memory)" >&2; exit 2 ;;
+    calibrate) timeout 300 "$PYTHON" benchmarks/calibrate_default_model.py --device cuda --cases 4 ;;
+    *) echo "gpu_benchmarks: unknown step '$step' (sizes representative batch load memory calibrate)" >&2
+       exit 2 ;;
   esac
   collect
   echo "$step done: $(($(date +%s) - start)) s"

@@ -1,9 +1,11 @@
 """Pictures of predictions against the truth: what a person would rather look at than read.
 
 Per case, `<case>.png`: the axial slice through the largest true lesion (or, in a healthy case, through the
-largest predicted one), and beside it the slice through the largest false positive when there is one; CT in
-a soft-tissue window (level 40, width 400 HU), the truth outlined in green and the prediction in magenta, the
-case's DSC / NSD in the title. And `overview.png`: every case's first panel on one page.
+largest predicted one), and beside it the slice through the largest false positive where one of at least
+MIN_FALSE_POSITIVE_ML exists; CT in a soft-tissue window (level 40, width 400 HU, said on the picture), the truth
+outlined in green and the prediction in magenta (2-pixel lines), the patient's sides lettered at the edges (R/L,
+A/P, from the image's direction), the case's DSC / NSD in the title. And `overview.png`: every case's first panel
+on one page, as many columns as cases up to four.
 
     python -m evaluation.run_metrics --gt LABELS --pred PREDICTIONS -o metrics.csv --overlays DIR [--images DIR]
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,15 @@ from inference import CaseError
 from inference.io import read_checked
 
 WINDOW_HU = (40 - 200, 40 + 200)  # soft tissue: level 40, width 400
+WINDOW_TEXT = "window: level 40, width 400 HU"
 TRUTH_COLOUR, PREDICTION_COLOUR = "#2ca02c", "#e377c2"
+LINE_WIDTH = 2.0  # points: 2.5 pixels at the pictures' 90 dpi, visible on a 512 x 512 slice shrunk to 5 inches
+MIN_FALSE_POSITIVE_ML = 0.1  # smaller false positives get no panel of their own (specks the scores count anyway)
+MAX_COLUMNS = 4
+# LPS: the patient's side each axis points to, positive direction first
+SIDES = (("L", "R"), ("P", "A"), ("S", "I"))
+EDGE_PLACES = {"left": (0.02, 0.5, "left", "center"), "right": (0.98, 0.5, "right", "center"),
+               "top": (0.5, 0.98, "center", "top"), "bottom": (0.5, 0.02, "center", "bottom")}
 
 
 @dataclass
@@ -49,16 +60,21 @@ def largest_component_slice(mask: np.ndarray, exclude: np.ndarray | None = None)
     return int(per_slice.argmax()), int(counts[largest])
 
 
-def choose_panels(truth: np.ndarray, prediction: np.ndarray) -> list[Panel]:
+def choose_panels(truth: np.ndarray, prediction: np.ndarray, voxel_ml: float = 0.0) -> list[Panel]:
     """The slice through the largest true lesion (healthy case: the largest predicted lesion; else the middle),
-    then the slice through the largest false positive (a predicted component touching no true lesion)."""
+    then the slice through the largest false positive (a predicted component touching no true lesion) where it
+    holds at least MIN_FALSE_POSITIVE_ML (`voxel_ml`: a voxel's volume; 0 draws any)."""
     panels = []
     largest_truth = largest_component_slice(truth)
     if largest_truth is not None:
         panels.append(Panel(largest_truth[0], "largest lesion"))
     false_positive = largest_component_slice(prediction, exclude=truth)
     if false_positive is not None:
-        panels.append(Panel(false_positive[0], "largest false positive"))
+        z, voxels = false_positive
+        if not voxel_ml:
+            panels.append(Panel(z, "largest false positive"))
+        elif voxels * voxel_ml >= MIN_FALSE_POSITIVE_ML:
+            panels.append(Panel(z, f"largest false positive ({voxels * voxel_ml:.1f} ml)"))
     if not panels:
         panels.append(Panel(truth.shape[0] // 2, "middle slice (nothing to show)"))
     return panels
@@ -71,17 +87,47 @@ def _pyplot():
     return plt
 
 
+def edge_letters(direction: tuple[float, ...]) -> dict[str, str]:
+    """The patient's side at each edge of an axial slice drawn as array rows (y) down and columns (x) right, from a
+    SimpleITK direction (9 values, LPS): {"left", "right", "top", "bottom"} -> "R", "L", "A", "P", ...; for an
+    oblique axis, the side it points to most."""
+    matrix = np.asarray(direction, float).reshape(3, 3)
+
+    def side(vector: np.ndarray) -> str:
+        axis = int(np.argmax(np.abs(vector)))
+        return SIDES[axis][0 if vector[axis] > 0 else 1]
+
+    column, row = matrix[:, 0], matrix[:, 1]
+    return {"right": side(column), "left": side(-column), "bottom": side(row), "top": side(-row)}
+
+
 def draw_panel(axis, ct: np.ndarray, truth: np.ndarray, prediction: np.ndarray, panel: Panel,
-               aspect: float) -> None:
+               aspect: float, letters: dict[str, str] | None = None) -> None:
     axis.imshow(ct[panel.z], cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=aspect)
     for mask, colour in ((truth, TRUTH_COLOUR), (prediction, PREDICTION_COLOUR)):
         if mask[panel.z].any():
-            axis.contour(mask[panel.z].astype(float), levels=[0.5], colors=[colour], linewidths=1.2)
+            axis.contour(mask[panel.z].astype(float), levels=[0.5], colors=[colour], linewidths=LINE_WIDTH)
+    for edge, (x, y, ha, va) in EDGE_PLACES.items() if letters else ():
+        axis.text(x, y, letters[edge], transform=axis.transAxes, ha=ha, va=va, color="yellow", fontsize="medium",
+                  fontweight="bold")
     axis.set_title(f"z = {panel.z}: {panel.why}", fontsize="small")
     axis.set_axis_off()
 
 
-def read_case(image: Path, truth: Path, prediction: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+@dataclass
+class CaseView:
+    """What a case's pictures are drawn from: CT (HU), truth and prediction as (z, y, x) arrays, the in-plane aspect
+    (row / column spacing), a voxel's volume and the edges' letters."""
+
+    ct: np.ndarray
+    truth: np.ndarray
+    prediction: np.ndarray
+    aspect: float
+    voxel_ml: float
+    letters: dict[str, str]
+
+
+def read_case(image: Path, truth: Path, prediction: Path) -> CaseView:
     """CT (HU), truth and prediction as (z, y, x) arrays, and the in-plane aspect (row / column spacing). A
     prediction that is missing, unreadable or of another size than the truth is drawn as none (run_metrics
     scored it and said why); CaseError where the CT or the truth cannot be read or differ in size."""
@@ -96,48 +142,60 @@ def read_case(image: Path, truth: Path, prediction: Path) -> tuple[np.ndarray, n
         prediction_array = np.zeros_like(truth_array)
     if prediction_array.shape != truth_array.shape:
         prediction_array = np.zeros_like(truth_array)
-    spacing_x, spacing_y = ct_image.GetSpacing()[:2]
-    return ct, truth_array, prediction_array, spacing_y / spacing_x
+    spacing = ct_image.GetSpacing()
+    return CaseView(ct, truth_array, prediction_array, spacing[1] / spacing[0], float(np.prod(spacing)) / 1000,
+                    edge_letters(ct_image.GetDirection()))
 
 
 def case_figure(image: Path, truth: Path, prediction: Path, title: str, out: Path) -> None:
     """`out`: the case's panels side by side, with a legend for the two outlines."""
     plt = _pyplot()
-    ct, truth_array, prediction_array, aspect = read_case(image, truth, prediction)
-    panels = choose_panels(truth_array, prediction_array)
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.6), squeeze=False)
+    view = read_case(image, truth, prediction)
+    panels = choose_panels(view.truth, view.prediction, view.voxel_ml)
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.8), squeeze=False)
     for axis, panel in zip(axes[0], panels):
-        draw_panel(axis, ct, truth_array, prediction_array, panel, aspect)
-    legend = [plt.Line2D([], [], color=TRUTH_COLOUR, label="truth"),
-              plt.Line2D([], [], color=PREDICTION_COLOUR, label="prediction")]
-    figure.legend(handles=legend, loc="lower center", ncol=2, frameon=False)
-    figure.suptitle(title)
+        draw_panel(axis, view.ct, view.truth, view.prediction, panel, view.aspect, view.letters)
+    figure.legend(handles=legend_handles(plt), loc="lower center", ncol=3, frameon=False)
+    figure.suptitle("\n".join(textwrap.wrap(title, width=int(60 * len(panels)))))
     figure.tight_layout(rect=(0, 0.05, 1, 1))
     with atomic_path(out) as written:
         figure.savefig(written, dpi=90)
     plt.close(figure)
 
 
-def overview_figure(cases: list[tuple[str, Path, Path, Path]], out: Path, columns: int = 4) -> None:
+def overview_figure(cases: list[tuple[str, Path, Path, Path]], out: Path, columns: int = MAX_COLUMNS) -> None:
     """`out`: each case's first panel (largest lesion, else largest prediction), titled with its scores.
     `cases`: (title, image, truth, prediction)."""
     plt = _pyplot()
+    columns = overview_columns(len(cases), columns)
     rows = math.ceil(len(cases) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.6 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 4.0 * rows + 0.4), squeeze=False)
     for axis in axes.ravel():
         axis.set_axis_off()
     for axis, (title, image, truth, prediction) in zip(axes.ravel(), cases):
-        ct, truth_array, prediction_array, aspect = read_case(image, truth, prediction)
-        draw_panel(axis, ct, truth_array, prediction_array, choose_panels(truth_array, prediction_array)[0],
-                   aspect)
-        axis.set_title(title.replace("  ", "\n", 1), fontsize="small")  # the case above its scores
-    legend = [plt.Line2D([], [], color=TRUTH_COLOUR, label="truth"),
-              plt.Line2D([], [], color=PREDICTION_COLOUR, label="prediction")]
-    figure.legend(handles=legend, loc="lower center", ncol=2, frameon=False)
-    figure.tight_layout(rect=(0, 0.03, 1, 1))
+        view = read_case(image, truth, prediction)
+        draw_panel(axis, view.ct, view.truth, view.prediction,
+                   choose_panels(view.truth, view.prediction, view.voxel_ml)[0], view.aspect, view.letters)
+        # the case above its scores, wrapped to the panel's width so that neighbours' titles never overlap
+        case, _, scores = title.partition("  ")
+        axis.set_title("\n".join([case, *textwrap.wrap(scores, width=30)]), fontsize="small")
+    figure.legend(handles=legend_handles(plt), loc="lower center", ncol=3, frameon=False)
+    figure.tight_layout(rect=(0, 0.4 / (4.0 * rows + 0.4), 1, 1))
     with atomic_path(out) as written:
         figure.savefig(written, dpi=80)
     plt.close(figure)
+
+
+def overview_columns(cases: int, most: int = MAX_COLUMNS) -> int:
+    """As many columns as cases, up to `most`: one case is one panel wide, not a row with three empty ones."""
+    return max(1, min(cases, most))
+
+
+def legend_handles(plt) -> list:
+    """The two outlines' colours, and the window the CT is shown in."""
+    return [plt.Line2D([], [], color=TRUTH_COLOUR, linewidth=LINE_WIDTH, label="truth"),
+            plt.Line2D([], [], color=PREDICTION_COLOUR, linewidth=LINE_WIDTH, label="prediction"),
+            plt.Line2D([], [], color="none", label=WINDOW_TEXT)]
 
 
 def case_title(row) -> str:

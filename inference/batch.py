@@ -60,7 +60,6 @@ def read_case(path: Path) -> tuple[sitk.Image, str]:
 
 
 PROBABILITY_FOLDER = "probabilities"  # under the output folder: a scorer listing <output>/*.nii.gz never sees them
-PROBABILITY_NOTE = "flare-lesion lesion probability, uint8 = round(p * 255)"
 
 
 def probability_path(output: Path) -> Path:
@@ -73,10 +72,14 @@ def write_case(mask: sitk.Image, output: Path, report: CaseReport, started: floa
                ) -> CaseReport:
     """Write the mask to `output`, with `note`, what made it (provenance.mask_note); as a DICOM SEG of the case's
     series where `output` is a SEG's (dicom_seg.SEG_SUFFIX, --output-format dicom-seg). The lesion probability, where
-    given, first (probability_path): a mask is never there without the probability asked for beside it."""
+    given, first (probability_path), with the mask's note: a mask is never there without the probability asked for
+    beside it, made by the same run from the same input. Without one, an earlier run's probability at that path is
+    removed: it would belong to another mask."""
     with StageTimer(report)("write"):  # host-side: nothing to synchronise
         if probability is not None:
-            io.write_image_atomically(probability, probability_path(output), PROBABILITY_NOTE)
+            io.write_image_atomically(probability, probability_path(output), note)
+        else:
+            probability_path(output).unlink(missing_ok=True)
         if output.name.endswith(SEG_SUFFIX) and isinstance(case, DicomSeries):
             io.write_seg_atomically(mask, case, output, model_name)
         else:

@@ -312,7 +312,8 @@ def run(options: RunOptions, given: dict, imports_done_at: float, done: list[str
         report_failure(path, outputs[path], f"{path}: {reason}", options, report)
     todo = scan.cases
     if options.skip_existing:
-        todo = [path for path in scan.cases if not kept_from_earlier_run(path, outputs[path], run_id)]
+        todo = [path for path in scan.cases
+                if not kept_from_earlier_run(path, outputs[path], run_id, options.save_probabilities)]
     try:
         with closing(case_results(todo, outputs, model, settings, options, run_id, journal,
                                   progress=on_terminal and options.verbose)) as results, logging_redirect_tqdm():
@@ -345,9 +346,15 @@ def check_input_kind(scan: io.CaseScan, options: RunOptions) -> None:
     if options.output_format == "dicom-seg" and len(series) < len(cases):
         raise CaseError(f"{options.input}: --output-format dicom-seg needs DICOM series as input (a SEG refers to "
                         "the source images it segments); this input holds NIfTI images")
-    for flag, given in (("--ray", options.on_ray), ("--skip-existing", options.skip_existing)):
+    for flag, given in (("--ray", options.on_ray), ("--skip-existing", options.skip_existing),
+                        ("--on-error empty", options.on_error == "empty")):
         if series and given:
             raise CaseError(f"{options.input}: {flag} is not supported for DICOM input yet; run it without {flag}")
+    if options.output_format == "dicom-seg":
+        try:
+            import highdicom  # noqa: F401 - checked here, not after every case was computed
+        except ImportError:
+            raise CaseError("--output-format dicom-seg needs highdicom: pip install highdicom") from None
 
 
 def check_settings(model, settings: PredictionSettings) -> None:
@@ -357,10 +364,11 @@ def check_settings(model, settings: PredictionSettings) -> None:
     lesion_label_ids(model.config.labels, settings.lesion_labels)
 
 
-def kept_from_earlier_run(path: Path, output: Path, run_id: str | None) -> bool:
+def kept_from_earlier_run(path: Path, output: Path, run_id: str | None, probabilities: bool = False) -> bool:
     """--skip-existing: whether the mask already at `output` is kept, which it is only where it passes the checks
-    of a fresh write and was made by this model and settings from this input (io.reusable_mask_problem); a
-    mask that is there and is not kept is said to be computed again."""
+    of a fresh write and was made by this model and settings from this input (io.reusable_mask_problem), and, with
+    `probabilities` (--save-probabilities), where its probability beside it does too; a mask that is there and is
+    not kept is said to be computed again."""
     if not output.is_file():
         return False
     try:
@@ -368,6 +376,9 @@ def kept_from_earlier_run(path: Path, output: Path, run_id: str | None) -> bool:
     except OSError:
         return False  # the case fails where it is read, with its line
     problem = io.reusable_mask_problem(path, output, note)
+    if problem is None and probabilities:
+        problem = io.reusable_mask_problem(path, batch.probability_path(output), note)
+        problem = problem and f"kept, but its probability is {problem}"
     if problem is not None:
         log.info("%s: computed again (--skip-existing): the mask there is %s", output, problem)
     return problem is None

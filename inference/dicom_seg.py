@@ -4,7 +4,7 @@ One segment, "lesion" (SNOMED CT: category 49755003 Morphologically Abnormal Str
 by an automatic algorithm (this engine and its version; family DCM 123110 Artificial Intelligence); BINARY;
 referencing the source series (its Study, Series and SOP Instance UIDs and Frame of Reference): the SEG's frame k lies
 on source slice k, with that slice's geometry exactly. Empty frames are left out, as highdicom does by default; a mask
-with no lesion at all keeps one empty frame, so that "nothing found" is a SEG too.
+with no lesion at all keeps its (empty) frames, so that "nothing found" is a SEG too.
 
 SEG output needs DICOM input: the SEG refers to the source instances it segments. A NIfTI input has none, so
 `--output-format dicom-seg` is refused for it before any case runs (cli.py).
@@ -50,7 +50,7 @@ def segmentation(mask: np.ndarray, series: DicomSeries, model_name: str):
         segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm)
     pixels = (mask > 0).astype(np.uint8)
-    keep_all = not pixels.any()  # nothing found: one empty frame says so (highdicom drops empty frames otherwise)
+    keep_all = not pixels.any()  # nothing found: the empty frames say so (a SEG needs a frame; highdicom drops them)
     return hd.seg.Segmentation(
         source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[lesion], series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER,

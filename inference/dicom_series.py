@@ -2,10 +2,12 @@
 SeriesInstanceUID), checked to be one correct 3D volume, and read with SimpleITK/GDCM (geometry from
 ImagePositionPatient and ImageOrientationPatient, the rescale slope and intercept applied).
 
-A series that cannot be a correct volume is refused in one line naming it: not CT, a localizer among its slices,
-mixed orientations or matrices, a gantry tilt (never resampled silently: TotalSegmentator and dcm2niix resample a
-tilt, which moves every voxel; a tilted series is refused here with the angle, for the sender to reconstruct it
-untilted), slices at non-uniform spacing beyond SPACING_TOLERANCE, missing or repeated slices.
+A series that is no CT volume at all (another modality or SOP class, a scout series, a single image such as a dose
+report) is skipped with one line: a study's folder holds such series routinely. A CT series that cannot be a correct
+volume is refused in one line naming it, a failed case: a localizer among its slices, mixed orientations or
+matrices, a gantry tilt (never resampled silently: TotalSegmentator and dcm2niix resample a tilt, which moves every
+voxel; a tilted series is refused here with the angle, for the sender to reconstruct it untilted), slices at
+non-uniform spacing beyond SPACING_TOLERANCE, missing or repeated slices, an implausible grid.
 
 pydicom reads the headers (no pixel data) to find and check the series; SimpleITK reads the voxels of exactly the
 files found, in the order of their positions along the slice normal.
@@ -13,6 +15,7 @@ files found, in the order of their positions along the slice normal.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -22,6 +25,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import CaseError
+
+log = logging.getLogger("inference")
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
 __all__ = ["DicomSeries", "find_series", "is_dicom_file", "read_series", "series_of_file"]
@@ -34,6 +39,7 @@ SPACING_TOLERANCE = 0.01
 MISSING_GAP = 1.5
 ORIENTATION_TOLERANCE = 1e-4  # direction cosines' difference for "the same orientation"
 TILT_TOLERANCE_DEG = 0.05
+MAX_VOXELS = 2 ** 31  # a series larger than this is no CT (a header's rows, columns or count gone wrong)
 HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "Modality", "SeriesInstanceUID", "StudyInstanceUID", "PatientID",
                "StudyDate", "SeriesNumber", "SeriesDescription", "ImageType", "ImagePositionPatient",
                "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "GantryDetectorTilt",
@@ -53,7 +59,8 @@ class DicomSeries:
     description: str = ""
     study_uid: str = ""
     frame_of_reference_uid: str = ""
-    problem: str | None = field(default=None)  # why it cannot be a volume, where it cannot (check_series)
+    problem: str | None = field(default=None)  # why it cannot be a correct volume: a failed case (check_series)
+    skipped: str | None = field(default=None)  # why it is no CT volume at all (a dose report, an MR): not a case
 
     @property
     def name(self) -> str:  # what a case is called in reports and journals, as a file's name is
@@ -108,20 +115,27 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-.") or "unknown"
 
 
-def find_series(folder: Path) -> tuple[list[DicomSeries], list[tuple[Path, str]]]:
-    """Every series under `folder` (any depth, any file order), each checked (check_series: a refused one carries
-    its `problem`), sorted by case id; and the DICOM files that could not be read, with why."""
-    pydicom = _pydicom()
+def dicom_files(folder: Path) -> list[Path]:
+    """The DICOM files under `folder` (any depth; hidden entries left out), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and is_dicom_file(p))
 
+
+def find_series(folder: Path) -> tuple[list[DicomSeries], list[tuple[Path, str]]]:
+    """Every series under `folder` (any depth, any file order), each checked (check_series: one that is no CT
+    volume is `skipped`, one that is a faulty volume carries its `problem`), sorted by case id; and the DICOM files
+    that could not be read, with why. Nothing (and no pydicom needed) where there is no DICOM file."""
+    paths = dicom_files(folder)
+    if not paths:
+        return [], []
+    _pydicom()
     groups: dict[str, list[tuple[Path, object]]] = {}
     unreadable: list[tuple[Path, str]] = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        if not is_dicom_file(path):
-            continue
+    for path in paths:
         try:
             header = _header(path)
-        except (OSError, pydicom.errors.InvalidDicomError, ValueError) as err:
-            unreadable.append((path, f"not a readable DICOM file ({str(err).splitlines()[0]})"))
+        except Exception as err:  # pydicom raises many kinds on a damaged file: each is one unreadable file
+            unreadable.append((path, f"not a readable DICOM file ({type(err).__name__}: "
+                                     f"{(str(err).splitlines() or [''])[0][:160]})"))
             continue
         uid = str(header.get("SeriesInstanceUID", "")) or f"no-series-uid:{path}"
         groups.setdefault(uid, []).append((path, header))
@@ -143,65 +157,97 @@ def find_series(folder: Path) -> tuple[list[DicomSeries], list[tuple[Path, str]]
 
 
 def series_of_file(path: Path) -> DicomSeries:
-    """The series a single DICOM file belongs to, among the files of its folder."""
-    uid = str(_header(path).get("SeriesInstanceUID", ""))
-    found, _ = find_series(path.parent)
-    return next(s for s in found if s.uid == uid or path in s.files)
+    """The series a single DICOM file belongs to, among the files of its folder; CaseError where the file cannot be
+    read."""
+    found, unreadable = find_series(path.parent)
+    for other, reason in unreadable:
+        if other == path:
+            raise CaseError(f"{path}: {reason}")
+    owner = next((s for s in found if path in s.files), None)
+    if owner is None:
+        raise CaseError(f"{path}: not a DICOM file of a series in {path.parent}")
+    return owner
 
 
-def _refused(series: DicomSeries, problem: str) -> DicomSeries:
-    return DicomSeries(series.uid, series.case_id, series.files, series.modality, series.description,
-                       series.study_uid, series.frame_of_reference_uid, problem)
+def _with(series: DicomSeries, problem: str | None = None, skipped: str | None = None,
+          files: tuple[Path, ...] | None = None) -> DicomSeries:
+    return DicomSeries(series.uid, series.case_id, files or series.files, series.modality, series.description,
+                       series.study_uid, series.frame_of_reference_uid, problem, skipped)
+
+
+def _image_types(header) -> list[str]:
+    value = header.get("ImageType") or []
+    return [str(v).upper() for v in ([value] if isinstance(value, str) else value)]
 
 
 def check_series(series: DicomSeries, headers: list) -> DicomSeries:
-    """The series with its files in slice order, or with the one-line reason it cannot be a correct 3D volume."""
+    """The series with its files in slice order; or `skipped` with why it is no CT volume at all (another modality
+    or SOP class, a scout series, a single image such as a dose report), for a line and no case; or with the one-line
+    `problem` why it cannot be a correct 3D volume (a failed case)."""
+    sop_classes = {str(h.get("SOPClassUID", "")) for h in headers}
     if series.modality != "CT":
-        return _refused(series, f"modality {series.modality or 'missing'}, not CT")
-    if any(str(h.get("SOPClassUID", "")) == ENHANCED_CT_IMAGE_STORAGE or int(h.get("NumberOfFrames", 1) or 1) > 1
-           for h in headers):
-        return _refused(series, "a multi-frame (enhanced) CT object: only single-frame CT series are read")
-    localizers = [h for h in headers if "LOCALIZER" in [str(v).upper() for v in (h.get("ImageType") or [])]]
+        return _with(series, skipped=f"modality {series.modality or 'missing'}, not CT")
+    if ENHANCED_CT_IMAGE_STORAGE in sop_classes:
+        return _with(series, problem="a multi-frame (enhanced) CT object: only single-frame CT series are read")
+    if sop_classes != {CT_IMAGE_STORAGE}:
+        return _with(series, skipped=f"not CT images (SOP class {', '.join(sorted(sop_classes - {CT_IMAGE_STORAGE}))})")
+    localizers = sum("LOCALIZER" in _image_types(h) for h in headers)
+    if localizers == len(headers):
+        return _with(series, skipped=f"a localizer (scout) series of {localizers} image(s)")
     if localizers:
-        return _refused(series, f"{len(localizers)} localizer (scout) image(s) among its {len(headers)} files")
+        return _with(series, problem=f"{localizers} localizer (scout) image(s) among its {len(headers)} files")
     if len(headers) < 2:
-        return _refused(series, "a single slice: not a 3D volume")
+        return _with(series, skipped="a single image, not a 3D volume")
     try:
+        if any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers):
+            return _with(series, problem="multi-frame CT images: only single-frame CT series are read")
         orientations = np.array([[float(v) for v in h.ImageOrientationPatient] for h in headers])
         positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
         matrices = {(int(h.Rows), int(h.Columns), tuple(round(float(v), 6) for v in h.PixelSpacing)) for h in headers}
-    except (AttributeError, TypeError, ValueError) as err:
-        return _refused(series, f"a slice without a usable position, orientation, matrix or pixel spacing ({err})")
+    except (AttributeError, TypeError, ValueError, KeyError) as err:
+        return _with(series, problem=f"a slice without a usable position, orientation, matrix or pixel spacing "
+                                     f"({type(err).__name__}: {err})")
     if len(matrices) > 1:
-        return _refused(series, f"slices of {len(matrices)} different matrices or pixel spacings")
-    if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
-        return _refused(series, "slices of different orientations (ImageOrientationPatient)")
+        return _with(series, problem=f"slices of {len(matrices)} different matrices or pixel spacings")
+    rows, columns, pixel_spacing = next(iter(matrices))
+    if min(rows, columns) < 1 or len(pixel_spacing) != 2 or min(pixel_spacing) <= 0 \
+            or rows * columns * len(headers) > MAX_VOXELS:
+        return _with(series, problem=f"{rows} x {columns} pixels of {pixel_spacing} mm, {len(headers)} slices: not a "
+                                     "plausible CT grid")
+    if orientations.shape[1] != 6 or np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
+        return _with(series, problem="slices of different orientations (ImageOrientationPatient)")
     row, column = orientations[0][:3], orientations[0][3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(column) - 1) > 1e-3 or abs(row @ column) > 1e-3:
+        return _with(series, problem="ImageOrientationPatient is not two orthogonal unit vectors")
     normal = np.cross(row, column)
     order = np.argsort(positions @ normal)
     positions = positions[order]
     steps = np.diff(positions, axis=0)
     gaps = steps @ normal
     if np.min(np.abs(gaps)) < 1e-3:
-        return _refused(series, "two slices at the same position (a repeated or mixed series)")
-    # a tilted gantry moves each slice along the table, not along the slice normal
+        return _with(series, problem="two slices at the same position (a repeated or mixed series)")
+    # A tilted gantry moves each slice along the table, not along the slice normal: the shear of the positions
+    # against the normal is the tilt that matters (a GantryDetectorTilt tag on a series whose positions follow
+    # the normal is a regular oblique grid, read as it is)
     sideways = np.linalg.norm(steps - np.outer(gaps, normal), axis=1)
     tilt = math.degrees(math.atan2(float(np.median(sideways)), float(np.median(gaps))))
-    declared = max((abs(float(h.get("GantryDetectorTilt", 0) or 0)) for h in headers), default=0.0)
-    if max(abs(tilt), declared) > TILT_TOLERANCE_DEG:
-        return _refused(series, f"gantry tilt of {max(abs(tilt), declared):.1f} degrees: not resampled here; "
-                                "send a reconstruction without tilt")
+    if abs(tilt) > TILT_TOLERANCE_DEG:
+        return _with(series, problem=f"gantry tilt of {abs(tilt):.1f} degrees: not resampled here; send a "
+                                     "reconstruction without tilt")
     median = float(np.median(gaps))
     if gaps.max() >= MISSING_GAP * median:
         at = int(np.argmax(gaps))
         missing = int(round(gaps.max() / median)) - 1
-        return _refused(series, f"{missing} missing slice(s) after position {positions[at] @ normal:.2f} mm along "
-                                f"the slice normal ({gaps.max():.2f} mm gap, {median:.2f} mm elsewhere)")
+        return _with(series, problem=f"{missing} missing slice(s) after position {positions[at] @ normal:.2f} mm "
+                                     f"along the slice normal ({gaps.max():.2f} mm gap, {median:.2f} mm elsewhere)")
     if np.abs(gaps - median).max() > SPACING_TOLERANCE * median:
-        return _refused(series, f"slice spacing varies from {gaps.min():.3f} to {gaps.max():.3f} mm (more than "
-                                f"{SPACING_TOLERANCE:.0%}): not one regular grid")
-    return DicomSeries(series.uid, series.case_id, tuple(series.files[i] for i in order), series.modality,
-                       series.description, series.study_uid, series.frame_of_reference_uid)
+        return _with(series, problem=f"slice spacing varies from {gaps.min():.3f} to {gaps.max():.3f} mm (more than "
+                                     f"{SPACING_TOLERANCE:.0%}): not one regular grid")
+    numbers = sorted(int(h.get("InstanceNumber", 0) or 0) for h in headers)
+    if numbers[0] > 0 and numbers[-1] - numbers[0] + 1 != len(headers):
+        log.warning("warning: %s: instance numbers %d-%d for %d slices: part of the series may be elsewhere (the "
+                    "volume read is the %d slices found)", series, numbers[0], numbers[-1], len(headers), len(headers))
+    return _with(series, files=tuple(series.files[i] for i in order))
 
 
 def read_series(series: DicomSeries) -> sitk.Image:
@@ -215,6 +261,7 @@ def read_series(series: DicomSeries) -> sitk.Image:
         image = reader.Execute()
     except RuntimeError as err:
         raise CaseError(f"{series}: cannot be read ({str(err).strip().splitlines()[-1]})") from None
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise CaseError(f"{series}: not a scalar 3D volume")
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1 or image.GetSize()[2] != len(
+            series.files) or min(image.GetSpacing()) <= 0:
+        raise CaseError(f"{series}: not read as one scalar 3D volume of its {len(series.files)} slices")
     return image

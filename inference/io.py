@@ -106,9 +106,11 @@ def find_cases(input_dir: str | Path) -> CaseScan:
 
 
 def series_scan(series: list[DicomSeries], unreadable: list[tuple[Path, str]]) -> CaseScan:
-    """The cases of DICOM input: each series that is a correct volume; the others broken, with the reason; an
-    unreadable DICOM file skipped, with its."""
-    return CaseScan([s for s in series if s.problem is None], list(unreadable),
+    """The cases of DICOM input: each series that is a correct volume; a faulty CT series broken, with the reason; a
+    series that is no CT volume and an unreadable DICOM file skipped, with theirs."""
+    skipped = [(s, s.skipped) for s in series if s.skipped is not None]
+    return CaseScan([s for s in series if s.problem is None and s.skipped is None],
+                    list(unreadable) + [(s, reason) for s, reason in skipped],
                     [(s, s.problem) for s in series if s.problem is not None])
 
 

@@ -70,6 +70,11 @@ def lesion_probability_at_shape(logits: torch.Tensor, shape: tuple[int, ...], le
     over the classes, the lesion labels' probabilities added, in model space; then resampled trilinearly (a
     probability interpolated stays within [0, 1]). For ensembling and calibration (--save-probabilities); the mask
     itself never goes through it."""
-    probability = torch.softmax(logits.float(), dim=0)[list(lesion_ids)].sum(0)
+    if logits.shape[0] == 2 and lesion_ids == (1,):  # softmax of two classes: the sigmoid of their difference
+        probability = torch.sigmoid(logits[1].float() - logits[0].float())
+    else:  # one class at a time: no second [K, z, y, x] tensor beside the logits
+        total = torch.logsumexp(logits.float(), dim=0) if logits.dtype == torch.float32 else \
+            torch.logsumexp(logits, dim=0).float()
+        probability = sum(torch.exp(logits[i].float() - total) for i in lesion_ids)
     probability = resample_channels(probability[None], shape)[0]
     return (probability.clamp_(0, 1) * PROBABILITY_SCALE).round_().to(torch.uint8)

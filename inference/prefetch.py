@@ -35,8 +35,8 @@ def start(argv: list[str]) -> None:
         if known.output:
             io.set_aside_earlier_masks(scan, known.output)  # not an earlier run's mask (input = output folder)
         cases = scan.cases
-    except (io.CaseError, OSError):
-        return  # the CLI reports it, in its place
+    except Exception:  # whatever it is, the CLI meets it again in its place and says it in one line
+        return
     if cases:
         path = cases[0]
         result: dict = {}

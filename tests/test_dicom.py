@@ -90,10 +90,12 @@ def test_series_in_one_folder_are_cases_and_bad_ones_get_one_line_each(tmp_path,
         assert np.allclose(from_dicom.GetDirection(), from_nifti.GetDirection())
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     expected = {"P2_20260101_4": "gantry tilt of 12.0 degrees", "P3_20260101_5": "1 missing slice(s)",
-                "P4_20260101_6": "modality MR, not CT", "P5_20260101_7": "1 localizer (scout) image(s)"}
+                "P5_20260101_7": "1 localizer (scout) image(s)"}
     for case, reason in expected.items():
         assert any(f"series {case} (" in line and reason in line for line in errors), (case, errors)
-    assert "error: 4 of 6 case(s) failed" in done.stderr
+    assert "error: 3 of 5 case(s) failed" in done.stderr  # the MR series is no case: skipped, in a line of its own
+    assert any(line.startswith("skipped: ") and "series P4_20260101_6 (" in line and "modality MR, not CT" in line
+               for line in done.stderr.splitlines())
 
 
 def run_dciodvfy(path: Path) -> list[str]:
@@ -154,3 +156,33 @@ def test_one_file_or_one_series_folder_is_an_input_and_seg_needs_dicom_input(tmp
     assert not (tmp_path / "x").exists()
     refused = predict("-i", tmp_path / "series", "-o", tmp_path / "y", "-m", model, "--skip-existing")
     assert refused.returncode == 2 and "--skip-existing is not supported for DICOM input yet" in refused.stderr
+
+
+def test_series_that_are_no_ct_volume_are_skipped_and_a_damaged_file_is_named(tmp_path, model):
+    """What a study's folder routinely holds beside its CT: a scout series, a single image (a dose report), a damaged
+    file; each gets a line and no case, the CT series runs, the exit code is 0."""
+    write_ct_series(volume(1), tmp_path / "study" / "ct", "P6", "20260404", 2)
+    write_ct_series(volume(2)[:, :, :2], tmp_path / "study" / "scout", "P6", "20260404", 1,
+                    image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    write_ct_series(volume(3)[:, :, :1], tmp_path / "study" / "dose", "P6", "20260404", 99)
+    (tmp_path / "study" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)
+    done = predict("-i", tmp_path / "study", "-o", tmp_path / "out", "-m", model)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["P6_20260404_2.nii.gz"]
+    skipped = [line for line in done.stderr.splitlines() if line.startswith("skipped: ")]
+    assert any("P6_20260404_1" in line and "a localizer (scout) series of 2 image(s)" in line for line in skipped)
+    assert any("P6_20260404_99" in line and "a single image, not a 3D volume" in line for line in skipped)
+    assert any("broken.dcm: not a readable DICOM file" in line for line in skipped), skipped
+    for flag in (["--on-error", "empty"], ["--ray"]):
+        refused = predict("-i", tmp_path / "study" / "ct", "-o", tmp_path / "x", "-m", model, *flag)
+        assert refused.returncode == 2 and "is not supported for DICOM input yet" in refused.stderr, refused.stderr
+
+
+def test_a_folder_without_dicom_needs_no_dicom_library(tmp_path):
+    """The FLARE image has no pydicom: a folder without a case must still say so, not ask for pydicom."""
+    (tmp_path / "empty").mkdir()
+    probe = subprocess.run([sys.executable, "-c", "import sys; from inference import io\ntry:\n io.find_cases(sys.argv[1])"
+                            "\nexcept io.CaseError as e:\n print(e)\nprint('pydicom' in sys.modules)",
+                            str(tmp_path / "empty")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.splitlines() == [f"{tmp_path / 'empty'}: no case in it (no .nii.gz, .nii, .mha, .nrrd file and "
+                                         "no DICOM series)", "False"], probe.stdout + probe.stderr

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from evaluation.overlays import choose_panels, largest_component_slice
+from evaluation.overlays import (MIN_FALSE_POSITIVE_ML, choose_panels, edge_letters, largest_component_slice,
+                                 overview_columns)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,3 +55,28 @@ def test_run_metrics_writes_a_picture_per_case_and_an_overview(tmp_path):
     table = result.stdout.splitlines()
     assert table[0].split() == ["case", "DSC", "NSD", "lesions", "found", "false", "positive", "ml"]
     assert table[1].split()[:2] == ["one", "1.00"] and "1 of 1" in table[1]
+
+
+def test_a_false_positive_gets_a_panel_only_above_the_stated_size():
+    truth = np.zeros((20, 30, 30), bool)
+    truth[10:14, 10:14, 10:14] = True
+    prediction = truth.copy()
+    prediction[3, 25:27, 25:27] = True  # 4 voxels
+    voxel_ml = MIN_FALSE_POSITIVE_ML / 8  # the false positive: half the size that earns a panel
+    assert [p.why for p in choose_panels(truth, prediction, voxel_ml)] == ["largest lesion"]
+    prediction[3:5, 25:27, 25:27] = True  # 8 voxels: exactly the size
+    assert [p.why for p in choose_panels(truth, prediction, voxel_ml)] == ["largest lesion",
+                                                                            "largest false positive (0.1 ml)"]
+
+
+def test_the_edges_are_lettered_with_the_patients_sides_from_the_direction():
+    identity = (1, 0, 0, 0, 1, 0, 0, 0, 1)  # LPS: x to the patient's left, y to the back: radiological view
+    assert edge_letters(identity) == {"right": "L", "left": "R", "bottom": "P", "top": "A"}
+    flipped = (-1, 0, 0, 0, -1, 0, 0, 0, 1)  # RAS-stored: x to the right, y to the front
+    assert edge_letters(flipped) == {"right": "R", "left": "L", "bottom": "A", "top": "P"}
+    coronal = (1, 0, 0, 0, 0, 1, 0, -1, 0)  # rows run from head to feet
+    assert edge_letters(coronal) == {"right": "L", "left": "R", "bottom": "I", "top": "S"}
+
+
+def test_the_overview_has_as_many_columns_as_cases_up_to_four():
+    assert [overview_columns(n) for n in (1, 2, 3, 4, 5, 9)] == [1, 2, 3, 4, 4, 4]
