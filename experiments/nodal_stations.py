@@ -71,8 +71,13 @@ def nodal_lesion_facts(seed: int, cases: int) -> tuple[dict, dict]:
                 half = np.ceil(BOX_MM / spacing[1:]).astype(int)
                 rows = slice(max(0, y - half[0]), y + half[0])
                 cols = slice(max(0, x - half[1]), x + half[1])
-                crops.append(dict(case=case.info["case"], hu=hu[z, rows, cols].tolist(),
-                                  label=(case.tissue[z, rows, cols] == phantoms.LESION).astype(int).tolist(),
+                # every crop as a radiologist sees an axial slice (anterior up, the patient's right on the left):
+                # the phantoms' directions flip x or y in some cases, and the raw array would show those mirrored
+                direction = np.asarray(case.image.GetDirection()).reshape(3, 3)
+                view = (slice(None, None, -1 if direction[1, 1] < 0 else 1),
+                        slice(None, None, -1 if direction[0, 0] < 0 else 1))
+                crops.append(dict(case=case.info["case"], hu=hu[z, rows, cols][view].tolist(),
+                                  label=(case.tissue[z, rows, cols] == phantoms.LESION)[view].astype(int).tolist(),
                                   diameter_mm=lesion["diameter_mm"], spacing=spacing[1:].tolist()))
     version = getattr(phantoms, "GENERATOR_VERSION", None)
     summary = dict(generator_version=version, seed=seed, cases=cases, lesion_types=dict(sorted(types.items())),
@@ -145,7 +150,7 @@ def plot(shown: list[tuple[str, dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(len(shown), SLICES_SHOWN, figsize=(3.2 * SLICES_SHOWN, 3.4 * len(shown)),
+    figure, axes = plt.subplots(len(shown), SLICES_SHOWN, figsize=(3.2 * SLICES_SHOWN, 3.9 * len(shown)),
                                 squeeze=False)
     for row, (title, data) in enumerate(shown):
         for column in range(SLICES_SHOWN):
@@ -156,11 +161,16 @@ def plot(shown: list[tuple[str, dict]], path: Path) -> None:
             crop = data["crops"][column]
             extent = (0, len(crop["hu"][0]) * crop["spacing"][1], len(crop["hu"]) * crop["spacing"][0], 0)
             axis.imshow(np.array(crop["hu"]), cmap="gray", vmin=-160, vmax=240, extent=extent)
-            axis.contour(np.array(crop["label"]), [0.5], colors="red", linewidths=1.0, extent=extent,
+            axis.contour(np.array(crop["label"]), [0.5], colors="red", linewidths=2.0, extent=extent,
                          origin="upper")
+            for x, y, letter, ha, va in ((0.02, 0.5, "R", "left", "center"), (0.98, 0.5, "L", "right", "center"),
+                                         (0.5, 0.98, "A", "center", "top"), (0.5, 0.02, "P", "center", "bottom")):
+                axis.text(x, y, letter, transform=axis.transAxes, ha=ha, va=va, color="yellow", fontsize=8,
+                          fontweight="bold")
             axis.set_title(f"{title}\n{crop['case']}, node {crop['diameter_mm']:.0f} mm", fontsize=8)
-    figure.suptitle("Lymph-node lesions (red outline), axial slice through the centre, W 400 / L 40", fontsize=10)
-    figure.tight_layout()
+    figure.suptitle("Lymph-node lesions (red outline), axial slice through the centre, window level 40, width 400 HU",
+                    fontsize=10)
+    figure.tight_layout(h_pad=2.5)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
     plt.close(figure)

@@ -137,7 +137,10 @@ def find_series(folder: Path) -> tuple[list[DicomSeries], list[tuple[Path, str]]
             unreadable.append((path, f"not a readable DICOM file ({type(err).__name__}: "
                                      f"{(str(err).splitlines() or [''])[0][:160]})"))
             continue
-        uid = str(header.get("SeriesInstanceUID", "")) or f"no-series-uid:{path}"
+        uid = str(header.get("SeriesInstanceUID", ""))
+        if not uid or not header.get("SOPClassUID"):  # pydicom reads a damaged file leniently: nothing in it
+            unreadable.append((path, "not a readable DICOM file (no SOP Class or Series Instance UID)"))
+            continue
         groups.setdefault(uid, []).append((path, header))
     series, taken = [], set()
     for uid, members in sorted(groups.items(), key=lambda item: str(item[1][0][0])):
