@@ -152,14 +152,15 @@ def case_figure(image: Path, truth: Path, prediction: Path, title: str, out: Pat
     plt = _pyplot()
     view = read_case(image, truth, prediction)
     panels = choose_panels(view.truth, view.prediction, view.voxel_ml)
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.8), squeeze=False)
+    # constrained layout keeps every title and the legend inside the figure, whatever their lengths
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.8), squeeze=False,
+                                layout="constrained")
     for axis, panel in zip(axes[0], panels):
         draw_panel(axis, view.ct, view.truth, view.prediction, panel, view.aspect, view.letters)
-    figure.legend(handles=legend_handles(plt), loc="lower center", ncol=3, frameon=False)
+    figure.legend(handles=legend_handles(plt), loc="outside lower center", ncol=3, frameon=False)
     figure.suptitle("\n".join(textwrap.wrap(title, width=int(60 * len(panels)))))
-    figure.tight_layout(rect=(0, 0.05, 1, 1))
     with atomic_path(out) as written:
-        figure.savefig(written, dpi=90)
+        figure.savefig(written, dpi=90, bbox_inches="tight")  # nothing drawn is cut off at an edge
     plt.close(figure)
 
 
@@ -169,7 +170,8 @@ def overview_figure(cases: list[tuple[str, Path, Path, Path]], out: Path, column
     plt = _pyplot()
     columns = overview_columns(len(cases), columns)
     rows = math.ceil(len(cases) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 4.0 * rows + 0.4), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 4.0 * rows + 0.4), squeeze=False,
+                                layout="constrained")
     for axis in axes.ravel():
         axis.set_axis_off()
     for axis, (title, image, truth, prediction) in zip(axes.ravel(), cases):
@@ -177,13 +179,24 @@ def overview_figure(cases: list[tuple[str, Path, Path, Path]], out: Path, column
         draw_panel(axis, view.ct, view.truth, view.prediction,
                    choose_panels(view.truth, view.prediction, view.voxel_ml)[0], view.aspect, view.letters)
         # the case above its scores, wrapped to the panel's width so that neighbours' titles never overlap
-        case, _, scores = title.partition("  ")
-        axis.set_title("\n".join([case, *textwrap.wrap(scores, width=30)]), fontsize="small")
-    figure.legend(handles=legend_handles(plt), loc="lower center", ncol=3, frameon=False)
-    figure.tight_layout(rect=(0, 0.4 / (4.0 * rows + 0.4), 1, 1))
+        case, *scores = title.split("  ")
+        axis.set_title("\n".join([case, *packed(scores, width=30)]), fontsize="small")
+    figure.legend(handles=legend_handles(plt), loc="outside lower center", ncol=3, frameon=False)
     with atomic_path(out) as written:
-        figure.savefig(written, dpi=80)
+        figure.savefig(written, dpi=80, bbox_inches="tight")
     plt.close(figure)
+
+
+def packed(parts: list[str], width: int) -> list[str]:
+    """The parts ("DSC 0.81", "lesions 3/4", ...) on as few lines of at most `width` characters as they fit, never
+    broken inside a part."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and len(lines[-1]) + 2 + len(part) <= width:
+            lines[-1] += "  " + part
+        else:
+            lines.append(part)
+    return lines
 
 
 def overview_columns(cases: int, most: int = MAX_COLUMNS) -> int:
