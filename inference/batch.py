@@ -75,12 +75,15 @@ def write_case(mask: sitk.Image, output: Path, report: CaseReport, started: floa
     given, first (probability_path), with the mask's note: a mask is never there without the probability asked for
     beside it, made by the same run from the same input. Without one, an earlier run's probability at that path is
     removed: it would belong to another mask."""
+    seg = output.name.endswith(SEG_SUFFIX) and isinstance(case, DicomSeries)
     with StageTimer(report)("write"):  # host-side: nothing to synchronise
-        if probability is not None:
+        if probability is not None and seg:
+            io.write_seg_atomically(probability, case, probability_path(output), model_name, probability=True)
+        elif probability is not None:
             io.write_image_atomically(probability, probability_path(output), note)
         else:
             probability_path(output).unlink(missing_ok=True)
-        if output.name.endswith(SEG_SUFFIX) and isinstance(case, DicomSeries):
+        if seg:
             io.write_seg_atomically(mask, case, output, model_name)
         else:
             io.write_image_atomically(mask, output, note)

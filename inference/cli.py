@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write each case's lesion probability (softmax of the summed logits, on the input's "
                              "grid) as uint8 round(p x 255) to OUTPUT/probabilities/<case>.nii.gz, beside the masks' "
-                             "folder (NIfTI output only)")
+                             "folder (with --output-format dicom-seg: <case>.dcm, a FRACTIONAL SEG)")
     parser.add_argument("--timings", default=None, help="write per-case stage timings to this JSON (the run report)")
     parser.add_argument("--report", default=None, metavar="FILE",
                         help="write the run report to this JSON: engine version and commit, library and driver "
@@ -340,9 +340,6 @@ def check_input_kind(scan: io.CaseScan, options: RunOptions) -> None:
     outputs carry no provenance note to be kept from an earlier run by."""
     cases = scan.cases + [case for case, _ in scan.broken]
     series = [case for case in cases if isinstance(case, DicomSeries)]
-    if options.output_format == "dicom-seg" and options.save_probabilities:
-        raise CaseError("--save-probabilities writes NIfTI; with --output-format dicom-seg (a FRACTIONAL SEG) it is "
-                        "not supported yet")
     if options.output_format == "dicom-seg" and len(series) < len(cases):
         raise CaseError(f"{options.input}: --output-format dicom-seg needs DICOM series as input (a SEG refers to "
                         "the source images it segments); this input holds NIfTI images")

@@ -1,7 +1,8 @@
 """The lesion mask of a DICOM series as a DICOM Segmentation object (highdicom), for PACS and viewers.
 
 One segment, "lesion" (SNOMED CT: category 49755003 Morphologically Abnormal Structure, type 52988006 Lesion), made
-by an automatic algorithm (this engine and its version; family DCM 123110 Artificial Intelligence); BINARY;
+by an automatic algorithm (this engine and its version; family DCM 123110 Artificial Intelligence); BINARY (the lesion
+probability, with --save-probabilities: FRACTIONAL, PROBABILITY, a second SEG under probabilities/);
 referencing the source series (its Study, Series and SOP Instance UIDs and Frame of Reference): the SEG's frame k lies
 on source slice k, with that slice's geometry exactly. Empty frames are left out, as highdicom does by default; a mask
 with no lesion at all keeps its (empty) frames, so that "nothing found" is a SEG too.
@@ -34,8 +35,10 @@ def source_datasets(series: DicomSeries) -> list:
     return [pydicom.dcmread(path, stop_before_pixels=True) for path in series.files]
 
 
-def segmentation(mask: np.ndarray, series: DicomSeries, model_name: str):
-    """The SEG dataset of `mask` ((z, y, x) 0/1, slice k = series.files[k])."""
+def segmentation(mask: np.ndarray, series: DicomSeries, model_name: str, probability: bool = False):
+    """The SEG dataset of `mask` ((z, y, x) 0/1, slice k = series.files[k]); with `probability`, `mask` is the lesion
+    probability as uint8 round(p * 255) and the SEG is FRACTIONAL (PROBABILITY, 255 = 1.0), its stored values those
+    bytes exactly."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -49,24 +52,28 @@ def segmentation(mask: np.ndarray, series: DicomSeries, model_name: str):
         segment_number=1, segment_label="lesion", segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm)
-    pixels = (mask > 0).astype(np.uint8)
+    pixels = mask.astype(np.float32) / 255 if probability else (mask > 0).astype(np.uint8)
     keep_all = not pixels.any()  # nothing found: the empty frames say so (a SEG needs a frame; highdicom drops them)
+    kind = hd.seg.SegmentationTypeValues.FRACTIONAL if probability else hd.seg.SegmentationTypeValues.BINARY
     return hd.seg.Segmentation(
-        source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[lesion], series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
-        manufacturer_model_name=model_name[:64] or MANUFACTURER, software_versions=__version__,
-        device_serial_number="none", series_description="lesion segmentation", omit_empty_frames=not keep_all)
+        source_images=sources, pixel_array=pixels, segmentation_type=kind, segment_descriptions=[lesion],
+        series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER + probability, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=model_name[:64] or MANUFACTURER,
+        software_versions=__version__, device_serial_number="none", max_fractional_value=255,
+        series_description="lesion probability" if probability else "lesion segmentation",
+        omit_empty_frames=not keep_all)
 
 
-def write_seg(mask: np.ndarray, series: DicomSeries, path: Path, model_name: str) -> None:
-    """Write the SEG of `mask` for `series` to `path` (the caller makes it atomic)."""
-    segmentation(mask, series, model_name).save_as(str(path))
+def write_seg(mask: np.ndarray, series: DicomSeries, path: Path, model_name: str, probability: bool = False) -> None:
+    """Write the SEG of `mask` (or of the probability: segmentation) for `series` to `path` (the caller makes it
+    atomic)."""
+    segmentation(mask, series, model_name, probability).save_as(str(path))
 
 
 def read_seg_mask(path: Path, series: DicomSeries) -> np.ndarray:
-    """A SEG of `series` read back (highdicom) as a (z, y, x) bool mask on the series' slices; CaseError where it is
-    not a SEG of this series (another study or frame of reference, or frames referencing other instances)."""
+    """A SEG of `series` read back (highdicom) as a (z, y, x) array on the series' slices: bool for a BINARY SEG,
+    uint8 round(p * 255) for a FRACTIONAL one; CaseError where it is not a SEG of this series (another study or frame
+    of reference, or frames referencing other instances)."""
     import highdicom as hd
 
     seg = hd.seg.segread(str(path))
@@ -77,5 +84,7 @@ def read_seg_mask(path: Path, series: DicomSeries) -> np.ndarray:
     if not referenced <= set(uids):
         raise CaseError(f"{path}: its frames reference instances that are not {series}'s")
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1],
-                                               ignore_spatial_locations=False)
-    return pixels[..., 0] > 0
+                                               ignore_spatial_locations=False)[..., 0]
+    if seg.SegmentationType == "FRACTIONAL":
+        return np.round(pixels.astype(np.float64) * 255).astype(np.uint8)
+    return pixels > 0

@@ -112,7 +112,7 @@ def _header(path: Path):
 
 
 def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-.") or "unknown"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._") or "unknown"
 
 
 def dicom_files(folder: Path) -> list[Path]:

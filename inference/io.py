@@ -457,18 +457,21 @@ def write_image_atomically(image: sitk.Image, path: str | Path, note: str | None
         raise CaseError(f"{path}: cannot write the mask ({err.strerror or err})") from None
 
 
-def write_seg_atomically(mask: sitk.Image, series: DicomSeries, path: str | Path, model_name: str) -> None:
-    """The mask as a DICOM SEG of `series` (dicom_seg.py), written as a mask is (a hidden partial file, renamed
-    when whole), then read back and checked: a SEG of this series' study and frame of reference, whose frames
-    reference its slices and hold the mask, voxel for voxel."""
+def write_seg_atomically(mask: sitk.Image, series: DicomSeries, path: str | Path, model_name: str,
+                         probability: bool = False) -> None:
+    """The mask as a DICOM SEG of `series` (dicom_seg.py; with `probability`, the uint8 lesion probability as a
+    FRACTIONAL SEG), written as a mask is (a hidden partial file, renamed when whole), then read back and checked: a
+    SEG of this series' study and frame of reference, whose frames reference its slices and hold the mask (or the
+    probability's bytes), voxel for voxel."""
     from .dicom_seg import write_seg, read_seg_mask  # highdicom: only where a SEG is written
 
     path = Path(path)
     array = sitk.GetArrayViewFromImage(mask)
+    expected = array if probability else array > 0
     try:
         with atomic_path(path, prefix=PARTIAL_PREFIX) as written:
-            write_seg(array, series, written, model_name)
-            if not np.array_equal(read_seg_mask(written, series), array > 0):
+            write_seg(array, series, written, model_name, probability)
+            if not np.array_equal(read_seg_mask(written, series), expected):
                 raise CaseError(f"{path}: the SEG written does not read back as the mask")
             os.chmod(written, 0o644)
     except OSError as err:

@@ -20,9 +20,11 @@ if command -v dciodvfy > /dev/null; then
 else
   echo "dciodvfy not installed (apt-get install dicom3tools): the SEG is not validated here"
 fi
-# the series' case id names the mask: the truth is renamed alike to be scored
-mkdir -p "$DATA/labels"
-cp "$DATA/phantom/labels/$case.nii.gz" "$DATA/labels/$(basename "$(ls "$DATA"/nifti/*.nii.gz)")"
+# the series' case id names the mask: the truth and the CT (for the picture) are named alike to be scored and drawn
+series_case=$(basename "$(ls "$DATA"/nifti/*.nii.gz)" .nii.gz)
+mkdir -p "$DATA/labels" "$DATA/images"
+cp "$DATA/phantom/labels/$case.nii.gz" "$DATA/labels/$series_case.nii.gz"
+cp "$image" "$DATA/images/${series_case}_0000.nii.gz"
 "$PY" -m evaluation.run_metrics --gt "$DATA/labels" --pred "$DATA/nifti" -o "$DATA/metrics.csv" \
-  --overlays "$DATA/overlays" --no-progress
+  --images "$DATA/images" --overlays "$DATA/overlays" --no-progress
 echo "series: $DATA/series/  SEG: $seg  mask: $DATA/nifti/  pictures: $DATA/overlays/"

@@ -186,3 +186,24 @@ def test_a_folder_without_dicom_needs_no_dicom_library(tmp_path):
                             str(tmp_path / "empty")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert probe.stdout.splitlines() == [f"{tmp_path / 'empty'}: no case in it (no .nii.gz, .nii, .mha, .nrrd file and "
                                          "no DICOM series)", "False"], probe.stdout + probe.stderr
+
+
+def test_probabilities_of_a_series_are_a_fractional_seg_with_the_nifti_probabilitys_bytes(tmp_path, model):
+    import highdicom as hd
+
+    write_ct_series(volume(8), tmp_path / "in", "P9", "20260202", 11, shuffle_seed=4)
+    for fmt in ("nifti", "dicom-seg"):
+        done = predict("-i", tmp_path / "in", "-o", tmp_path / fmt, "-m", model, "--output-format", fmt,
+                       "--save-probabilities")
+        assert done.returncode == 0, done.stderr
+    probability = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nifti" / "probabilities" /
+                                                            "P9_20260202_11.nii.gz")))
+    path = tmp_path / "dicom-seg" / "probabilities" / "P9_20260202_11.dcm"
+    seg = hd.seg.segread(str(path))
+    assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "PROBABILITY"
+    [series], _ = find_series(tmp_path / "in")
+    uids = [pydicom.dcmread(f).SOPInstanceUID for f in series.files]
+    stored = seg.get_pixels_by_source_instance(uids, segment_numbers=[1], rescale_fractional=False)[..., 0]
+    assert probability.any() and np.array_equal(stored, probability)
+    assert (tmp_path / "dicom-seg" / "P9_20260202_11.dcm").is_file()
+    assert run_dciodvfy(path) == []
