@@ -1,6 +1,15 @@
-"""The markdown table of a calibration record (MODEL/inference.json, written by `python -m inference.calibrate`), for
-the benchmarks that publish one (calibrate_default_model.py, calibrate_nnunet_model.py)."""
+"""Calibrating a model folder and publishing its record (MODEL/inference.json, written by `python -m
+inference.calibrate`) as a results file, for the benchmarks that do (calibrate_default_model.py,
+calibrate_nnunet_model.py)."""
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from flare_common.machine import machine_facts
+from flare_common.results import REPO, display, write_result
 
 KEY = ("patch_scale", "step_size", "backend", "crop")
 
@@ -34,3 +43,29 @@ def calibration_lines(record: dict, device: str, model: str) -> list[str]:
               f"({reference['seconds_per_case'] / picked['seconds_per_case']:.2f}x){accuracy}. Written to "
               f"{model}/inference.json.", ""]
     return lines
+
+
+def calibrate(model: Path, data: Path, device: str, flags: tuple[str, ...] = (), caller: str = "calibration") -> dict:
+    """Run `python -m inference.calibrate` on `model` with data/images and data/labels; its record. Leaves the process
+    with the calibration's last output where it fails."""
+    done = subprocess.run([sys.executable, "-m", "inference.calibrate", "-m", str(model), *flags, "--images",
+                           str(data / "images"), "--labels", str(data / "labels"), "--device", device],
+                          cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{caller}: the calibration failed:\n{done.stderr[-2000:]}")
+    return json.loads((model / "inference.json").read_text())
+
+
+def publish(name: str, title: str, script: str, arguments: str, record: dict, device: str, model_label: str,
+            description: str, **extra) -> int:
+    """results/<name>_<device>_<date>.{json,md}: the machine, the command (`script` and its `arguments`), the record
+    and `extra`; the markdown under `title` with `description` and the candidates' table. Printed too."""
+    machine = machine_facts()
+    command = f".venv/bin/python {display(script)} {arguments}"
+    result = {"machine": machine, "command": command, "record": record, **extra}
+    lines = [title, "", f"Machine: {machine['cpu']}, {machine['date'][:10]}. Command: `{command}`", "", description,
+             *calibration_lines(record, device, model_label)]
+    stem = write_result(name, result, "\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {display(stem)}.json and .md")
+    return 0

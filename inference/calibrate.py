@@ -5,7 +5,8 @@ that costs no accuracy.
 
 Every candidate (the inference patch as 1.0 / 1.2 / 1.5 x the training patch, step 0.5 / 0.75, the exact crop or the
 box crop, on the CPU ONNX Runtime: `--backend auto`) runs every case of --images, as does the reference: nnU-Net's
-tiling (the training patch, step 0.5, torch) with the exact crop, whose mask is nnU-Net's inside the body's box. For each candidate: seconds per case (the pipeline, the read left out), agreement with the
+tiling (the training patch, step 0.5, torch) with the exact crop, whose mask is nnU-Net's inside the body's box. For
+each candidate: seconds per case (the pipeline, the read left out), agreement with the
 reference's masks (DSC per case), and where --labels are given the lesion DSC against them. Chosen: the fastest
 candidate whose mean lesion DSC is at least the reference's - --tolerance (0.005) and whose every case is at least
 the reference's - --case-tolerance (0.05); without labels, whose masks agree with the reference's at DSC >= 0.99 on
@@ -66,7 +67,8 @@ class Candidate:
 
     def summary(self) -> dict:
         mean = (lambda values: round(float(np.mean(values)), 4) if values else None)
-        return {"patch_scale": self.patch_scale, "step_size": self.step_size, "backend": self.backend, "crop": self.crop,
+        return {"patch_scale": self.patch_scale, "step_size": self.step_size, "backend": self.backend,
+                "crop": self.crop,
                 "seconds_per_case": round(float(np.mean(self.seconds)), 3), "mean_agreement": mean(self.agreement),
                 "min_agreement": round(min(self.agreement), 4), "mean_lesion_dsc": mean(self.lesion_dsc),
                 "per_case_seconds": [round(s, 3) for s in self.seconds],
@@ -107,13 +109,10 @@ def choose(measured: list[Candidate], tolerance: float, case_tolerance: float) -
 def first_run_export_seconds(options: RunOptions) -> float | None:
     """What a first `--backend auto` run on a CPU spends exporting the model before its first case (every fold,
     exported again into a scratch folder, so that a cached export does not hide it); None where ONNX cannot run."""
-    from .export_onnx import export_fold  # the exporter brings torch.onnx: only where it is used
+    from .export_onnx import can_export, export_fold  # the exporter brings torch.onnx: only where it is used
     from .model.loader import select_folds
 
-    try:
-        import onnx  # noqa: F401 - the export needs both
-        import onnxruntime  # noqa: F401
-    except ImportError:
+    if not can_export():
         return None
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
@@ -227,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomically(model_dir / CALIBRATION_FILE, json.dumps(record, indent=1) + "\n")
     speedup = np.mean(measured[0].seconds) / np.mean(chosen.seconds)
     log.info("chosen: patch x%g, step %g, %s crop, %s: %.2f s a case, %.2fx the reference; wrote %s",
-             chosen.patch_scale, chosen.step_size, chosen.crop, chosen.backend, np.mean(chosen.seconds), speedup, model_dir / CALIBRATION_FILE)
+             chosen.patch_scale, chosen.step_size, chosen.crop, chosen.backend, np.mean(chosen.seconds), speedup,
+             model_dir / CALIBRATION_FILE)
     return 0
 
 

@@ -306,7 +306,9 @@ def run(options: RunOptions, given: dict, imports_done_at: float, done: list[str
               "folds": list(model.folds), "model_load_s": load_seconds, "run_fingerprint": run_id,
               "model_fingerprint": model.fingerprint(), "settings": asdict(settings), "calibration": calibration_line,
               "input": str(options.input), "output": str(options.output), "output_format": options.output_format,
-              "environment": provenance.run_environment(model.device), "startup": startup, "cases": {}}
+              # what the run ran on: asked for only where a report is written (it runs git, and NVML on a GPU)
+              "environment": provenance.run_environment(model.device) if options.timings or options.report else None,
+              "startup": startup, "cases": {}}
     failures = len(scan.broken)
     for path, reason in scan.broken:
         report_failure(path, outputs[path], f"{path}: {reason}", options, report)

@@ -21,7 +21,7 @@ from .dicom_series import DicomSeries
 from .errors import CaseError
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
-__all__ = ["SEG_SUFFIX", "read_seg_mask", "write_seg"]
+__all__ = ["SEG_SUFFIX", "read_seg_mask", "source_datasets", "write_seg"]
 
 SEG_SUFFIX = ".dcm"
 MANUFACTURER = "flare-lesion-inference"
@@ -35,21 +35,23 @@ def source_datasets(series: DicomSeries) -> list:
     return [pydicom.dcmread(path, stop_before_pixels=True) for path in series.files]
 
 
-def segmentation(mask: np.ndarray, series: DicomSeries, model_name: str, probability: bool = False):
+def segmentation(mask: np.ndarray, series: DicomSeries, model_name: str, probability: bool = False,
+                 sources: list | None = None):
     """The SEG dataset of `mask` ((z, y, x) 0/1, slice k = series.files[k]); with `probability`, `mask` is the lesion
     probability as uint8 round(p * 255) and the SEG is FRACTIONAL (PROBABILITY, 255 = 1.0), its stored values those
-    bytes exactly."""
+    bytes exactly. `sources`: the series' headers (source_datasets), where the caller has them already."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    sources = source_datasets(series)
+    sources = sources or source_datasets(series)
     if mask.shape != (len(sources), int(sources[0].Rows), int(sources[0].Columns)):
         raise CaseError(f"{series}: the mask's {mask.shape} voxels are not the series' grid")
     algorithm = hd.AlgorithmIdentificationSequence(name=MANUFACTURER, version=__version__,
                                                    family=codes.cid7162.ArtificialIntelligence,
                                                    source=model_name[:64] or None)
     lesion = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="lesion", segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segment_number=1, segment_label="lesion",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm)
     pixels = mask.astype(np.float32) / 255 if probability else (mask > 0).astype(np.uint8)
@@ -64,13 +66,14 @@ def segmentation(mask: np.ndarray, series: DicomSeries, model_name: str, probabi
         omit_empty_frames=not keep_all)
 
 
-def write_seg(mask: np.ndarray, series: DicomSeries, path: Path, model_name: str, probability: bool = False) -> None:
+def write_seg(mask: np.ndarray, series: DicomSeries, path: Path, model_name: str, probability: bool = False,
+              sources: list | None = None) -> None:
     """Write the SEG of `mask` (or of the probability: segmentation) for `series` to `path` (the caller makes it
     atomic)."""
-    segmentation(mask, series, model_name, probability).save_as(str(path))
+    segmentation(mask, series, model_name, probability, sources).save_as(str(path))
 
 
-def read_seg_mask(path: Path, series: DicomSeries) -> np.ndarray:
+def read_seg_mask(path: Path, series: DicomSeries, sources: list | None = None) -> np.ndarray:
     """A SEG of `series` read back (highdicom) as a (z, y, x) array on the series' slices: bool for a BINARY SEG,
     uint8 round(p * 255) for a FRACTIONAL one; CaseError where it is not a SEG of this series (another study or frame
     of reference, or frames referencing other instances)."""
@@ -79,8 +82,9 @@ def read_seg_mask(path: Path, series: DicomSeries) -> np.ndarray:
     seg = hd.seg.segread(str(path))
     if seg.StudyInstanceUID != series.study_uid or seg.FrameOfReferenceUID != series.frame_of_reference_uid:
         raise CaseError(f"{path}: not a SEG of {series}: another study or frame of reference")
-    uids = [str(d.SOPInstanceUID) for d in source_datasets(series)]
-    referenced = {str(item.ReferencedSOPInstanceUID) for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    uids = [str(d.SOPInstanceUID) for d in sources or source_datasets(series)]
+    referenced = {str(item.ReferencedSOPInstanceUID)
+                  for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     if not referenced <= set(uids):
         raise CaseError(f"{path}: its frames reference instances that are not {series}'s")
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1],

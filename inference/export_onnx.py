@@ -188,6 +188,16 @@ def export_fold(model_dir: str | Path, fold: str, output: str | Path | None = No
     return ExportResult(path, fp16_path, diff, verify_shape, fp16_diff)
 
 
+def can_export() -> bool:
+    """Whether onnx and onnxruntime, which an export needs (it is checked against torch in ONNX Runtime), are here."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def export_for_cpu_where_missing(model_dir: str | Path, folds: Sequence[str] | None = None,
                                  checkpoint_name: str = "checkpoint_final.pth", configuration: str | None = None
                                  ) -> None:
@@ -197,10 +207,7 @@ def export_for_cpu_where_missing(model_dir: str | Path, folds: Sequence[str] | N
     onnxruntime is missing, where there is no cache (FLARE_CACHE_DIR=off) or no checkpoint to export: the loader
     then runs torch. A failed export is a warning, and torch runs; plans no network can be built from are a
     ModelError, as the loader's."""
-    try:
-        import onnx  # noqa: F401 - the export needs both
-        import onnxruntime  # noqa: F401
-    except ImportError:
+    if not can_export():
         return
     config = read_model_config(model_dir, configuration)
     network_on_meta(config)  # plans no network can be built from: refused (ModelError) here, not as a failed export

@@ -463,15 +463,16 @@ def write_seg_atomically(mask: sitk.Image, series: DicomSeries, path: str | Path
     FRACTIONAL SEG), written as a mask is (a hidden partial file, renamed when whole), then read back and checked: a
     SEG of this series' study and frame of reference, whose frames reference its slices and hold the mask (or the
     probability's bytes), voxel for voxel."""
-    from .dicom_seg import write_seg, read_seg_mask  # highdicom: only where a SEG is written
+    from .dicom_seg import read_seg_mask, source_datasets, write_seg  # highdicom: only where a SEG is written
 
     path = Path(path)
     array = sitk.GetArrayViewFromImage(mask)
     expected = array if probability else array > 0
     try:
+        sources = source_datasets(series)  # read once, for the SEG and for its check
         with atomic_path(path, prefix=PARTIAL_PREFIX) as written:
-            write_seg(array, series, written, model_name, probability)
-            if not np.array_equal(read_seg_mask(written, series), expected):
+            write_seg(array, series, written, model_name, probability, sources)
+            if not np.array_equal(read_seg_mask(written, series, sources), expected):
                 raise CaseError(f"{path}: the SEG written does not read back as the mask")
             os.chmod(written, 0o644)
     except OSError as err:

@@ -102,6 +102,25 @@ def synthesize_case(shape: tuple[int, int, int], spacing: tuple[float, float, fl
     return np.clip(np.round(image), -1024, 3071).astype(np.int16), label
 
 
+def write_blob_cases(images: Path, labels: Path, cases: int, seed: int, shape: tuple[int, int, int],
+                     spacing: tuple[float, float, float], n_lesions: tuple[int, int] = (3, 5)) -> None:
+    """`cases` volumes of synthesize_case, one generator seeded with `seed`, written as images/blob_NNN_0000.nii.gz
+    and labels/blob_NNN.nii.gz (nnU-Net's raw layout, and the engine's): what nnU-Net's trainer is trained on
+    (make_nnunet_trained_model.py) and the cases it is validated on (nnunet_trained.py)."""
+    import SimpleITK as sitk
+
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for index in range(cases):
+        volume, label = synthesize_case(shape, spacing, rng, n_lesions=n_lesions)
+        for array, path in ((volume, images / f"blob_{index:03d}_0000.nii.gz"),
+                            (label, labels / f"blob_{index:03d}.nii.gz")):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing(tuple(spacing)[::-1])
+            sitk.WriteImage(image, str(path))
+
+
 def foreground_intensity_properties(volumes, labels) -> dict:
     """What nnU-Net's fingerprint stores for channel 0: statistics of the labelled foreground's HU."""
     values = np.concatenate([v[lab > 0].astype(np.float64) for v, lab in zip(volumes, labels)])

@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET_ID, DATASET_NAME = 901, "Dataset901_ParityBlobs"
@@ -34,19 +33,10 @@ TRAINER, PLANS, CONFIGURATION = "nnUNetTrainer", "nnUNetPlans", "3d_fullres"
 def write_raw_dataset(raw: Path, cases: int, seed: int) -> Path:
     """nnU-Net's raw layout: imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, dataset.json."""
     sys.path.insert(0, str(REPO))
-    from training.make_blob_model import synthesize_case  # the volumes only: no model-folder code of ours
+    from training.make_blob_model import write_blob_cases  # the volumes only: no model-folder code of ours
 
     folder = raw / DATASET_NAME
-    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for index in range(cases):
-        volume, label = synthesize_case(SHAPE_ZYX, SPACING_ZYX, rng, n_lesions=(3, 5))
-        for array, path in ((volume, folder / "imagesTr" / f"blob_{index:03d}_0000.nii.gz"),
-                            (label, folder / "labelsTr" / f"blob_{index:03d}.nii.gz")):
-            image = sitk.GetImageFromArray(array)
-            image.SetSpacing(SPACING_ZYX[::-1])
-            sitk.WriteImage(image, str(path))
+    write_blob_cases(folder / "imagesTr", folder / "labelsTr", cases, seed, SHAPE_ZYX, SPACING_ZYX)
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1}, "numTraining": cases,
         "file_ending": ".nii.gz", "name": DATASET_NAME}, indent=1))

@@ -56,18 +56,6 @@ VALIDATION_SHAPE_ZYX, VALIDATION_SPACING_ZYX = (88, 112, 40), (1.0, 1.0, 3.0)
 def write_validation_cases(folder: Path, cases: int, seed: int) -> None:
     """`cases` volumes of the training data's generator (make_blob_model.synthesize_case) from a seed the model never
     saw: folder/images/<case>_0000.nii.gz and folder/labels/<case>.nii.gz."""
-    import numpy as np
-    import SimpleITK as sitk
+    from training.make_blob_model import write_blob_cases
 
-    from training.make_blob_model import synthesize_case
-
-    rng = np.random.default_rng(seed)
-    for kind in ("images", "labels"):
-        (folder / kind).mkdir(parents=True, exist_ok=True)
-    for index in range(cases):
-        volume, label = synthesize_case(VALIDATION_SHAPE_ZYX, VALIDATION_SPACING_ZYX, rng, n_lesions=(3, 5))
-        for array, path in ((volume, folder / "images" / f"blob_{index:03d}_0000.nii.gz"),
-                            (label, folder / "labels" / f"blob_{index:03d}.nii.gz")):
-            image = sitk.GetImageFromArray(array)
-            image.SetSpacing(VALIDATION_SPACING_ZYX[::-1])
-            sitk.WriteImage(image, str(path))
+    write_blob_cases(folder / "images", folder / "labels", cases, seed, VALIDATION_SHAPE_ZYX, VALIDATION_SPACING_ZYX)
