@@ -31,6 +31,7 @@ import SimpleITK as sitk
 from evaluation.run_metrics import score_case
 from flare_common.machine import machine_facts
 from flare_common.results import REPO, display, write_result
+from inference.model import CALIBRATION_FILE, read_records
 from phantoms import generate_phantom, write_case
 
 MODEL = REPO / "models" / "default"
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--peer-python", default=str(REPO / ".venv-nnunet" / "bin" / "python"))
     args = parser.parse_args(argv)
-    calibration = json.loads((MODEL / "inference.json").read_text())["chosen"]
+    calibration = read_records(MODEL / CALIBRATION_FILE)["cpu"]["chosen"]
     with tempfile.TemporaryDirectory(prefix="speed-departures-") as scratch:
         scratch = Path(scratch)
         data = scratch / "data"

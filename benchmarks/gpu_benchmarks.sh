@@ -8,9 +8,10 @@
 #                   installed), with NVML's GPU utilisation (benchmarks/bench_batch.py)
 #   load            model load to the device, ours and nnUNetPredictor's (benchmarks/bench_model_load.py)
 #   memory          one forward pass by patch and precision, two allocator settings (gpu_forward_memory.py)
-#   calibrate       the default model's speed settings measured on CUDA against nnU-Net's tiling, 4 validation
-#                   phantoms (benchmarks/calibrate_default_model.py --device cuda; the record it writes stays on
-#                   the device: only the results file comes back). fp16 against fp32 is not a candidate yet.
+#   calibrate       the default model's speed settings measured on CUDA against nnU-Net's tiling in fp32, every
+#                   candidate in fp16 autocast, 4 validation phantoms (benchmarks/calibrate_default_model.py
+#                   --device cuda); models/default/inference.json, now holding a cuda record beside the cpu one,
+#                   comes back in results.tar.gz to be committed
 # STEPS picks some (default: all, in this order). All of them may run past the device tool's 10 minutes a
 # command; two calls fit (each makes the phantoms it needs again):
 #
@@ -33,7 +34,7 @@ PEER_CASES="flare_z055 flare_z215 flare_z554"
 
 collect() {  # two files, however many results: the device tool brings back at most 8
   tar -czf "$OUT/results.tar.gz" results/flare_sizes_* results/gpu_forward_memory* results/batch_throughput_* \
-    results/model_load_* results/calibration_default_cuda_* 2>/dev/null
+    results/model_load_* results/calibration_default_cuda_* models/default/inference.json 2>/dev/null
   tar -czf "$OUT/runs.tar.gz" --exclude=predictions --exclude=work --exclude='*.pth' data/flare_sizes_runs \
     2>/dev/null
 }

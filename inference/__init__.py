@@ -9,7 +9,7 @@ evaluation harness shares) can be imported without torch.
 """
 import importlib
 
-__version__ = "0.22.0"  # in every mask's provenance note (provenance.py): a new engine writes masks anew
+__version__ = "0.23.0"  # in every mask's provenance note (provenance.py): a new engine writes masks anew
 
 _EXPORTS = {"CaseError": ".errors", "ModelError": ".errors", "LoadedModel": ".model", "load_model": ".model",
             "PredictionSettings": ".settings", "RunOptions": ".settings", "predict_array": ".pipeline",

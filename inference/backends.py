@@ -71,14 +71,17 @@ class PatchNetwork(Protocol):
 
 
 class TorchNetwork:
-    """A PyTorch module in eval mode; fp16 autocast on CUDA, fp32 on CPU. Takes any patch of the stride's multiples."""
+    """A PyTorch module in eval mode; on CUDA fp16 autocast (nnU-Net's own) unless `fp16` is False, fp32 on the CPU.
+    Takes any patch of the stride's multiples."""
 
     lanes = 1
     movable = True
 
-    def __init__(self, module: torch.nn.Module, device: torch.device, source: Path | str = "the torch network"):
+    def __init__(self, module: torch.nn.Module, device: torch.device, source: Path | str = "the torch network",
+                 fp16: bool = True):
         self.device = device
         self.source = source
+        self.fp16 = fp16
         self.module = module.to(device).eval()
 
     def accepted_patches(self) -> PatchRange:
@@ -86,10 +89,10 @@ class TorchNetwork:
 
     def on(self, device: torch.device) -> "TorchNetwork":
         """The same module moved (in place) to `device`."""
-        return TorchNetwork(self.module, device, self.source)
+        return TorchNetwork(self.module, device, self.source, self.fp16)
 
     def __call__(self, patch: torch.Tensor) -> torch.Tensor:
-        autocast = (torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda"
+        autocast = (torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" and self.fp16
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
             return self.module(patch.to(self.device, non_blocking=True))

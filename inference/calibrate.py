@@ -4,8 +4,10 @@ that costs no accuracy.
     python -m inference.calibrate -m MODEL --images DIR [--labels DIR] [-f FOLD ...] [--device cpu|cuda]
 
 Every candidate (the inference patch as 1.0 / 1.2 / 1.5 x the training patch, step 0.5 / 0.75, the exact crop or the
-box crop, on the CPU ONNX Runtime: `--backend auto`) runs every case of --images, as does the reference: nnU-Net's
-tiling (the training patch, step 0.5, torch) with the exact crop, whose mask is nnU-Net's inside the body's box. For
+box crop; on the CPU with ONNX Runtime, `--backend auto`; on CUDA with torch in fp16 autocast) runs every case of
+--images, as does the reference: nnU-Net's tiling (the training patch, step 0.5, torch in fp32) with the exact crop,
+whose mask is nnU-Net's inside the body's box. Candidates whose scales round to the same inference patch for this
+model are one candidate: measured once, listed with `same_as`. For
 each candidate: seconds per case (the pipeline, the read left out), agreement with the
 reference's masks (DSC per case), and where --labels are given the lesion DSC against them. Chosen: the fastest
 candidate whose mean lesion DSC is at least the reference's - --tolerance (0.005) and whose every case is at least
@@ -13,7 +15,8 @@ the reference's - --case-tolerance (0.05); without labels, whose masks agree wit
 average and >= 0.95 on every case. The reference itself always qualifies.
 
 The choice, the evidence (every candidate's figures) and the fingerprint of the model it was measured on are written
-to MODEL/inference.json (model/calibration.py reads it). `python -m inference`, `predict.sh` and `predict_image`
+to MODEL/inference.json as the record of this kind of device (cpu or cuda; a record of the other kind is kept where
+it was measured on the same model; model/calibration.py reads it). `python -m inference`, `predict.sh` and `predict_image`
 use the chosen settings wherever no flag sets them; a record made for other weights or plans is not used (said in
 a line). The export of the model for ONNX Runtime (made before the first case, once) is timed and recorded too.
 """
@@ -37,7 +40,8 @@ from flare_common.files import write_text_atomically
 
 from . import __version__, io
 from .errors import CaseError, ModelError
-from .model.calibration import CALIBRATION_FILE
+from .model.calibration import CALIBRATION_FILE, read_records
+from .model.plans import scaled_patch
 from .pipeline import predict_image_with_report
 from .run_model import load_for_run
 from .settings import PredictionSettings, RunOptions
@@ -56,19 +60,24 @@ class Candidate:
     step_size: float
     backend: str
     crop: str
+    precision: str = "fp32"  # on CUDA fp16 (autocast) or fp32; the CPU computes in fp32
     seconds: list[float] = field(default_factory=list)
     agreement: list[float] = field(default_factory=list)
     lesion_dsc: list[float] = field(default_factory=list)
     qualifies: bool = False
+    inference_patch: tuple[int, ...] | None = None  # the training patch x patch_scale for the model measured
+    same_as: float | None = None  # the patch scale of the candidate measured for it (the same inference patch)
 
     @property
     def key(self) -> tuple:
-        return self.patch_scale, self.step_size, self.backend, self.crop
+        return self.patch_scale, self.step_size, self.backend, self.crop, self.precision
 
     def summary(self) -> dict:
         mean = (lambda values: round(float(np.mean(values)), 4) if values else None)
         return {"patch_scale": self.patch_scale, "step_size": self.step_size, "backend": self.backend,
-                "crop": self.crop,
+                "crop": self.crop, "precision": self.precision,
+                "inference_patch": list(self.inference_patch) if self.inference_patch else None,
+                "same_as": self.same_as,
                 "seconds_per_case": round(float(np.mean(self.seconds)), 3), "mean_agreement": mean(self.agreement),
                 "min_agreement": round(min(self.agreement), 4), "mean_lesion_dsc": mean(self.lesion_dsc),
                 "per_case_seconds": [round(s, 3) for s in self.seconds],
@@ -82,12 +91,13 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def candidates(device: str) -> list[Candidate]:
-    """The reference first, then every other candidate: on the CPU with ONNX Runtime (`auto`; its logits are torch's
-    within 1e-5, so torch at the same tiling would only be slower), on CUDA with torch."""
-    backend = "auto" if device == "cpu" else "torch"
-    keys = [REFERENCE] + [(scale, step, backend, crop) for crop in CROPS for scale in PATCH_SCALES for step in STEPS
-                          if (scale, step, backend, crop) != REFERENCE]
-    return [Candidate(*key) for key in keys]
+    """The reference (fp32) first, then every other candidate: on the CPU with ONNX Runtime (`auto`; its logits are
+    torch's within 1e-5, so torch at the same tiling would only be slower), on CUDA with torch in fp16 autocast (at
+    the reference's tiling too: what fp16 alone costs)."""
+    backend, precision = ("auto", "fp32") if device == "cpu" else ("torch", "fp16")
+    keys = [(scale, step, backend, crop) for crop in CROPS for scale in PATCH_SCALES for step in STEPS]
+    return [Candidate(*REFERENCE)] + [Candidate(*key, precision=precision) for key in keys
+                                      if (*key, precision) != (*REFERENCE, "fp32")]
 
 
 def qualifies(candidate: Candidate, reference: Candidate, tolerance: float, case_tolerance: float) -> bool:
@@ -129,14 +139,29 @@ def first_run_export_seconds(options: RunOptions) -> float | None:
 def measure(options: RunOptions, images: list[sitk.Image], truths: list[np.ndarray] | None,
             device: str) -> tuple[list[Candidate], str]:
     """Every candidate on every image; the model's fingerprint."""
-    measured, models, reference_masks, fingerprint = candidates(device), {}, [], None
+    measured, models, reference_masks, fingerprint, runs = candidates(device), {}, [], None, {}
     for candidate in measured:
-        if candidate.backend not in models:
-            models[candidate.backend] = load_for_run(
+        loaded_as = (candidate.backend, candidate.precision)
+        if loaded_as not in models:
+            models[loaded_as] = load_for_run(
                 RunOptions(options.input, options.output, options.model, options.folds, options.checkpoint,
-                           options.configuration, device, candidate.backend), PredictionSettings())
-        model = models[candidate.backend]
+                           options.configuration, device, candidate.backend,
+                           precision=candidate.precision if device == "cuda" else None), PredictionSettings())
+        model = models[loaded_as]
         fingerprint = fingerprint or model.fingerprint()
+        candidate.inference_patch = scaled_patch(model.config.patch_size, model.config.total_stride,
+                                                 candidate.patch_scale)
+        run = (candidate.inference_patch, candidate.step_size, candidate.backend, candidate.crop, candidate.precision)
+        if run in runs:  # the same windows on the same network: the same masks and time
+            earlier = runs[run]
+            candidate.same_as = earlier.patch_scale
+            candidate.seconds, candidate.agreement = list(earlier.seconds), list(earlier.agreement)
+            candidate.lesion_dsc = list(earlier.lesion_dsc)
+            log.info("patch x%g, step %g, %s crop: the inference patch of x%g (%s), not measured again",
+                     candidate.patch_scale, candidate.step_size, candidate.crop, earlier.patch_scale,
+                     "x".join(map(str, candidate.inference_patch)))
+            continue
+        runs[run] = candidate
         settings = PredictionSettings(patch_scale=candidate.patch_scale, step_size=candidate.step_size,
                                       crop=candidate.crop)
         for index, image in enumerate(images):
@@ -151,10 +176,28 @@ def measure(options: RunOptions, images: list[sitk.Image], truths: list[np.ndarr
                 candidate.lesion_dsc.append(dice(mask, truths[index]))
         log.info("patch x%g, step %g, %s crop, %s: %.2f s a case, agreement %.4f%s", candidate.patch_scale,
                  candidate.step_size, candidate.crop,
-                 "ONNX Runtime" if candidate.backend == "auto" and device == "cpu" else "torch",
+                 "ONNX Runtime" if candidate.backend == "auto" and device == "cpu" else f"torch {candidate.precision}",
                  np.mean(candidate.seconds), np.mean(candidate.agreement),
                  f", lesion DSC {np.mean(candidate.lesion_dsc):.4f}" if candidate.lesion_dsc else "")
     return measured, fingerprint
+
+
+def records_kept(path: Path, fingerprint: str) -> dict[str, dict]:
+    """The records of `path` measured on the model of `fingerprint` (another kind of device's, kept beside the new
+    one); a record of other weights, or a file that is not a calibration file, is replaced (said in a line)."""
+    if not path.exists():
+        return {}
+    try:
+        records = read_records(path)
+    except (OSError, ValueError) as err:
+        log.warning("warning: %s: not a calibration file (%s); replaced", path, err)
+        return {}
+    kept = {kind: record for kind, record in records.items()
+            if isinstance(record, dict) and record.get("model_fingerprint") == fingerprint}
+    for kind in sorted(set(records) - set(kept)):
+        log.warning("warning: %s: its %s record was measured on other weights, plans or lesion filter; dropped",
+                    path, kind)
+    return kept
 
 
 def read_cases(images_dir: Path, labels_dir: Path | None) -> tuple[list[str], list[sitk.Image], list | None]:
@@ -211,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = choose(measured, args.tolerance, args.case_tolerance)
     record = {
         "chosen": {"patch_scale": chosen.patch_scale, "step_size": chosen.step_size, "backend": chosen.backend,
-                   "crop": chosen.crop},
+                   "crop": chosen.crop, "precision": chosen.precision},
         "model_fingerprint": fingerprint, "folds": args.folds, "checkpoint": args.checkpoint,
         "device": args.device, "engine": __version__,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -219,15 +262,16 @@ def main(argv: list[str] | None = None) -> int:
                  f"reference - {args.case_tolerance:g}" if truths is not None else
                  "fastest candidate agreeing with the reference at mean DSC >= 0.99 and every case >= 0.95"),
         "reference": {"patch_scale": REFERENCE[0], "step_size": REFERENCE[1], "backend": REFERENCE[2],
-                      "crop": REFERENCE[3]},
+                      "crop": REFERENCE[3], "precision": "fp32"},
         "cases": names, "candidates": [candidate.summary() for candidate in measured],
         # once per model and machine, before the first case of a first `--backend auto` run (--backend torch skips it)
         "first_run_export_seconds": None if export_seconds is None else round(export_seconds, 2)}
-    write_text_atomically(model_dir / CALIBRATION_FILE, json.dumps(record, indent=1) + "\n")
+    records = {**records_kept(model_dir / CALIBRATION_FILE, fingerprint), args.device: record}
+    write_text_atomically(model_dir / CALIBRATION_FILE, json.dumps({"records": records}, indent=1) + "\n")
     speedup = np.mean(measured[0].seconds) / np.mean(chosen.seconds)
-    log.info("chosen: patch x%g, step %g, %s crop, %s: %.2f s a case, %.2fx the reference; wrote %s",
-             chosen.patch_scale, chosen.step_size, chosen.crop, chosen.backend, np.mean(chosen.seconds), speedup,
-             model_dir / CALIBRATION_FILE)
+    log.info("chosen: patch x%g, step %g, %s crop, %s %s: %.2f s a case, %.2fx the reference; wrote the %s record "
+             "of %s", chosen.patch_scale, chosen.step_size, chosen.crop, chosen.backend, chosen.precision,
+             np.mean(chosen.seconds), speedup, args.device, model_dir / CALIBRATION_FILE)
     return 0
 
 

@@ -27,6 +27,7 @@ from . import batch, io, provenance
 from .dicom_seg import SEG_SUFFIX
 from .dicom_series import DicomSeries
 from .errors import CaseError, ModelError
+from .model.loader import resolve_device
 from .model.calibration import read_calibration
 from .network_plan import calibrated_settings, check_request
 from .postprocess import lesion_label_ids
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "on the CPU from an export of the same checkpoint (the model folder's, else one made once "
                              "into ~/.cache), else torch; or force one (onnx/tensorrt need `python -m "
                              "inference.export_onnx` first)")
+    parser.add_argument("--precision", choices=["fp16", "fp32"], default=None,
+                        help="what torch computes in on CUDA: fp16 (autocast, as nnU-Net) or fp32 (default: the "
+                             "model's CUDA calibration record, else fp16); the CPU computes in fp32")
     parser.add_argument("-step_size", "--step-size", type=step_fraction, default=None,
                         help="window step as a fraction of the patch, within (0, 1] (default: the model's calibration "
                              f"record, inference.json, else {DEFAULTS.step_size}: half overlap)")
@@ -168,7 +172,8 @@ def run_options_from_args(args: argparse.Namespace) -> RunOptions:
     return RunOptions(
         input=Path(args.input), output=Path(args.output), model=Path(args.model),
         folds=tuple(str(f) for f in args.folds) if args.folds else None, checkpoint=args.checkpoint,
-        configuration=args.configuration, device=args.device, backend=args.backend, on_error=args.on_error,
+        configuration=args.configuration, device=args.device, backend=args.backend, precision=args.precision,
+        on_error=args.on_error,
         output_format=args.output_format, save_probabilities=args.save_probabilities,
         timings=Path(args.timings) if args.timings else None, report=Path(args.report) if args.report else None,
         skip_existing=args.skip_existing,
@@ -275,7 +280,7 @@ def run(options: RunOptions, given: dict, imports_done_at: float, done: list[str
                 io.check_file_can_be_written(path, flag)
         io.prepare_output_folder(options.output)
         journal = ray_journal(options) if options.on_ray else None
-        calibration = read_calibration(options.model)
+        calibration = read_calibration(options.model, resolve_device(options.device).type)
         if options.backend is None:
             options = replace(options, backend=calibration.backend if calibration else "auto")
         load_start = time.perf_counter()
@@ -286,7 +291,8 @@ def run(options: RunOptions, given: dict, imports_done_at: float, done: list[str
         check_settings(model, settings)
         load_seconds = time.perf_counter() - load_start
         model_loaded_at = time.time()
-        run_id = provenance.run_fingerprint(model.fingerprint(), settings, options.backend, options.device)
+        run_id = provenance.run_fingerprint(model.fingerprint(), settings, options.backend, options.device,
+                                            options.precision)
     except (CaseError, ModelError, ValueError) as err:
         log.error("error: %s", err)
         return 2
@@ -303,6 +309,7 @@ def run(options: RunOptions, given: dict, imports_done_at: float, done: list[str
     startup = {"process_start": process_start_time(), "imports_done": imports_done_at,
                "model_loaded": model_loaded_at}
     report = {"model": str(options.model), "device": str(model.device), "backend": model.backend,
+              "precision": model.precision,
               "folds": list(model.folds), "model_load_s": load_seconds, "run_fingerprint": run_id,
               "model_fingerprint": model.fingerprint(), "settings": asdict(settings), "calibration": calibration_line,
               "input": str(options.input), "output": str(options.output), "output_format": options.output_format,

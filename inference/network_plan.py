@@ -61,9 +61,15 @@ def calibrated_settings(model: LoadedModel, **given) -> tuple[PredictionSettings
                                              f"or lesion filter than this run's: not used; {uncalibrated}")
     settings = PredictionSettings(**{**calibration.settings, **given})
     overridden = sorted(set(calibration.settings) & set(given))
+    here = model.device.type
+    elsewhere = "" if calibration.device == here else (
+        f"; measured on {calibration.device}, not on {here}" + (
+            f": {model.precision} here unmeasured; `python -m inference.calibrate --device {here}` measures it"
+            if here == "cuda" else ""))
     return settings, (f"calibrated ({calibration.source}): patch x{settings.patch_scale:g} of the training patch, "
                       f"step {settings.step_size:g}, {settings.crop} crop"
-                      + (f" ({', '.join(overridden)} set by a flag)" if overridden else ""))
+                      + (f", {model.precision}" if here == "cuda" and not elsewhere else "")
+                      + (f" ({', '.join(overridden)} set by a flag)" if overridden else "") + elsewhere)
 
 
 # ------------------------------------------------------------------------------------------- which patches

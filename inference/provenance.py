@@ -26,12 +26,14 @@ NOTE_PREFIX = "flare-lesion"
 EDGE_BYTES = 1 << 20
 
 
-def run_fingerprint(model_fingerprint: str, settings: PredictionSettings, backend: str, device: str) -> str:
-    """16 hex digits naming the model content, every prediction setting (each changes the mask), the backend and
-    device asked for (--backend, --device: "auto" too) and the engine version."""
+def run_fingerprint(model_fingerprint: str, settings: PredictionSettings, backend: str, device: str,
+                    precision: str | None = None) -> str:
+    """16 hex digits naming the model content, every prediction setting (each changes the mask), the backend, device
+    and precision asked for (--backend, --device: "auto" too; --precision: None, the record's or fp16 on CUDA, as the
+    machine decides) and the engine version."""
     named = sorted((f.name, repr(getattr(settings, f.name))) for f in fields(settings))
     text = "\n".join([__version__, model_fingerprint, f"backend={backend}", f"device={device}",
-                      *(f"{name}={value}" for name, value in named)])
+                      f"precision={precision or 'auto'}", *(f"{name}={value}" for name, value in named)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

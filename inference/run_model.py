@@ -28,4 +28,4 @@ def load_for_run(options: RunOptions, settings: PredictionSettings, check_only: 
     if options.backend == "tensorrt":
         largest = largest_patch(read_model_config(options.model, options.configuration), settings)
     return load_model(options.model, options.folds, options.checkpoint, device, options.configuration,
-                      options.backend, largest)
+                      options.backend, largest, options.precision)

@@ -204,7 +204,7 @@ class CaseWorker:
         self.probabilities = options.save_probabilities
         # where the driver names no run (an API caller), the worker's masks carry no fingerprint either
         self.run = run and provenance.run_fingerprint(self.model.fingerprint(), settings, options.backend,
-                                                      options.device)
+                                                      options.device, options.precision)
         self.expected = run
 
     def predict(self, cases: list[tuple[str, str]]) -> list[CaseResult]:

@@ -74,6 +74,7 @@ class RunOptions:
     configuration: str | None = None
     device: str = "auto"
     backend: str | None = "auto"  # None (no --backend): the model's calibration record's, else "auto" (cli.run)
+    precision: str | None = None  # on CUDA with torch, fp16 or fp32; None: the model's CUDA record's, else fp16
     on_error: str = "fail"  # "fail": no mask; "empty": an all-zero mask on the input's grid
     output_format: str = "nifti"  # "nifti": <case>.nii.gz; "dicom-seg": <case>.dcm, a DICOM SEG (DICOM input only)
     save_probabilities: bool = False  # also <output>/probabilities/<case>.nii.gz, the lesion probability x255 (uint8)

@@ -8,14 +8,17 @@ import json
 import logging
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from conftest import make_ct_image, make_toy_model
 from inference import ModelError, PredictionSettings, load_model, predict_image_with_report
+from inference.backends import TorchNetwork
 from inference.calibrate import REFERENCE, Candidate, choose
 from inference.calibrate import main as calibrate_main
 from inference.model.calibration import CALIBRATION_FILE, read_calibration
@@ -105,8 +108,13 @@ def test_calibration_writes_its_record_and_the_command_line_runs_it(tmp_path, ca
         sitk.WriteImage(truth, str(labels / f"case{index}.nii.gz"))
     with caplog.at_level(logging.INFO, logger="inference"):
         assert calibrate_main(["-m", str(model_dir), "--images", str(images), "--labels", str(labels)]) == 0
-    written = json.loads((model_dir / CALIBRATION_FILE).read_text())
+    stored = json.loads((model_dir / CALIBRATION_FILE).read_text())
+    assert list(stored) == ["records"] and list(stored["records"]) == ["cpu"]
+    written = stored["records"]["cpu"]
     assert len(written["candidates"]) == 13 and written["cases"] == ["case0", "case1"]
+    assert written["device"] == "cpu" and {c["precision"] for c in written["candidates"]} == {"fp32"}
+    assert {c["patch_scale"]: c["inference_patch"] for c in written["candidates"]} == PATCH
+    assert all(c["same_as"] is None for c in written["candidates"])  # x1.2 and x1.5 differ for this model
     assert {c["crop"] for c in written["candidates"]} == {"exact", "box"}
     assert written["first_run_export_seconds"] > 0
     key = ("patch_scale", "step_size", "backend", "crop")
@@ -181,3 +189,91 @@ def test_a_recorded_box_crop_is_the_default_and_crop_flags_win(tmp_path):
 def test_crop_must_be_a_mode():
     with pytest.raises(ValueError, match="crop must be one of exact, box, none"):
         PredictionSettings(crop=False)
+
+
+def records_file(model_dir: Path, **records) -> None:
+    (model_dir / CALIBRATION_FILE).write_text(json.dumps({"records": records}))
+
+
+def one_record(fingerprint: str, patch_scale: float, precision: str | None = None) -> dict:
+    chosen = {"patch_scale": patch_scale, "step_size": 0.5, "backend": "torch", "crop": "exact"}
+    return {"chosen": chosen if precision is None else {**chosen, "precision": precision},
+            "model_fingerprint": fingerprint}
+
+
+def test_each_kind_of_device_has_its_own_record_and_a_run_says_whose_it_uses(tmp_path):
+    """A run takes its own device's record; where there is none, the other's tiling, and its line says it was measured
+    elsewhere (on CUDA: that the precision is unmeasured there). A CUDA record's precision is read; the CPU's must be
+    fp32."""
+    model_dir = make_toy_model(tmp_path / "model")
+    fingerprint = load_model(model_dir, device="cpu").fingerprint()
+    records_file(model_dir, cpu=one_record(fingerprint, 1.2), cuda=one_record(fingerprint, 1.5, "fp32"))
+    on_cpu, on_cuda = read_calibration(model_dir, "cpu"), read_calibration(model_dir, "cuda")
+    assert (on_cpu.device, on_cpu.patch_scale, on_cpu.precision) == ("cpu", 1.2, "fp32")
+    assert (on_cuda.device, on_cuda.patch_scale, on_cuda.precision) == ("cuda", 1.5, "fp32")
+    records_file(model_dir, cpu=one_record(fingerprint, 1.2))
+    model = load_model(model_dir, device="cpu")
+    settings, line = calibrated_settings(model)
+    assert settings.patch_scale == 1.2 and "measured on" not in line
+    assert read_calibration(model_dir, "cuda").device == "cpu"  # the only record there is
+    # the same model as a CUDA run would hold it (no GPU here): the CPU's tiling, and the line says so
+    as_on_cuda = replace(model, device=torch.device("cuda"), precision="fp16")
+    settings, line = calibrated_settings(as_on_cuda)
+    assert settings.patch_scale == 1.2
+    assert "measured on cpu, not on cuda: fp16 here unmeasured; `python -m inference.calibrate --device cuda`" in line
+    records_file(model_dir, cuda=one_record(fingerprint, 1.5))  # a CUDA record of engine 0.22: it measured fp16
+    assert read_calibration(model_dir, "cpu").device == "cuda" and read_calibration(model_dir, "cuda").precision == "fp16"
+    records_file(model_dir, cpu=one_record(fingerprint, 1.2, "fp16"))
+    with pytest.raises(ModelError, match="the cpu record's precision must be fp32"):
+        read_calibration(model_dir, "cpu")
+    for stored, problem in (({"records": {"tpu": one_record(fingerprint, 1.2)}}, "cpu, cuda only, not tpu"),
+                            ({"records": {"cuda": one_record(fingerprint, 1.2, "int8")}}, "precision one of fp16, fp32")):
+        (model_dir / CALIBRATION_FILE).write_text(json.dumps(stored))
+        with pytest.raises(ModelError, match=problem):
+            read_calibration(model_dir, "cuda")
+
+
+def test_calibrating_one_device_keeps_the_others_record_of_the_same_model_only(tmp_path, caplog):
+    model_dir = make_toy_model(tmp_path / "model", patch_size=(8, 8, 8))
+    images = tmp_path / "images"
+    images.mkdir()
+    sitk.WriteImage(make_ct_image(shape_zyx=(16, 48, 48), seed=1), str(images / "case0_0000.nii.gz"))
+    fingerprint = load_model(model_dir, device="cpu").fingerprint()
+    cuda = one_record(fingerprint, 1.5, "fp16")
+    records_file(model_dir, cuda=cuda)
+    with caplog.at_level(logging.INFO, logger="inference"):
+        assert calibrate_main(["-m", str(model_dir), "--images", str(images)]) == 0
+    records = json.loads((model_dir / CALIBRATION_FILE).read_text())["records"]
+    assert records["cuda"] == cuda and records["cpu"]["model_fingerprint"] == fingerprint
+    # x1.2 and x1.5 of an 8^3 patch both round up to 12^3 (the stride is 4): measured once, listed twice
+    listed = {(c["patch_scale"], c["step_size"], c["crop"]): c for c in records["cpu"]["candidates"]}
+    assert listed[(1.2, 0.5, "exact")]["inference_patch"] == listed[(1.5, 0.5, "exact")]["inference_patch"] == [12] * 3
+    twin = listed[(1.5, 0.75, "box")]
+    assert twin["same_as"] == 1.2 and listed[(1.2, 0.75, "box")]["same_as"] is None
+    assert {k: v for k, v in twin.items() if k not in ("patch_scale", "same_as", "qualifies")} == \
+        {k: v for k, v in listed[(1.2, 0.75, "box")].items() if k not in ("patch_scale", "same_as", "qualifies")}
+    assert sum("not measured again" in m for m in caplog.messages) == 4  # one per step and crop
+    records_file(model_dir, cuda=one_record("other weights", 1.5, "fp16"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="inference"):
+        assert calibrate_main(["-m", str(model_dir), "--images", str(images)]) == 0
+    assert list(json.loads((model_dir / CALIBRATION_FILE).read_text())["records"]) == ["cpu"]
+    assert any("its cuda record was measured on other weights" in m and "dropped" in m for m in caplog.messages)
+
+
+def test_precision_is_checked_before_any_work_and_kept_when_a_network_moves(tmp_path):
+    model_dir = make_toy_model(tmp_path / "model")
+    with pytest.raises(ValueError, match="--precision fp16: on CUDA only"):
+        load_model(model_dir, device="cpu", precision="fp16")
+    assert load_model(model_dir, device="cpu", precision="fp32").precision == "fp32"
+    network = load_model(model_dir, device="cpu").networks[0]
+    assert isinstance(network, TorchNetwork) and not TorchNetwork(network.module, network.device, fp16=False).on(
+        torch.device("cpu")).fp16
+    images = tmp_path / "images"
+    images.mkdir()
+    sitk.WriteImage(make_ct_image(), str(images / "case_0000.nii.gz"))
+    result = subprocess.run([sys.executable, "-m", "inference", "-i", images, "-o", tmp_path / "out", "-m", model_dir,
+                             "--device", "cpu", "--precision", "fp16"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "--precision fp16: on CUDA only" in result.stderr and not list((tmp_path / "out").glob("*.nii.gz"))

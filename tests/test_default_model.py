@@ -166,3 +166,36 @@ def test_phantoms_generated_by_several_workers_give_the_same_training_files(tmp_
     negatives = np.load(tmp_path / "one" / "case_0000_negatives.npy")
     assert set(np.unique(negatives[:, 0])) <= set(train_default.HARD_NEGATIVE_TISSUES)
     assert train_default.NODE in set(np.unique(negatives[:, 0]))  # normal nodes are among the look-alikes
+
+
+def test_fine_tuning_starts_from_the_given_weights_and_keeps_their_normalisation(tmp_path, monkeypatch, capsys):
+    """--init-from: the network starts as the given folder's (with every step skipped, it ends so), the plans keep its
+    intensity properties rather than those of the new phantoms, and the log names what it started from."""
+    start = tmp_path / "start"
+    assert train_default.main(["--out", str(start), "--steps", "2", "--cases", "2", "--threads", "1",
+                               "--no-compile", "--work-dir", str(tmp_path / "work_start")]) == 0
+    loss = train_default.deep_supervision_loss
+    monkeypatch.setattr(train_default, "deep_supervision_loss", lambda *a: loss(*a) * float("nan"))
+    out = tmp_path / "tuned"
+    assert train_default.main(["--out", str(out), "--init-from", str(start), "--seed", "1001", "--steps", "2",
+                               "--cases", "2", "--threads", "1", "--no-compile",
+                               "--work-dir", str(tmp_path / "work_tuned")]) == 0
+    weights = {name: torch.load(folder / "fold_all" / "checkpoint_final.pth", weights_only=True)["network_weights"]
+               for name, folder in (("start", start), ("tuned", out))}
+    assert weights["start"].keys() == weights["tuned"].keys()
+    assert all(torch.equal(weights["start"][k], weights["tuned"][k]) for k in weights["start"])
+    started_with = read_model_config(start).intensity_properties
+    assert read_model_config(out).intensity_properties == started_with
+    cases = [json.loads(p.read_text()) for p in sorted((tmp_path / "work_tuned" / "raw").glob("case_*.json"))]
+    own = train_default.foreground_intensity_properties(tmp_path / "work_tuned" / "raw", cases, 1001)
+    assert own["mean"] != pytest.approx(started_with["mean"], abs=1e-6)  # the new phantoms would have set others
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["init_from"]["fingerprint"] == load_model(start, device="cpu").fingerprint()
+    assert log["init_from"]["steps"] == 2 and log["seed"] == 1001
+    with pytest.raises(SystemExit, match="its weights do not fit the network these flags build"):
+        train_default.main(["--out", str(tmp_path / "light"), "--init-from", str(start), "--steps", "1", "--cases",
+                            "2", "--threads", "1", "--no-compile", "--light-decoder",
+                            "--work-dir", str(tmp_path / "work_tuned")])
+    with pytest.raises(SystemExit):
+        train_default.main(["--out", str(start), "--init-from", str(start), "--steps", "1"])
+    assert "--init-from: a folder other than --out" in capsys.readouterr().err

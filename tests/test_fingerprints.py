@@ -103,11 +103,12 @@ def test_the_model_fingerprint_names_plans_dataset_weights_and_lesion_filter(tmp
 
 
 def test_the_run_fingerprint_changes_with_each_setting_that_changes_a_mask_and_only_those():
-    def run(model="model", backend="auto", device="auto", **settings):
-        return provenance.run_fingerprint(model, PredictionSettings(**settings), backend, device)
+    def run(model="model", backend="auto", device="auto", precision=None, **settings):
+        return provenance.run_fingerprint(model, PredictionSettings(**settings), backend, device, precision)
 
     base = run()
     assert base != run("other model") and base != run(backend="torch") and base != run(device="cpu")
+    assert len({base, run(precision="fp16"), run(precision="fp32")}) == 3
     for changed in (dict(step_size=0.6), dict(patch_scale=1.2), dict(crop="none"), dict(crop="box"), dict(tta=True),
                     dict(min_lesion_ml=0.1), dict(min_lesion_probability=0.5), dict(resample_back="labels"),
                     dict(lesion_labels=(1,)), dict(time_budget_s=45.0), dict(patch_size=(32, 32, 32))):

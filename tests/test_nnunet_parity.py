@@ -106,6 +106,7 @@ def test_calibration_of_a_model_nnunet_trained(nnunet_model, tmp_path):
     volumes it never saw: every candidate measured against nnU-Net's tiling, the chosen one qualifies and is the
     fastest that does, and the CLI then runs it by default."""
     from inference.calibrate import REFERENCE
+    from inference.model import CALIBRATION_FILE, read_records
     from training.nnunet_trained import write_validation_cases
 
     model = tmp_path / "model"
@@ -113,7 +114,7 @@ def test_calibration_of_a_model_nnunet_trained(nnunet_model, tmp_path):
     write_validation_cases(tmp_path / "data", 2, seed=101)
     run([sys.executable, "-m", "inference.calibrate", "-m", str(model), "-f", "0", "--images",
          str(tmp_path / "data" / "images"), "--labels", str(tmp_path / "data" / "labels")])
-    record = json.loads((model / "inference.json").read_text())
+    record = read_records(model / CALIBRATION_FILE)["cpu"]
     key = ("patch_scale", "step_size", "backend", "crop")
     candidates = {tuple(c[k] for k in key): c for c in record["candidates"]}
     assert len(candidates) == 13 and tuple(record["candidates"][0][k] for k in key) == REFERENCE

@@ -58,7 +58,7 @@ from tqdm import tqdm
 from phantoms import BOWEL, CSF, GENERATOR_VERSION, MUSCLE, NODE, ORGAN, VESSEL, generate_phantom
 from flare_common.machine import cpu_model
 from inference import PredictionSettings
-from inference.model import build_network, load_model, read_model_config
+from inference.model import build_network, load_checkpoint, load_model, model_fingerprint, read_model_config
 from inference.pipeline import crop_box, to_model_space
 from inference.resample import resample_channels
 from training.model_folder import (make_dataset_json, make_plans, plain_unet_arch_kwargs,
@@ -142,6 +142,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="one conv in the full-resolution encoder stage and in each decoder stage "
                              "instead of two: ~1.4x the step rate, 1.26 M parameters instead of 1.41 M "
                              "(models/default is trained with it)")
+    parser.add_argument("--init-from", metavar="MODEL_FOLDER", default=None,
+                        help="fine-tune: start from this model folder's fold_all/checkpoint_final.pth and keep its "
+                             "intensity normalisation (so its weights see the inputs they were trained on), with a "
+                             "fresh learning-rate schedule on the phantoms of --seed; the architecture flags must "
+                             "build its network")
     parser.add_argument("--resume", action="store_true",
                         help="continue from <out>/fold_all/checkpoint_latest.pth (same --work-dir)")
     larger = parser.add_argument_group("a larger model (the GPU path: training/gpu_train.sh)")
@@ -161,6 +166,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--patch: each side a multiple of {2 ** (N_STAGES - 1)} (the network's total stride)")
     if args.base_features < 1 or args.batch_size < 1 or args.workers < 1:
         parser.error("--base-features, --batch-size and --workers must be positive")
+    if args.init_from and not (Path(args.init_from) / "fold_all" / "checkpoint_final.pth").is_file():
+        parser.error(f"--init-from {args.init_from}: no fold_all/checkpoint_final.pth there")
+    if args.init_from and Path(args.init_from).resolve() == Path(args.out).resolve():
+        parser.error("--init-from: a folder other than --out (the run rewrites --out as it trains)")
     return args
 
 
@@ -517,6 +526,24 @@ def train(network, cases: list[dict], out_dir: Path, args, deadline: float, log:
     log["final_loss"] = float(np.mean(losses[-50:])) if losses else None
 
 
+def starting_point(model_dir: Path) -> dict:
+    """What a fine-tuning run started from, for its training log: the folder, the fingerprint of its
+    weights and plans, and the steps and seed of its own training where its log says."""
+    config = read_model_config(model_dir)
+    checkpoint = model_dir / "fold_all" / "checkpoint_final.pth"
+    earlier = {}
+    if (model_dir / "training_log.json").is_file():
+        earlier = json.loads((model_dir / "training_log.json").read_text())
+    try:
+        folder = str(model_dir.resolve().relative_to(REPO))
+    except ValueError:
+        folder = str(model_dir)
+    return {"folder": folder,
+            "fingerprint": model_fingerprint(model_dir, config.configuration, [("all", checkpoint)]),
+            "seed": earlier.get("seed"), "steps": earlier.get("steps"),
+            "train_seconds": earlier.get("train_seconds"), "init_from": earlier.get("init_from")}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     wall_start = time.time()
@@ -544,7 +571,11 @@ def main(argv=None) -> int:
     try:
         cases = generate_cropped_cases(args.seed, args.cases, work_dir / "raw", args.workers)
         log["generate_seconds"] = round(time.time() - wall_start, 1)
-        properties = foreground_intensity_properties(work_dir / "raw", cases, args.seed)
+        if args.init_from:
+            properties = read_model_config(args.init_from).intensity_properties
+            log["init_from"] = starting_point(Path(args.init_from))
+        else:
+            properties = foreground_intensity_properties(work_dir / "raw", cases, args.seed)
         cropped_mm = np.array([[n * s for n, s in zip(c["cropped_shape"], c["spacing"])] for c in cases])
         median_shape = [int(round(m / s)) for m, s in zip(np.median(cropped_mm, axis=0), SPACING)]
         # an untrained folder in the work dir, only so that preprocessing runs through the engine's loader
@@ -556,6 +587,13 @@ def main(argv=None) -> int:
         prepared = preprocess_cases(work_dir / "raw", work_dir / "cache", cases, model)
         log["prepare_seconds"] = round(time.time() - wall_start, 1)
         network = build_network(read_model_config(work_dir / "init_model"))
+        if args.init_from:
+            weights = load_checkpoint(Path(args.init_from) / "fold_all" / "checkpoint_final.pth")["network_weights"]
+            try:
+                network.load_state_dict(weights)
+            except RuntimeError as error:
+                raise SystemExit(f"error: --init-from {args.init_from}: its weights do not fit the network these "
+                                 f"flags build ({str(error).splitlines()[0]})") from None
         network.decoder.deep_supervision = True  # training only; the saved weights are the same
         network = network.to(device, memory_format=torch.channels_last_3d)
         if args.bf16 and device.type == "cpu":  # the NaN it avoids is oneDNN's (CPU) bf16 weight gradient

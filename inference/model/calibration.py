@@ -1,7 +1,11 @@
-"""A model folder's calibration record (inference.json, written by `python -m inference.calibrate`): the speed
-settings measured on this model to cost no accuracy against nnU-Net's own (the training patch, step 0.5, torch), the
-evidence, and the fingerprint of the model it was measured on. Read as untrusted data: known keys of known types,
-in range; anything else is refused in one line.
+"""A model folder's calibration records (inference.json, written by `python -m inference.calibrate`): per kind of
+device (cpu, cuda), the speed settings measured on this model to cost no accuracy against nnU-Net's own (the training
+patch, step 0.5, torch in fp32), the evidence, and the fingerprint of the model they were measured on. Read as
+untrusted data: known keys of known types, in range; anything else is refused in one line.
+
+The file holds {"records": {"cpu": RECORD, "cuda": RECORD}}; a file written before engine 0.23 is one RECORD
+(its "device" says which). A run uses the record of its own kind of device; where there is none, another's tiling
+(the patch, the step and the crop do not depend on the device), and its line says so.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from ..settings import CROP_MODES, MAX_PATCH_SCALE
 
 CALIBRATION_FILE = "inference.json"
 BACKENDS = ("auto", "torch")
+DEVICE_KINDS = ("cpu", "cuda")
+PRECISIONS = ("fp16", "fp32")  # on CUDA with torch: fp16 autocast (nnU-Net's own) or fp32; the CPU runs fp32
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,8 @@ class Calibration:
     model_fingerprint: str  # LoadedModel.fingerprint() of the model it was measured on
     source: Path
     crop: str = "exact"  # records of engines before 0.22 hold none: theirs measured the exact crop
+    device: str = "cpu"  # the kind of device it was measured on
+    precision: str = "fp32"  # what the network ran in: on CUDA fp16 (autocast) or fp32; on the CPU fp32
 
     @property
     def settings(self) -> dict:
@@ -34,23 +42,46 @@ class Calibration:
         return {"patch_scale": self.patch_scale, "step_size": self.step_size, "crop": self.crop}
 
 
-def read_calibration(model_dir: str | Path) -> Calibration | None:
-    """The folder's inference.json, None where there is none. ModelError (one line) where it is not a valid one."""
+def read_records(path: Path) -> dict[str, dict]:
+    """The records of a calibration file by kind of device, as stored (checked by read_calibration). ValueError where
+    the file is not a calibration file; OSError where it cannot be read."""
+    stored = json.loads(path.read_text())
+    if isinstance(stored, dict) and isinstance(stored.get("records"), dict):
+        records = stored["records"]
+    elif isinstance(stored, dict) and isinstance(stored.get("chosen"), dict):  # before engine 0.23: one record
+        records = {str(stored.get("device", "cpu")): stored}
+    else:
+        raise ValueError("expected a JSON object with a 'records' object")
+    unknown = sorted(set(records) - set(DEVICE_KINDS))
+    if unknown or not records:
+        raise ValueError(f"records for {', '.join(DEVICE_KINDS)} only, not {', '.join(unknown) or 'none'}")
+    return records
+
+
+def read_calibration(model_dir: str | Path, device_kind: str = "cpu") -> Calibration | None:
+    """The folder's record for `device_kind` (cpu, cuda), else its other kind's (Calibration.device says which), None
+    where there is no inference.json. ModelError (one line) where it is not a valid one."""
     path = Path(model_dir) / CALIBRATION_FILE
     if not path.exists():
         return None
     try:
-        record = json.loads(path.read_text())
+        records = read_records(path)
+        kind = device_kind if device_kind in records else next(k for k in DEVICE_KINDS if k in records)
+        record = records[kind]
         if not isinstance(record, dict) or not isinstance(record.get("chosen"), dict):
-            raise ValueError("expected a JSON object with a 'chosen' object")
+            raise ValueError(f"the {kind} record: expected a JSON object with a 'chosen' object")
         chosen = record["chosen"]
         calibration = Calibration(float(chosen["patch_scale"]), float(chosen["step_size"]), str(chosen["backend"]),
-                                  str(record["model_fingerprint"]), path, str(chosen.get("crop", "exact")))
+                                  str(record["model_fingerprint"]), path, str(chosen.get("crop", "exact")), kind,
+                                  str(chosen.get("precision", "fp16" if kind == "cuda" else "fp32")))
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise ModelError(f"{path}: not a valid calibration record ({err})") from None
     if not (1 <= calibration.patch_scale <= MAX_PATCH_SCALE and 0 < calibration.step_size <= 1
             and math.isfinite(calibration.patch_scale) and calibration.backend in BACKENDS
-            and calibration.crop in CROP_MODES):
+            and calibration.crop in CROP_MODES and calibration.precision in PRECISIONS):
         raise ModelError(f"{path}: patch_scale must be in [1, {MAX_PATCH_SCALE:g}], step_size in (0, 1], backend "
-                         f"one of {', '.join(BACKENDS)} and crop one of {', '.join(CROP_MODES)}")
+                         f"one of {', '.join(BACKENDS)}, crop one of {', '.join(CROP_MODES)} and precision one of "
+                         f"{', '.join(PRECISIONS)}")
+    if kind == "cpu" and calibration.precision != "fp32":
+        raise ModelError(f"{path}: the cpu record's precision must be fp32 (the CPU runs fp32)")
     return calibration

@@ -13,8 +13,8 @@ import torch
 from ..backends import PatchNetwork, TorchNetwork
 from ..errors import ModelError
 from ..lesion_filter import LesionFilter, read_lesion_filter
-from ..settings import PATCH_SCALE
-from .calibration import Calibration, read_calibration
+from ..settings import PATCH_SCALE, read_environment
+from .calibration import PRECISIONS, Calibration, read_calibration
 from .checkpoint import load_checkpoint
 from .fingerprint import model_fingerprint
 from .network import build_network
@@ -31,7 +31,8 @@ class LoadedModel:
     mirror_axes: tuple[int, ...] = (0, 1, 2)  # spatial axes TTA may flip, from the checkpoint
     lesion_filter: LesionFilter = LesionFilter()  # the folder's lesion_filter.json; default keeps all
     content: Future | None = field(default=None, repr=False)  # the model folder's fingerprint, being hashed
-    calibration: Calibration | None = None  # the folder's inference.json (model/calibration.py), if any
+    calibration: Calibration | None = None  # the folder's inference.json record for this device (model/calibration.py)
+    precision: str = "fp32"  # what the networks compute in: on CUDA fp16 (torch's autocast, ONNX's float16) or fp32
 
     def fingerprint(self) -> str:
         """The content hash of what defines this model's masks (fingerprint.model_fingerprint): plans, dataset,
@@ -83,29 +84,37 @@ def select_folds(model_dir: Path, folds: Sequence[str | int] | None) -> list[str
 def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
                checkpoint_name: str = "checkpoint_final.pth", device: str | torch.device = "auto",
                configuration: str | None = None, backend: str = "torch",
-               largest_patch: tuple[int, ...] | None = None) -> LoadedModel:
+               largest_patch: tuple[int, ...] | None = None, precision: str | None = None) -> LoadedModel:
     """Read plans, build the network and load each selected fold's weights onto `device`.
 
     backend: "torch"; "onnx" / "tensorrt" (an export made by inference.export_onnx); "auto" (the CLI's
     default): torch on CUDA, ONNX Runtime on the CPU where there is a current export of these checkpoints
     (onnx_loader.current_cpu_networks; export_onnx.export_for_cpu_where_missing makes one), else torch.
     largest_patch: the largest patch a TensorRT engine is built for (network_plan.largest_patch; default the
-    default run's: the calibrated patch, else the training patch)."""
+    default run's: the calibrated patch, else the training patch).
+    precision: what torch computes in on CUDA, "fp16" (autocast, nnU-Net's own) or "fp32"; None: the folder's CUDA
+    calibration record's where it was measured on these very weights, else fp16. The CPU computes in fp32."""
     model_dir = Path(model_dir)
     config = read_model_config(model_dir, configuration)
     device = resolve_device(device)
+    check_precision(precision, device, backend)
     fold_names = select_folds(model_dir, folds)
     weights = fold_weight_files(model_dir, fold_names, checkpoint_name, backend)
     lesion_filter = read_lesion_filter(model_dir)
-    calibration = read_calibration(model_dir)
+    calibration = read_calibration(model_dir, device.type)
     content = _HASHING.submit(model_fingerprint, model_dir, config.configuration, weights)
+    if device.type == "cuda" and precision is None:
+        precision = "fp16"
+        if calibration and calibration.device == "cuda" and backend in ("auto", "torch") \
+                and calibration.model_fingerprint == content_or_none(content):
+            precision = calibration.precision
     if backend == "auto":  # torch (fp16) on CUDA; ONNX Runtime on the CPU where an export is or can be had
         if device.type == "cpu":
             network_on_meta(config)  # plans no network can be built from: refused here, before any export is looked for
         networks = current_cpu_networks(config, fold_names, checkpoint_name) if device.type == "cpu" else None
         if networks:
             return LoadedModel(config, networks, device, tuple(fold_names), "onnx", networks[0].mirror_axes,
-                               lesion_filter, content, calibration)
+                               lesion_filter, content, calibration, "fp32")
         backend = "torch"
     if backend != "torch":
         if largest_patch is None:  # the default run's: the calibrated patch, else the training patch
@@ -113,8 +122,9 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
                                          calibration.patch_scale if calibration else PATCH_SCALE)
         networks = load_onnx_networks(config, fold_names, device, backend, checkpoint_name, largest_patch)
         mirror_axes = networks[0].mirror_axes  # kept in the export's metadata
+        on_gpu = "fp16" if backend == "tensorrt" else read_environment().onnx_precision
         return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter, content,
-                           calibration)
+                           calibration, on_gpu if device.type == "cuda" else "fp32")
     networks, mirror_axes = [], (0, 1, 2)
     for fold in fold_names:
         checkpoint_path = model_dir / f"fold_{fold}" / checkpoint_name
@@ -122,9 +132,31 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
         checkpoint = load_checkpoint(checkpoint_path, mmap=device.type == "cuda")
         network = network_with_weights(config, checkpoint["network_weights"], checkpoint_path)
         mirror_axes = tuple(checkpoint.get("inference_allowed_mirroring_axes") or mirror_axes)
-        networks.append(TorchNetwork(network, device, checkpoint_path))
+        networks.append(TorchNetwork(network, device, checkpoint_path, fp16=precision == "fp16"))
     return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter, content,
-                       calibration)
+                       calibration, precision if device.type == "cuda" else "fp32")
+
+
+def content_or_none(content: Future) -> str | None:
+    """The fingerprint being hashed, None where a file could not be read (LoadedModel.fingerprint then says which)."""
+    try:
+        return content.result()
+    except OSError:
+        return None
+
+
+def check_precision(precision: str | None, device: torch.device, backend: str) -> None:
+    """ValueError (one line) where `precision` cannot be had: fp16 on the CPU, or any on CUDA's ONNX backends (their
+    precision is the export's: FLARE_ONNX_PRECISION)."""
+    if precision is None:
+        return
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if device.type != "cuda" and precision == "fp16":
+        raise ValueError("--precision fp16: on CUDA only (the CPU computes in fp32)")
+    if device.type == "cuda" and backend in ("onnx", "tensorrt"):
+        raise ValueError(f"--precision: for torch on CUDA; --backend {backend} computes in its export's precision "
+                         "(FLARE_ONNX_PRECISION)")
 
 
 def fold_weight_files(model_dir: Path, fold_names: Sequence[str], checkpoint_name: str,
