@@ -71,7 +71,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--peer-python", default=str(REPO / ".venv-nnunet" / "bin" / "python"))
     args = parser.parse_args(argv)
-    calibration = read_records(MODEL / CALIBRATION_FILE)["cpu"]["chosen"]
+    calibration = read_records(MODEL / CALIBRATION_FILE).get("cpu", {}).get("chosen")
+    if calibration is None:
+        sys.exit(f"bench_speed_departures: {display(MODEL / CALIBRATION_FILE)} holds no cpu record")
     with tempfile.TemporaryDirectory(prefix="speed-departures-") as scratch:
         scratch = Path(scratch)
         data = scratch / "data"

@@ -12,16 +12,17 @@ from flare_common.results import REPO, display, write_result
 from inference.model import CALIBRATION_FILE, read_records
 
 KEY = ("patch_scale", "step_size", "backend", "crop", "precision")
-OLD_RECORDS = {"crop": "exact", "precision": "fp32"}  # what a record of an engine before 0.22 / 0.23 measured
 
 
-def candidate_key(candidate: dict) -> tuple:
-    return tuple(candidate.get(k, OLD_RECORDS.get(k)) for k in KEY)
+def candidate_key(candidate: dict, device: str) -> tuple:
+    """What a candidate ran; a record of an engine before 0.22 / 0.23 measured the exact crop, and on CUDA fp16."""
+    before = {"crop": "exact", "precision": "fp16" if device == "cuda" else "fp32"}
+    return tuple(candidate.get(k, before.get(k)) for k in KEY)
 
 
 def calibration_lines(record: dict, device: str, model: str) -> list[str]:
     """The candidates' table (the chosen one marked) and a line on the choice."""
-    chosen = candidate_key(record["chosen"])
+    chosen = candidate_key(record["chosen"], device)
     labels = record["candidates"][0]["mean_lesion_dsc"] is not None
     lines = [f"Rule: {record['rule']}. Reference: nnU-Net's tiling (the training patch, step 0.5, torch) with the exact "
              "crop (nnU-Net's mask inside the body's box, 0 outside). First run's export for ONNX Runtime: "
@@ -30,8 +31,8 @@ def calibration_lines(record: dict, device: str, model: str) -> list[str]:
              "lowest | mean lesion DSC | qualifies |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in record["candidates"]:
         backend = ("ONNX Runtime" if c["backend"] == "auto" and device == "cpu"
-                   else f"torch {c.get('precision', 'fp32')}")
-        marker = " **chosen**" if candidate_key(c) == chosen else ""
+                   else f"torch {candidate_key(c, device)[4]}")
+        marker = " **chosen**" if candidate_key(c, device) == chosen else ""
         dsc = f"{c['mean_lesion_dsc']:.4f}" if labels else "-"
         patch = "x".join(map(str, c["inference_patch"])) if c.get("inference_patch") else "-"
         if c.get("same_as") is not None:
@@ -40,7 +41,7 @@ def calibration_lines(record: dict, device: str, model: str) -> list[str]:
                      f"{backend}{marker} | {c['seconds_per_case']:.2f} | {c['mean_agreement']:.4f} | "
                      f"{c['min_agreement']:.4f} | {dsc} | {'yes' if c['qualifies'] else 'no'} |")
     reference = record["candidates"][0]
-    picked = next(c for c in record["candidates"] if candidate_key(c) == chosen)
+    picked = next(c for c in record["candidates"] if candidate_key(c, device) == chosen)
     accuracy = (f", mean lesion DSC {picked['mean_lesion_dsc']:.4f} against {reference['mean_lesion_dsc']:.4f}"
                 if labels else f", mean agreement {picked['mean_agreement']:.4f}")
     lines += ["", f"Chosen: patch x{chosen[0]:g}, step {chosen[1]:g}, {chosen[3]} crop, backend {chosen[2]} "

@@ -92,10 +92,12 @@ class TorchNetwork:
         return TorchNetwork(self.module, device, self.source, self.fp16)
 
     def __call__(self, patch: torch.Tensor) -> torch.Tensor:
-        autocast = (torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" and self.fp16
-                    else contextlib.nullcontext())
+        on_cuda_fp16 = self.device.type == "cuda" and self.fp16
+        autocast = torch.autocast("cuda", dtype=torch.float16) if on_cuda_fp16 else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
-            return self.module(patch.to(self.device, non_blocking=True))
+            patch = patch.to(self.device, non_blocking=True)
+            # without autocast the weights are fp32: so must the input be (a volume on a GPU may be held in fp16)
+            return self.module(patch if on_cuda_fp16 else patch.float())
 
 
 _ORT_TYPES = {"tensor(float)": (torch.float32, np.float32), "tensor(float16)": (torch.float16, np.float16)}

@@ -29,7 +29,7 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,9 @@ from flare_common.arguments import OneLineParser, number
 from flare_common.files import write_text_atomically
 
 from . import __version__, io
+from .backends import TorchNetwork
 from .errors import CaseError, ModelError
+from .model import LoadedModel
 from .model.calibration import CALIBRATION_FILE, read_records
 from .model.plans import scaled_patch
 from .pipeline import predict_image_with_report
@@ -136,18 +138,27 @@ def first_run_export_seconds(options: RunOptions) -> float | None:
     return time.perf_counter() - started
 
 
+def with_precision(model: LoadedModel, precision: str) -> LoadedModel:
+    """The same loaded networks computing in `precision` (torch on CUDA): one copy of the weights on the GPU, so that
+    the memory a candidate's patch is chosen with is a real run's."""
+    if model.device.type != "cuda" or model.backend != "torch" or model.precision == precision:
+        return model
+    networks = [TorchNetwork(network.module, network.device, network.source, fp16=precision == "fp16")
+                for network in model.networks]
+    return replace(model, networks=networks, precision=precision)
+
+
 def measure(options: RunOptions, images: list[sitk.Image], truths: list[np.ndarray] | None,
             device: str) -> tuple[list[Candidate], str]:
     """Every candidate on every image; the model's fingerprint."""
     measured, models, reference_masks, fingerprint, runs = candidates(device), {}, [], None, {}
     for candidate in measured:
-        loaded_as = (candidate.backend, candidate.precision)
-        if loaded_as not in models:
-            models[loaded_as] = load_for_run(
+        if candidate.backend not in models:
+            models[candidate.backend] = load_for_run(
                 RunOptions(options.input, options.output, options.model, options.folds, options.checkpoint,
                            options.configuration, device, candidate.backend,
-                           precision=candidate.precision if device == "cuda" else None), PredictionSettings())
-        model = models[loaded_as]
+                           precision="fp32" if device == "cuda" else None), PredictionSettings())
+        model = with_precision(models[candidate.backend], candidate.precision)
         fingerprint = fingerprint or model.fingerprint()
         candidate.inference_patch = scaled_patch(model.config.patch_size, model.config.total_stride,
                                                  candidate.patch_scale)
@@ -195,8 +206,8 @@ def records_kept(path: Path, fingerprint: str) -> dict[str, dict]:
     kept = {kind: record for kind, record in records.items()
             if isinstance(record, dict) and record.get("model_fingerprint") == fingerprint}
     for kind in sorted(set(records) - set(kept)):
-        log.warning("warning: %s: its %s record was measured on other weights, plans or lesion filter; dropped",
-                    path, kind)
+        log.warning("warning: %s: its %s record was measured on another model (folds, weights, plans or lesion "
+                    "filter); dropped", path, kind)
     return kept
 
 

@@ -28,8 +28,8 @@ from .dicom_seg import SEG_SUFFIX
 from .dicom_series import DicomSeries
 from .errors import CaseError, ModelError
 from .model.loader import resolve_device
-from .model.calibration import read_calibration
-from .network_plan import calibrated_settings, check_request
+from .model.calibration import check_precision, read_calibration, recorded_precision
+from .network_plan import check_request, settings_from_record
 from .postprocess import lesion_label_ids
 from .run_model import load_for_run
 from .settings import CROP_MODES, MAX_PATCH_SCALE, PredictionSettings, RunOptions, prefer_expandable_segments
@@ -280,15 +280,22 @@ def run(options: RunOptions, given: dict, imports_done_at: float, done: list[str
                 io.check_file_can_be_written(path, flag)
         io.prepare_output_folder(options.output)
         journal = ray_journal(options) if options.on_ray else None
-        calibration = read_calibration(options.model, resolve_device(options.device).type)
-        if options.backend is None:
-            options = replace(options, backend=calibration.backend if calibration else "auto")
+        # the kind of device the networks run on (a --ray driver: its workers', where --device names it)
+        kind = options.device if options.device in ("cpu", "cuda") else resolve_device("auto").type
+        calibration = read_calibration(options.model, kind)
+        if options.backend is None:  # the CPU backend a cpu record chose (a cuda record's is torch on CUDA)
+            options = replace(options, backend=calibration.backend if calibration and calibration.device == kind
+                              else "auto")
+        check_precision(options.precision, kind, options.backend)
         load_start = time.perf_counter()
         # with --ray the workers load the model; here it is only checked, on the CPU
         asked = PredictionSettings(**{**(calibration.settings if calibration else {}), **given})
         model = load_for_run(options, asked, check_only=options.on_ray)
-        settings, calibration_line = calibrated_settings(model, **given)
+        settings, calibration_line = settings_from_record(calibration, model.fingerprint(), kind, **given)
         check_settings(model, settings)
+        # what a cuda record chose, decided here for every worker (and in the run's fingerprint); else each device's
+        options = replace(options, precision=options.precision or recorded_precision(calibration, model.fingerprint(),
+                                                                                     kind))
         load_seconds = time.perf_counter() - load_start
         model_loaded_at = time.time()
         run_id = provenance.run_fingerprint(model.fingerprint(), settings, options.backend, options.device,
@@ -301,15 +308,17 @@ def run(options: RunOptions, given: dict, imports_done_at: float, done: list[str
     # Bars belong on a terminal: in a log (docker logs, the efficiency harness, CI) one line a case says it all.
     on_terminal = sys.stderr.isatty() and not options.quiet
     total = len(scan.cases) + len(scan.broken)
-    log.info("model %s (folds %s, %s on %s) loaded in %.2f s; %d case(s)", options.model,
-             ",".join(model.folds), model.backend, model.device, load_seconds, total)
+    log.info("model %s (folds %s, %s on %s) loaded in %.2f s; %d case(s)", options.model, ",".join(model.folds),
+             f"{model.backend} {model.precision}" if model.device.type == "cuda" else model.backend, model.device,
+             load_seconds, total)
     (log.warning if calibration_line.startswith("warning") else log.info)("%s", calibration_line)
     # Absolute times (seconds since the epoch) of the start-up, for timelines drawn beside the container's
     # own start and end (evaluation/run_efficiency.py); each case adds its stages' [start, end] under "at".
     startup = {"process_start": process_start_time(), "imports_done": imports_done_at,
                "model_loaded": model_loaded_at}
     report = {"model": str(options.model), "device": str(model.device), "backend": model.backend,
-              "precision": model.precision,
+              # a --ray driver's model is only checked, on the CPU: its workers compute in what was asked
+              "precision": (options.precision or "each device's") if options.on_ray else model.precision,
               "folds": list(model.folds), "model_load_s": load_seconds, "run_fingerprint": run_id,
               "model_fingerprint": model.fingerprint(), "settings": asdict(settings), "calibration": calibration_line,
               "input": str(options.input), "output": str(options.output), "output_format": options.output_format,

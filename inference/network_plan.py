@@ -25,13 +25,14 @@ from .errors import ModelError
 from .gpu_memory import (ALLOCATOR_OVERHEAD, UNTRACKED_MB, ForwardMemory, accumulators_mb, device_used_mb,
                          forward_allocation_mb)
 from .model import LoadedModel
+from .model.calibration import Calibration
 from .model.plans import scaled_patch
 from .settings import PATCH_SCALE, PredictionSettings
 from .sliding_window import in_order, predict_window, sliding_window_logits, windows_over
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
-__all__ = ["calibrated_settings", "check_request", "enlarged_patch_size", "inference_patch_size", "largest_patch", "network_logits",
-           "scaled_patch", "window_lanes"]
+__all__ = ["calibrated_settings", "check_request", "enlarged_patch_size", "inference_patch_size", "largest_patch",
+           "network_logits", "scaled_patch", "settings_from_record", "window_lanes"]
 
 log = logging.getLogger("inference")
 
@@ -49,26 +50,32 @@ def shown(patch: Sequence[int]) -> str:
 
 
 def calibrated_settings(model: LoadedModel, **given) -> tuple[PredictionSettings, str]:
-    """The settings a case runs with where nothing sets them: the patch scale and step of the model folder's
-    calibration record (model/calibration.py), where it was measured on this very model, else nnU-Net's tiling (the
-    training patch, step 0.5); the fields in `given` (a flag's, a caller's) win. With the line that says which."""
-    calibration, uncalibrated = model.calibration, "nnU-Net's tiling (the training patch, step 0.5, exact crop)"
+    """The settings a case runs with where nothing sets them (settings_from_record with the model's own record, for
+    the device it is on); the fields in `given` (a flag's, a caller's) win. With the line that says which."""
+    return settings_from_record(model.calibration, model.fingerprint(), model.device.type, **given)
+
+
+def settings_from_record(calibration: Calibration | None, fingerprint: str, device_kind: str,
+                         **given) -> tuple[PredictionSettings, str]:
+    """The patch scale, step and crop of a calibration record (model/calibration.py) where it was measured on the model
+    of `fingerprint`, else nnU-Net's tiling (the training patch, step 0.5, exact crop); `given` wins. A record of
+    another kind of device than `device_kind` (where the networks run) is used, and the line says so."""
+    uncalibrated = "nnU-Net's tiling (the training patch, step 0.5, exact crop)"
     if calibration is None:
         return PredictionSettings(**given), (f"uncalibrated: {uncalibrated}; `python -m inference.calibrate` measures "
                                              "faster settings on this model")
-    if calibration.model_fingerprint != model.fingerprint():
+    if calibration.model_fingerprint != fingerprint:
         return PredictionSettings(**given), (f"warning: {calibration.source}: measured on other folds, weights, plans "
                                              f"or lesion filter than this run's: not used; {uncalibrated}")
     settings = PredictionSettings(**{**calibration.settings, **given})
     overridden = sorted(set(calibration.settings) & set(given))
-    here = model.device.type
-    elsewhere = "" if calibration.device == here else (
-        f"; measured on {calibration.device}, not on {here}" + (
-            f": {model.precision} here unmeasured; `python -m inference.calibrate --device {here}` measures it"
-            if here == "cuda" else ""))
+    elsewhere = "" if calibration.device == device_kind else (
+        f"; measured on {calibration.device}, not on {device_kind}" + (
+            f": its precision unmeasured here; `python -m inference.calibrate --device {device_kind}` measures it"
+            if device_kind == "cuda" else ""))
     return settings, (f"calibrated ({calibration.source}): patch x{settings.patch_scale:g} of the training patch, "
                       f"step {settings.step_size:g}, {settings.crop} crop"
-                      + (f", {model.precision}" if here == "cuda" and not elsewhere else "")
+                      + (f", {calibration.precision}" if device_kind == calibration.device == "cuda" else "")
                       + (f" ({', '.join(overridden)} set by a flag)" if overridden else "") + elsewhere)
 
 
@@ -153,7 +160,7 @@ def inference_patch_size(volume: torch.Tensor, model: LoadedModel, settings: Pre
     patch, predicted, fits = choose_patch(
         patch, config.patch_size, config.total_stride, volume.shape[1:], config.num_classes,
         settings.gpu_memory_budget_mb, lambda probe: forward_allocation_mb(network, probe, volume.shape[0], device),
-        lambda: device_used_mb(device))
+        lambda: device_used_mb(device), accumulator_dtype(model).itemsize)
     if not fits:
         log.warning("warning: %s: even the %s patch is predicted to need %.0f MB of GPU memory, over the %.0f MB "
                     "budget", config.model_dir, shown(patch), predicted, settings.gpu_memory_budget_mb)
@@ -213,7 +220,7 @@ def largest_fitting_patch(candidates: Sequence[tuple[int, ...]], peak_mb: Callab
 def choose_patch(enlarged: Sequence[int], training: Sequence[int], total_stride: Sequence[int],
                  volume_shape: Sequence[int], num_classes: int, budget_mb: float,
                  forward_mb: Callable[[tuple[int, ...]], float],
-                 device_used_mb: Callable[[], float]) -> tuple[tuple[int, ...], float, bool]:
+                 device_used_mb: Callable[[], float], value_bytes: int = 2) -> tuple[tuple[int, ...], float, bool]:
     """The largest candidate patch predicted to keep the whole device within `budget_mb`.
 
     `forward_mb(patch)` runs a probe pass and returns what it allocated; `device_used_mb()` is called after the
@@ -224,7 +231,8 @@ def choose_patch(enlarged: Sequence[int], training: Sequence[int], total_stride:
 
     def peak_mb(patch):
         return (used_mb + UNTRACKED_MB
-                + ALLOCATOR_OVERHEAD * (accumulators_mb(volume_shape, patch, num_classes) + forward.predict_mb(patch)))
+                + ALLOCATOR_OVERHEAD * (accumulators_mb(volume_shape, patch, num_classes, value_bytes)
+                                        + forward.predict_mb(patch)))
 
     return largest_fitting_patch(candidate_patches(enlarged, training, total_stride), peak_mb, budget_mb)
 
@@ -275,15 +283,23 @@ def run_attempt(volume: torch.Tensor, model: LoadedModel, settings: PredictionSe
     networks = model.networks
     if attempt.networks_on_cpu:
         networks, volume = [network.on(attempt.accumulate_on) for network in networks], volume.cpu().float()
+    accumulate_on = attempt.accumulate_on or volume.device
     try:
         return sliding_window_logits(volume, networks, attempt.patch, model.config.num_classes,
                                      step_size=settings.step_size, accumulate_on=attempt.accumulate_on,
                                      mirror_axes=model.mirror_axes if settings.tta else (),
-                                     progress=progress, lanes=window_lanes(networks), region=region)
+                                     progress=progress, lanes=window_lanes(networks), region=region,
+                                     dtype=accumulator_dtype(model) if accumulate_on.type == "cuda" else None)
     finally:
         if attempt.networks_on_cpu:  # back where the next case expects them
             for network in model.networks:
                 network.on(model.device)
+
+
+def accumulator_dtype(model: LoadedModel) -> torch.dtype:
+    """What a GPU sums the windows' logits in: fp16 as nnU-Net does, fp32 where the network runs in fp32 (what a
+    calibration's fp32 reference, or a record that chose fp32, measured)."""
+    return torch.float32 if model.precision == "fp32" else torch.float16
 
 
 # ---------------------------------------------------------------------------------------- time budget

@@ -21,8 +21,8 @@ from inference import ModelError, PredictionSettings, load_model, predict_image_
 from inference.backends import TorchNetwork
 from inference.calibrate import REFERENCE, Candidate, choose
 from inference.calibrate import main as calibrate_main
-from inference.model.calibration import CALIBRATION_FILE, read_calibration
-from inference.network_plan import calibrated_settings
+from inference.model.calibration import CALIBRATION_FILE, read_calibration, recorded_precision
+from inference.network_plan import calibrated_settings, settings_from_record
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = (40, 96, 96)  # 53 x 48 x 48 voxels at the toy model's 3 mm: room for patches of 32 (x1.0), 40 (x1.2), 48 (x1.5)
@@ -217,10 +217,20 @@ def test_each_kind_of_device_has_its_own_record_and_a_run_says_whose_it_uses(tmp
     assert settings.patch_scale == 1.2 and "measured on" not in line
     assert read_calibration(model_dir, "cuda").device == "cpu"  # the only record there is
     # the same model as a CUDA run would hold it (no GPU here): the CPU's tiling, and the line says so
-    as_on_cuda = replace(model, device=torch.device("cuda"), precision="fp16")
-    settings, line = calibrated_settings(as_on_cuda)
+    settings, line = settings_from_record(read_calibration(model_dir, "cuda"), fingerprint, "cuda")
     assert settings.patch_scale == 1.2
-    assert "measured on cpu, not on cuda: fp16 here unmeasured; `python -m inference.calibrate --device cuda`" in line
+    assert "measured on cpu, not on cuda: its precision unmeasured here; `python -m inference.calibrate --device " \
+        "cuda` measures it" in line
+    assert calibrated_settings(replace(model, device=torch.device("cuda")))[1] == line
+    # the precision a run decides: a cuda record's, for its own model and on CUDA only; else none recorded
+    records_file(model_dir, cpu=one_record(fingerprint, 1.2), cuda=one_record(fingerprint, 1.5, "fp32"))
+    cuda_record = read_calibration(model_dir, "cuda")
+    assert recorded_precision(cuda_record, fingerprint, "cuda") == "fp32"
+    assert recorded_precision(cuda_record, "other weights", "cuda") is None
+    assert recorded_precision(cuda_record, fingerprint, "cpu") is None
+    assert recorded_precision(read_calibration(model_dir, "cpu"), fingerprint, "cuda") is None
+    settings, line = settings_from_record(cuda_record, fingerprint, "cuda")
+    assert settings.patch_scale == 1.5 and line.endswith("exact crop, fp32") and "measured on" not in line
     records_file(model_dir, cuda=one_record(fingerprint, 1.5))  # a CUDA record of engine 0.22: it measured fp16
     assert read_calibration(model_dir, "cpu").device == "cuda" and read_calibration(model_dir, "cuda").precision == "fp16"
     records_file(model_dir, cpu=one_record(fingerprint, 1.2, "fp16"))
@@ -258,7 +268,7 @@ def test_calibrating_one_device_keeps_the_others_record_of_the_same_model_only(t
     with caplog.at_level(logging.INFO, logger="inference"):
         assert calibrate_main(["-m", str(model_dir), "--images", str(images)]) == 0
     assert list(json.loads((model_dir / CALIBRATION_FILE).read_text())["records"]) == ["cpu"]
-    assert any("its cuda record was measured on other weights" in m and "dropped" in m for m in caplog.messages)
+    assert any("its cuda record was measured on another model" in m and "dropped" in m for m in caplog.messages)
 
 
 def test_precision_is_checked_before_any_work_and_kept_when_a_network_moves(tmp_path):
@@ -277,3 +287,22 @@ def test_precision_is_checked_before_any_work_and_kept_when_a_network_moves(tmp_
                             timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "--precision fp16: on CUDA only" in result.stderr and not list((tmp_path / "out").glob("*.nii.gz"))
+    assert "export" not in result.stderr  # refused before the CPU export a first `--backend auto` run makes
+
+
+def test_a_cpu_run_takes_no_backend_from_a_cuda_record(tmp_path):
+    """A folder holding only a cuda record (its backend: torch): a CPU run takes its tiling but the CPU's own default
+    backend, ONNX Runtime where it can be had."""
+    model_dir = make_toy_model(tmp_path / "model")
+    records_file(model_dir, cuda=one_record(load_model(model_dir, device="cpu").fingerprint(), 1.5, "fp16"))
+    images = tmp_path / "images"
+    images.mkdir()
+    sitk.WriteImage(make_ct_image(shape_zyx=SHAPE), str(images / "case_0000.nii.gz"))
+    result = subprocess.run([sys.executable, "-m", "inference", "-i", images, "-o", tmp_path / "out", "-m", model_dir,
+                             "--device", "cpu", "--report", tmp_path / "report.json"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "measured on cuda, not on cpu" in result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["backend"] == "onnx" and report["precision"] == "fp32"
+    assert report["cases"]["case_0000.nii.gz"]["patch_size"] == PATCH[1.5]

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from phantoms import BOWEL, CSF, GENERATOR_VERSION, MUSCLE, NODE, ORGAN, VESSEL, generate_phantom
 from flare_common.machine import cpu_model
-from inference import PredictionSettings
+from inference import ModelError, PredictionSettings
 from inference.model import build_network, load_checkpoint, load_model, model_fingerprint, read_model_config
 from inference.pipeline import crop_box, to_model_space
 from inference.resample import resample_channels
@@ -168,6 +168,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--base-features, --batch-size and --workers must be positive")
     if args.init_from and not (Path(args.init_from) / "fold_all" / "checkpoint_final.pth").is_file():
         parser.error(f"--init-from {args.init_from}: no fold_all/checkpoint_final.pth there")
+    if args.init_from:
+        try:
+            read_model_config(args.init_from)
+        except ModelError as error:
+            parser.error(f"--init-from: {error}")
     if args.init_from and Path(args.init_from).resolve() == Path(args.out).resolve():
         parser.error("--init-from: a folder other than --out (the run rewrites --out as it trains)")
     return args
@@ -531,9 +536,11 @@ def starting_point(model_dir: Path) -> dict:
     weights and plans, and the steps and seed of its own training where its log says."""
     config = read_model_config(model_dir)
     checkpoint = model_dir / "fold_all" / "checkpoint_final.pth"
-    earlier = {}
-    if (model_dir / "training_log.json").is_file():
+    try:
         earlier = json.loads((model_dir / "training_log.json").read_text())
+    except (OSError, ValueError):  # no log, or not one: what it says is unknown
+        earlier = {}
+    earlier = earlier if isinstance(earlier, dict) else {}
     try:
         folder = str(model_dir.resolve().relative_to(REPO))
     except ValueError:

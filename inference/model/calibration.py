@@ -85,3 +85,25 @@ def read_calibration(model_dir: str | Path, device_kind: str = "cpu") -> Calibra
     if kind == "cpu" and calibration.precision != "fp32":
         raise ModelError(f"{path}: the cpu record's precision must be fp32 (the CPU runs fp32)")
     return calibration
+
+
+def recorded_precision(calibration: Calibration | None, fingerprint: str | None, device_kind: str) -> str | None:
+    """The precision a cuda record chose for the model of `fingerprint`, where the run is on CUDA; else None."""
+    if device_kind == "cuda" and calibration is not None and calibration.device == "cuda" \
+            and calibration.model_fingerprint == fingerprint:
+        return calibration.precision
+    return None
+
+
+def check_precision(precision: str | None, device_kind: str, backend: str | None) -> None:
+    """ValueError (one line) where `precision` (--precision) cannot be had: fp16 on the CPU, or any on CUDA's ONNX
+    backends (they compute in their export's precision: FLARE_ONNX_PRECISION)."""
+    if precision is None:
+        return
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if device_kind != "cuda" and precision == "fp16":
+        raise ValueError("--precision fp16: on CUDA only (the CPU computes in fp32)")
+    if device_kind == "cuda" and backend in ("onnx", "tensorrt"):
+        raise ValueError(f"--precision: for torch on CUDA; --backend {backend} computes in its export's precision "
+                         "(FLARE_ONNX_PRECISION)")

@@ -14,7 +14,7 @@ from ..backends import PatchNetwork, TorchNetwork
 from ..errors import ModelError
 from ..lesion_filter import LesionFilter, read_lesion_filter
 from ..settings import PATCH_SCALE, read_environment
-from .calibration import PRECISIONS, Calibration, read_calibration
+from .calibration import Calibration, check_precision, read_calibration, recorded_precision
 from .checkpoint import load_checkpoint
 from .fingerprint import model_fingerprint
 from .network import build_network
@@ -97,17 +97,12 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
     model_dir = Path(model_dir)
     config = read_model_config(model_dir, configuration)
     device = resolve_device(device)
-    check_precision(precision, device, backend)
+    check_precision(precision, device.type, backend)
     fold_names = select_folds(model_dir, folds)
     weights = fold_weight_files(model_dir, fold_names, checkpoint_name, backend)
     lesion_filter = read_lesion_filter(model_dir)
     calibration = read_calibration(model_dir, device.type)
     content = _HASHING.submit(model_fingerprint, model_dir, config.configuration, weights)
-    if device.type == "cuda" and precision is None:
-        precision = "fp16"
-        if calibration and calibration.device == "cuda" and backend in ("auto", "torch") \
-                and calibration.model_fingerprint == content_or_none(content):
-            precision = calibration.precision
     if backend == "auto":  # torch (fp16) on CUDA; ONNX Runtime on the CPU where an export is or can be had
         if device.type == "cpu":
             network_on_meta(config)  # plans no network can be built from: refused here, before any export is looked for
@@ -122,7 +117,7 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
                                          calibration.patch_scale if calibration else PATCH_SCALE)
         networks = load_onnx_networks(config, fold_names, device, backend, checkpoint_name, largest_patch)
         mirror_axes = networks[0].mirror_axes  # kept in the export's metadata
-        on_gpu = "fp16" if backend == "tensorrt" else read_environment().onnx_precision
+        on_gpu = "fp32" if backend == "onnx" and read_environment().onnx_precision == "fp32" else "fp16"
         return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter, content,
                            calibration, on_gpu if device.type == "cuda" else "fp32")
     networks, mirror_axes = [], (0, 1, 2)
@@ -132,7 +127,11 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
         checkpoint = load_checkpoint(checkpoint_path, mmap=device.type == "cuda")
         network = network_with_weights(config, checkpoint["network_weights"], checkpoint_path)
         mirror_axes = tuple(checkpoint.get("inference_allowed_mirroring_axes") or mirror_axes)
-        networks.append(TorchNetwork(network, device, checkpoint_path, fp16=precision == "fp16"))
+        networks.append(TorchNetwork(network, device, checkpoint_path))
+    if device.type == "cuda":  # decided once the weights are loaded, their fingerprint hashed beside the load
+        precision = precision or recorded_precision(calibration, content_or_none(content), "cuda") or "fp16"
+        for network in networks:
+            network.fp16 = precision == "fp16"
     return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter, content,
                        calibration, precision if device.type == "cuda" else "fp32")
 
@@ -143,20 +142,6 @@ def content_or_none(content: Future) -> str | None:
         return content.result()
     except OSError:
         return None
-
-
-def check_precision(precision: str | None, device: torch.device, backend: str) -> None:
-    """ValueError (one line) where `precision` cannot be had: fp16 on the CPU, or any on CUDA's ONNX backends (their
-    precision is the export's: FLARE_ONNX_PRECISION)."""
-    if precision is None:
-        return
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if device.type != "cuda" and precision == "fp16":
-        raise ValueError("--precision fp16: on CUDA only (the CPU computes in fp32)")
-    if device.type == "cuda" and backend in ("onnx", "tensorrt"):
-        raise ValueError(f"--precision: for torch on CUDA; --backend {backend} computes in its export's precision "
-                         "(FLARE_ONNX_PRECISION)")
 
 
 def fold_weight_files(model_dir: Path, fold_names: Sequence[str], checkpoint_name: str,
