@@ -53,8 +53,8 @@ def calibration_lines(record: dict, device: str, model: str) -> list[str]:
 
 
 def calibrate(model: Path, data: Path, device: str, flags: tuple[str, ...] = (), caller: str = "calibration") -> dict:
-    """Run `python -m inference.calibrate` on `model` with data/images and data/labels; its record for `device`. Leaves the process
-    with the calibration's last output where it fails."""
+    """Run `python -m inference.calibrate` on `model` with data/images and data/labels; its record for `device`.
+    Leaves the process with the calibration's last output where it fails."""
     done = subprocess.run([sys.executable, "-m", "inference.calibrate", "-m", str(model), *flags, "--images",
                            str(data / "images"), "--labels", str(data / "labels"), "--device", device],
                           cwd=REPO, capture_output=True, text=True)

@@ -16,8 +16,8 @@ average and >= 0.95 on every case. The reference itself always qualifies.
 
 The choice, the evidence (every candidate's figures) and the fingerprint of the model it was measured on are written
 to MODEL/inference.json as the record of this kind of device (cpu or cuda; a record of the other kind is kept where
-it was measured on the same model; model/calibration.py reads it). `python -m inference`, `predict.sh` and `predict_image`
-use the chosen settings wherever no flag sets them; a record made for other weights or plans is not used (said in
+it was measured on the same model; model/calibration.py reads it). `python -m inference`, `predict.sh` and
+`predict_image` use the chosen settings wherever no flag sets them; a record made for other weights or plans is not used (said in
 a line). The export of the model for ONNX Runtime (made before the first case, once) is timed and recorded too.
 """
 from __future__ import annotations

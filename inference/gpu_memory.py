@@ -45,7 +45,8 @@ class ForwardMemory:
         return self.intercept_mb + self.per_voxel_mb * voxels(patch)
 
 
-def accumulators_mb(volume_shape: Sequence[int], patch: Sequence[int], num_classes: int, value_bytes: int = 2) -> float:
+def accumulators_mb(volume_shape: Sequence[int], patch: Sequence[int], num_classes: int,
+                    value_bytes: int = 2) -> float:
     """Logits and weight sums over the volume padded to the patch, plus the Gaussian map: fp16 (`value_bytes` 2), or
     fp32 (4) where the network runs in fp32."""
     padded = math.prod(max(size, p) for size, p in zip(volume_shape, patch))

@@ -232,12 +232,14 @@ def test_each_kind_of_device_has_its_own_record_and_a_run_says_whose_it_uses(tmp
     settings, line = settings_from_record(cuda_record, fingerprint, "cuda")
     assert settings.patch_scale == 1.5 and line.endswith("exact crop, fp32") and "measured on" not in line
     records_file(model_dir, cuda=one_record(fingerprint, 1.5))  # a CUDA record of engine 0.22: it measured fp16
-    assert read_calibration(model_dir, "cpu").device == "cuda" and read_calibration(model_dir, "cuda").precision == "fp16"
+    assert read_calibration(model_dir, "cpu").device == "cuda"
+    assert read_calibration(model_dir, "cuda").precision == "fp16"
     records_file(model_dir, cpu=one_record(fingerprint, 1.2, "fp16"))
     with pytest.raises(ModelError, match="the cpu record's precision must be fp32"):
         read_calibration(model_dir, "cpu")
     for stored, problem in (({"records": {"tpu": one_record(fingerprint, 1.2)}}, "cpu, cuda only, not tpu"),
-                            ({"records": {"cuda": one_record(fingerprint, 1.2, "int8")}}, "precision one of fp16, fp32")):
+                            ({"records": {"cuda": one_record(fingerprint, 1.2, "int8")}},
+                             "precision one of fp16, fp32")):
         (model_dir / CALIBRATION_FILE).write_text(json.dumps(stored))
         with pytest.raises(ModelError, match=problem):
             read_calibration(model_dir, "cuda")
