@@ -7,9 +7,8 @@ Every candidate (the inference patch as 1.0 / 1.2 / 1.5 x the training patch, st
 box crop; on the CPU with ONNX Runtime, `--backend auto`; on CUDA with torch in fp16 autocast) runs every case of
 --images, as does the reference: nnU-Net's tiling (the training patch, step 0.5, torch in fp32) with the exact crop,
 whose mask is nnU-Net's inside the body's box. Candidates whose scales round to the same inference patch for this
-model are one candidate: measured once, listed with `same_as`. For
-each candidate: seconds per case (the pipeline, the read left out), agreement with the
-reference's masks (DSC per case), and where --labels are given the lesion DSC against them. Chosen: the fastest
+model are one candidate: measured once, listed with `same_as`. For each candidate: seconds per case (the pipeline,
+the read left out), agreement with the reference's masks (DSC per case), and where --labels are given the lesion DSC against them. Chosen: the fastest
 candidate whose mean lesion DSC is at least the reference's - --tolerance (0.005) and whose every case is at least
 the reference's - --case-tolerance (0.05); without labels, whose masks agree with the reference's at DSC >= 0.99 on
 average and >= 0.95 on every case. The reference itself always qualifies.
@@ -70,10 +69,6 @@ class Candidate:
     inference_patch: tuple[int, ...] | None = None  # the training patch x patch_scale for the model measured
     same_as: float | None = None  # the patch scale of the candidate measured for it (the same inference patch)
 
-    @property
-    def key(self) -> tuple:
-        return self.patch_scale, self.step_size, self.backend, self.crop, self.precision
-
     def summary(self) -> dict:
         mean = (lambda values: round(float(np.mean(values)), 4) if values else None)
         return {"patch_scale": self.patch_scale, "step_size": self.step_size, "backend": self.backend,
@@ -97,9 +92,8 @@ def candidates(device: str) -> list[Candidate]:
     torch's within 1e-5, so torch at the same tiling would only be slower), on CUDA with torch in fp16 autocast (at
     the reference's tiling too: what fp16 alone costs)."""
     backend, precision = ("auto", "fp32") if device == "cpu" else ("torch", "fp16")
-    keys = [(scale, step, backend, crop) for crop in CROPS for scale in PATCH_SCALES for step in STEPS]
-    return [Candidate(*REFERENCE)] + [Candidate(*key, precision=precision) for key in keys
-                                      if (*key, precision) != (*REFERENCE, "fp32")]
+    return [Candidate(*REFERENCE)] + [Candidate(scale, step, backend, crop, precision)
+                                      for crop in CROPS for scale in PATCH_SCALES for step in STEPS]
 
 
 def qualifies(candidate: Candidate, reference: Candidate, tolerance: float, case_tolerance: float) -> bool:

@@ -28,7 +28,7 @@ from .model import LoadedModel
 from .model.calibration import Calibration
 from .model.plans import scaled_patch
 from .settings import PATCH_SCALE, PredictionSettings
-from .sliding_window import in_order, predict_window, sliding_window_logits, windows_over
+from .sliding_window import accumulator_dtype, in_order, predict_window, sliding_window_logits, windows_over
 
 # the public names; the rest is internal (docs/ARCHITECTURE.md)
 __all__ = ["calibrated_settings", "check_request", "enlarged_patch_size", "inference_patch_size", "largest_patch",
@@ -160,7 +160,7 @@ def inference_patch_size(volume: torch.Tensor, model: LoadedModel, settings: Pre
     patch, predicted, fits = choose_patch(
         patch, config.patch_size, config.total_stride, volume.shape[1:], config.num_classes,
         settings.gpu_memory_budget_mb, lambda probe: forward_allocation_mb(network, probe, volume.shape[0], device),
-        lambda: device_used_mb(device), accumulator_dtype(model).itemsize)
+        lambda: device_used_mb(device), accumulator_dtype(device, model.precision).itemsize)
     if not fits:
         log.warning("warning: %s: even the %s patch is predicted to need %.0f MB of GPU memory, over the %.0f MB "
                     "budget", config.model_dir, shown(patch), predicted, settings.gpu_memory_budget_mb)
@@ -283,23 +283,16 @@ def run_attempt(volume: torch.Tensor, model: LoadedModel, settings: PredictionSe
     networks = model.networks
     if attempt.networks_on_cpu:
         networks, volume = [network.on(attempt.accumulate_on) for network in networks], volume.cpu().float()
-    accumulate_on = attempt.accumulate_on or volume.device
     try:
         return sliding_window_logits(volume, networks, attempt.patch, model.config.num_classes,
                                      step_size=settings.step_size, accumulate_on=attempt.accumulate_on,
                                      mirror_axes=model.mirror_axes if settings.tta else (),
                                      progress=progress, lanes=window_lanes(networks), region=region,
-                                     dtype=accumulator_dtype(model) if accumulate_on.type == "cuda" else None)
+                                     dtype=accumulator_dtype(attempt.accumulate_on or volume.device, model.precision))
     finally:
         if attempt.networks_on_cpu:  # back where the next case expects them
             for network in model.networks:
                 network.on(model.device)
-
-
-def accumulator_dtype(model: LoadedModel) -> torch.dtype:
-    """What a GPU sums the windows' logits in: fp16 as nnU-Net does, fp32 where the network runs in fp32 (what a
-    calibration's fp32 reference, or a record that chose fp32, measured)."""
-    return torch.float32 if model.precision == "fp32" else torch.float16
 
 
 # ---------------------------------------------------------------------------------------- time budget

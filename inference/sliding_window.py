@@ -161,9 +161,11 @@ def in_order(function: Callable, items: Iterable, lanes: int = 1) -> Iterator:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def accumulator_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA (half the memory of fp32), fp32 elsewhere (a CPU adds fp16 slowly)."""
-    return torch.float16 if device.type == "cuda" else torch.float32
+def accumulator_dtype(device: torch.device, precision: str = "fp16") -> torch.dtype:
+    """fp16 on CUDA (half the memory of fp32, as nnU-Net sums), unless the network runs in fp32 there (`precision`:
+    what a calibration's fp32 reference, or a record that chose fp32, measured); fp32 elsewhere (a CPU adds fp16
+    slowly)."""
+    return torch.float16 if device.type == "cuda" and precision == "fp16" else torch.float32
 
 
 def sliding_window_logits(volume: torch.Tensor, networks: Sequence[PatchPredictor],

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from phantoms import BOWEL, CSF, GENERATOR_VERSION, MUSCLE, NODE, ORGAN, VESSEL, generate_phantom
 from flare_common.machine import cpu_model
+from flare_common.results import display
 from inference import ModelError, PredictionSettings
 from inference.model import build_network, load_checkpoint, load_model, model_fingerprint, read_model_config
 from inference.pipeline import crop_box, to_model_space
@@ -166,15 +167,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--patch: each side a multiple of {2 ** (N_STAGES - 1)} (the network's total stride)")
     if args.base_features < 1 or args.batch_size < 1 or args.workers < 1:
         parser.error("--base-features, --batch-size and --workers must be positive")
-    if args.init_from and not (Path(args.init_from) / "fold_all" / "checkpoint_final.pth").is_file():
-        parser.error(f"--init-from {args.init_from}: no fold_all/checkpoint_final.pth there")
     if args.init_from:
+        if not (Path(args.init_from) / "fold_all" / "checkpoint_final.pth").is_file():
+            parser.error(f"--init-from {args.init_from}: no fold_all/checkpoint_final.pth there")
+        if Path(args.init_from).resolve() == Path(args.out).resolve():
+            parser.error("--init-from: a folder other than --out (the run rewrites --out as it trains)")
         try:
             read_model_config(args.init_from)
         except ModelError as error:
             parser.error(f"--init-from: {error}")
-    if args.init_from and Path(args.init_from).resolve() == Path(args.out).resolve():
-        parser.error("--init-from: a folder other than --out (the run rewrites --out as it trains)")
     return args
 
 
@@ -531,21 +532,16 @@ def train(network, cases: list[dict], out_dir: Path, args, deadline: float, log:
     log["final_loss"] = float(np.mean(losses[-50:])) if losses else None
 
 
-def starting_point(model_dir: Path) -> dict:
-    """What a fine-tuning run started from, for its training log: the folder, the fingerprint of its
-    weights and plans, and the steps and seed of its own training where its log says."""
-    config = read_model_config(model_dir)
+def starting_point(model_dir: Path, config) -> dict:
+    """What a fine-tuning run started from (`config`: its plans), for its training log: the folder, the fingerprint of
+    its weights and plans, and the steps and seed of its own training where its log says."""
     checkpoint = model_dir / "fold_all" / "checkpoint_final.pth"
     try:
         earlier = json.loads((model_dir / "training_log.json").read_text())
     except (OSError, ValueError):  # no log, or not one: what it says is unknown
         earlier = {}
     earlier = earlier if isinstance(earlier, dict) else {}
-    try:
-        folder = str(model_dir.resolve().relative_to(REPO))
-    except ValueError:
-        folder = str(model_dir)
-    return {"folder": folder,
+    return {"folder": display(model_dir),
             "fingerprint": model_fingerprint(model_dir, config.configuration, [("all", checkpoint)]),
             "seed": earlier.get("seed"), "steps": earlier.get("steps"),
             "train_seconds": earlier.get("train_seconds"), "init_from": earlier.get("init_from")}
@@ -579,8 +575,9 @@ def main(argv=None) -> int:
         cases = generate_cropped_cases(args.seed, args.cases, work_dir / "raw", args.workers)
         log["generate_seconds"] = round(time.time() - wall_start, 1)
         if args.init_from:
-            properties = read_model_config(args.init_from).intensity_properties
-            log["init_from"] = starting_point(Path(args.init_from))
+            start_config = read_model_config(args.init_from)
+            properties = start_config.intensity_properties
+            log["init_from"] = starting_point(Path(args.init_from), start_config)
         else:
             properties = foreground_intensity_properties(work_dir / "raw", cases, args.seed)
         cropped_mm = np.array([[n * s for n, s in zip(c["cropped_shape"], c["spacing"])] for c in cases])
