@@ -133,6 +133,12 @@ class OnnxRuntimeNetwork:
         self.fixed_patch = tuple(spatial) if all(isinstance(d, int) for d in spatial) else None
         self.on_gpu = self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
+    @property
+    def precision(self) -> str:
+        """What the session computes in: TensorRT builds its engine in fp16 (onnx_loader.open_fold); otherwise the
+        model's own type, fp32 where no float16 model could be had (no `onnx` package to convert one)."""
+        return "fp16" if self.provider == "TensorrtExecutionProvider" or self.input_dtype == torch.float16 else "fp32"
+
     def accepted_patches(self) -> PatchRange:
         if self.fixed_patch is not None:
             return PatchRange(self.fixed_patch, self.fixed_patch)

@@ -280,8 +280,9 @@ def run(options: RunOptions, given: dict, imports_done_at: float, done: list[str
                 io.check_file_can_be_written(path, flag)
         io.prepare_output_folder(options.output)
         journal = ray_journal(options) if options.on_ray else None
-        # the kind of device the networks run on (a --ray driver: its workers', where --device names it)
-        kind = options.device if options.device in ("cpu", "cuda") else resolve_device("auto").type
+        # the kind of device the networks run on: a --ray driver's workers', not the driver's
+        kind = options.device if options.device in ("cpu", "cuda") else (
+            workers_device_kind(options) if options.on_ray else resolve_device("auto").type)
         calibration = read_calibration(options.model, kind)
         if options.backend is None:  # the CPU backend a cpu record chose (a cuda record's is torch on CUDA)
             options = replace(options, backend=calibration.backend if calibration and calibration.device == kind
@@ -397,6 +398,13 @@ def kept_from_earlier_run(path: Path, output: Path, run_id: str | None, probabil
     if problem is not None:
         log.info("%s: computed again (--skip-existing): the mask there is %s", output, problem)
     return problem is None
+
+
+def workers_device_kind(options: RunOptions) -> str:
+    """--ray --device auto: the kind of device the cluster's workers compute on (scale_out.py)."""
+    from .scale_out import cluster_device_kind
+
+    return cluster_device_kind(options.ray_address or None)
 
 
 def ray_journal(options: RunOptions):

@@ -123,6 +123,8 @@ def start_ray(address: str | None):
     SIGTERM handler (which exits with a C++ stack dump) is replaced by the one that was there."""
     import ray
 
+    if ray.is_initialized():  # started already to learn the workers' device kind (cluster_device_kind)
+        return ray
     options = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     outcome: dict = {}
 
@@ -171,6 +173,17 @@ def ray_messages_to(sink):
         os.dup2(saved, 2)
         os.close(saved)
         sink.close()
+
+
+def cluster_device_kind(address: str | None) -> str:
+    """The kind of device `--device auto` workers compute on: "cuda" where the cluster has GPUs (each worker
+    is then given one, worker_resources), else "cpu". The driver reads that kind's calibration record, not its
+    own machine's. Ray is left running for predict_on_ray."""
+    try:
+        ray = start_ray(address)
+    except ImportError:
+        raise ModelError("--ray: Ray is not installed (pip install '.[ray]' or pip install ray)") from None
+    return "cuda" if int(ray.cluster_resources().get("GPU", 0)) else "cpu"
 
 
 def worker_resources(ray, cpus_per_worker: int) -> tuple[int, dict]:

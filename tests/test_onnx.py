@@ -17,7 +17,7 @@ import torch
 
 from conftest import make_ct_image, make_toy_model, write_old_format_plans
 from inference import ModelError, PredictionSettings, load_model, predict_image
-from inference.backends import PatchRange
+from inference.backends import OnnxRuntimeNetwork, PatchRange
 from inference.export_onnx import export_fold, export_for_cpu_where_missing
 from inference.export_onnx import main as export_main
 from inference.model.onnx_loader import (CPU, CUDA, TENSORRT, choose_providers, float16_model,
@@ -155,6 +155,10 @@ def test_fp16_variant_has_float16_io_and_agrees_roughly(exported_model):
     converted = float16_model(onnx.load(str(fold_dir / "model.onnx")))
     on_disk = onnx.load(str(fold_dir / "model_fp16.onnx"))
     assert converted.graph.SerializeToString() == on_disk.graph.SerializeToString()
+    # the precision a run reports is the session's own: fp32 where no float16 model could be had
+    assert OnnxRuntimeNetwork(session, torch.device("cpu")).precision == "fp16"
+    fp32_session = ort.InferenceSession(str(fold_dir / "model.onnx"), providers=[CPU])
+    assert OnnxRuntimeNetwork(fp32_session, torch.device("cpu")).precision == "fp32"
 
 
 def test_missing_onnx_file_is_a_one_line_error_naming_the_export_command(tmp_path):

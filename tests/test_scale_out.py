@@ -319,3 +319,43 @@ def test_a_stop_while_the_pools_are_waited_for_is_returned_after_they_are_done()
             pass
 
     assert wait_for_pools([Quiet()]) is None
+
+
+def test_a_ray_driver_reads_the_calibration_record_of_its_workers_device_kind(tmp_path, monkeypatch):
+    """--ray --device auto: the driver (here a CPU) reads the record of the device its workers compute on: the
+    cluster's GPUs where it has any (each worker is given one), else the CPUs."""
+    import ray
+
+    import inference.scale_out as scale_out
+    from inference.model.calibration import CALIBRATION_FILE
+
+    assert scale_out.cluster_device_kind(None) == "cpu"  # a real local Ray: no GPU here
+    ray.shutdown()
+
+    class GpuCluster:
+        @staticmethod
+        def cluster_resources():
+            return {"CPU": 32.0, "GPU": 2.0}
+
+    monkeypatch.setattr(scale_out, "start_ray", lambda address: GpuCluster)
+    assert scale_out.cluster_device_kind("head:6379") == "cuda"
+    monkeypatch.undo()
+
+    model_dir = make_toy_model(tmp_path / "model")
+    fingerprint = load_model(model_dir, device="cpu").fingerprint()
+    chosen = {"step_size": 0.5, "backend": "torch", "crop": "exact"}
+    (model_dir / CALIBRATION_FILE).write_text(json.dumps({"records": {
+        "cpu": {"chosen": {**chosen, "patch_scale": 1.2}, "model_fingerprint": fingerprint},
+        "cuda": {"chosen": {**chosen, "patch_scale": 1.5, "precision": "fp32"}, "model_fingerprint": fingerprint}}}))
+    images = tmp_path / "images"
+    images.mkdir()
+    sitk.WriteImage(make_ct_image(shape_zyx=(40, 96, 96)), str(images / "case_0000.nii.gz"))
+    # a cluster of GPUs as the driver would see it; the workers (this machine's CPUs) run what it decides
+    monkeypatch.setattr(scale_out, "cluster_device_kind", lambda address: "cuda")
+    from inference.cli import main
+    report = tmp_path / "report.json"
+    assert main(["-i", str(images), "-o", str(tmp_path / "out"), "-m", str(model_dir), "--ray", "--quiet",
+                 "--report", str(report)]) == 0
+    written = json.loads(report.read_text())
+    assert written["precision"] == "fp32" and written["settings"]["patch_scale"] == 1.5
+    assert written["cases"]["case_0000.nii.gz"]["patch_size"] == [48, 48, 48]  # the cuda record's x1.5

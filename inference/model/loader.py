@@ -13,7 +13,7 @@ import torch
 from ..backends import PatchNetwork, TorchNetwork
 from ..errors import ModelError
 from ..lesion_filter import LesionFilter, read_lesion_filter
-from ..settings import PATCH_SCALE, read_environment
+from ..settings import PATCH_SCALE
 from .calibration import Calibration, check_precision, read_calibration, recorded_precision
 from .checkpoint import load_checkpoint
 from .fingerprint import model_fingerprint
@@ -117,9 +117,8 @@ def load_model(model_dir: str | Path, folds: Sequence[str | int] | None = None,
                                          calibration.patch_scale if calibration else PATCH_SCALE)
         networks = load_onnx_networks(config, fold_names, device, backend, checkpoint_name, largest_patch)
         mirror_axes = networks[0].mirror_axes  # kept in the export's metadata
-        on_gpu = "fp32" if backend == "onnx" and read_environment().onnx_precision == "fp32" else "fp16"
         return LoadedModel(config, networks, device, tuple(fold_names), backend, mirror_axes, lesion_filter, content,
-                           calibration, on_gpu if device.type == "cuda" else "fp32")
+                           calibration, networks[0].precision)
     networks, mirror_axes = [], (0, 1, 2)
     for fold in fold_names:
         checkpoint_path = model_dir / f"fold_{fold}" / checkpoint_name
