@@ -1,10 +1,11 @@
 """Tune a model's lesion filter (inference/lesion_filter.py) on validation phantoms, never the evaluation set.
 
-    python training/tune_lesion_filter.py [--model models/default] [--seed 8] [--cases 16] [--healthy 8]
-                                            [--write]
+    python training/tune_lesion_filter.py [--model models/default] [--seed 8 [9 ...]] [--cases 16]
+                                            [--healthy 8] [--write]
 
-1. generates `--cases` phantoms with lesions and `--healthy` healthy ones of a VALIDATION seed (not the
+1. generates `--cases` phantoms with lesions and `--healthy` healthy ones of each VALIDATION seed (not the
    evaluation seed 7 of eval_default_model.py, not the training seed 1000; refused if it is either);
+   several seeds are pooled into one set of cases, so that a threshold is not chosen on 16 cases' luck;
 2. runs every case through the engine's own stages up to the model-resolution logits (crop, resample +
    normalise, sliding window), finds the predicted lesions with `lesion_components` and records each one's
    volume, peak probability and overlap with the ground truth brought to model resolution (trilinear,
@@ -169,13 +170,17 @@ def plot_grid(grid: pd.DataFrame, best: pd.Series, path: Path, title: str) -> No
     plt.close(fig)
 
 
+def seeds_text(seeds) -> str:
+    return f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds)) + " pooled"
+
+
 def markdown(result: dict, grid: pd.DataFrame) -> str:
     best, none = result["best"], result["unfiltered"]
     rows = grid.sort_values(result["objective"], ascending=False).head(10)
     lines = [
         "# Lesion filter tuning (validation phantoms, model resolution)", "",
-        f"Model `{result['model']}`, validation seed {result['seed']} ({result['lesion_cases']} lesion + "
-        f"{result['healthy_cases']} healthy phantoms, 512x512xN), {result['machine']['date']}, "
+        f"Model `{result['model']}`, validation {seeds_text(result['seeds'])} ({result['lesion_cases']} "
+        f"lesion + {result['healthy_cases']} healthy phantoms, 512x512xN), {result['machine']['date']}, "
         f"{result['machine']['cpu']}. Reproduce: `{result['command']}`.", "",
         "Scores are at model resolution and only guide the choice; the evaluation-seed figures through the "
         "CLI are in results/default_model_quality.md.", "",
@@ -187,6 +192,13 @@ def markdown(result: dict, grid: pd.DataFrame) -> str:
         lines.append(f"| {name} | {row['min_volume_ml']:g} | {row['min_peak_probability']:g} | "
                      f"{row['all_cases_dsc']:.3f} | {row['lesion_dsc']:.3f} | {row['healthy_fp_rate']:.2f} | "
                      f"{row['lesion_recall']:.2f} |")
+    if len(result["per_seed"]) > 1:
+        lines += ["", "The chosen filter on each seed alone:", "",
+                  "| seed | filter | mean DSC all cases | mean DSC lesion cases | healthy FP rate | lesion recall |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {seed} | {name} | {row['all_cases_dsc']:.3f} | {row['lesion_dsc']:.3f} | "
+                  f"{row['healthy_fp_rate']:.2f} | {row['lesion_recall']:.2f} |"
+                  for seed, rows_of_seed in result["per_seed"].items() for name, row in rows_of_seed.items()]
     lines += ["", f"Best 10 of the grid by {result['objective']}, whatever their recall:", "",
               "| " + " | ".join(rows.columns) + " |", "|" + "---|" * len(rows.columns)]
     lines += ["| " + " | ".join(f"{v:g}" if name.startswith("min_") else f"{v:.3f}"
@@ -196,12 +208,34 @@ def markdown(result: dict, grid: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_cases(data: Path, stats_path: Path, seed: int, args, model, fingerprint: str) -> list[dict]:
+    """The component statistics of one validation seed's cases, predicted (or reused with --reuse from
+    an earlier run of the same weights) and kept after every case."""
+    entries = write_eval_set(data, seed, args.cases, args.healthy, None)
+    settings = PredictionSettings()  # measure the model as it predicts, without its own filter
+    earlier = json.loads(stats_path.read_text()) if args.reuse and stats_path.exists() else {}
+    same_weights = isinstance(earlier, dict) and earlier.get("weights") == fingerprint
+    done = {c["case"]: c for c in earlier["cases"]} if same_weights else {}
+    cases = []
+    for entry in tqdm(entries, desc=f"validation cases, seed {seed}", unit="case"):
+        if entry["case"] not in done:
+            image = sitk.ReadImage(str(data / "images" / f"{entry['case']}_0000.nii.gz"))
+            label = sitk.ReadImage(str(data / "labels" / f"{entry['case']}.nii.gz"))
+            done[entry["case"]] = {"case": entry["case"], "healthy": not entry.get("lesions"),
+                                   **case_components(image, label, model, settings)}
+            # after every case, so that an interrupted run goes on with --reuse
+            write_text_atomically(stats_path, json.dumps({"weights": fingerprint, "cases": list(done.values())}))
+        cases.append({**done[entry["case"]], "seed": seed})
+    return cases
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO / "models" / "default"))
-    parser.add_argument("--seed", type=int, default=8, help="validation seed (not 7, not 1000)")
-    parser.add_argument("--cases", type=int, default=16, help="phantoms with lesions")
-    parser.add_argument("--healthy", type=int, default=8, help="healthy phantoms")
+    parser.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=[8],
+                        help="validation seeds, pooled (not 7, not 1000)")
+    parser.add_argument("--cases", type=int, default=16, help="phantoms with lesions, per seed")
+    parser.add_argument("--healthy", type=int, default=8, help="healthy phantoms, per seed")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--objective", default="lesion_dsc", choices=["lesion_dsc", "all_cases_dsc"],
                         help="mean DSC of the lesion cases, or of all cases (FLARE: empty healthy case = 1)")
@@ -214,37 +248,32 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "tune_lesion_filter"))
     parser.add_argument("--results", default=str(RESULTS), help="folder for lesion_filter_tuning.*")
     args = parser.parse_args(argv)
-    if args.seed in (EVALUATION_SEED, TRAINING_SEED):
-        parser.error(f"--seed {args.seed} is the {'evaluation' if args.seed == EVALUATION_SEED else 'training'} "
-                     "seed; tune on another one")
-    data = Path(args.work) / f"seed{args.seed}"
-    entries = write_eval_set(data, args.seed, args.cases, args.healthy, None)
-    # measure the model as it predicts, without its own filter
+    for seed in args.seeds:
+        if seed in (EVALUATION_SEED, TRAINING_SEED):
+            parser.error(f"--seed {seed} is the {'evaluation' if seed == EVALUATION_SEED else 'training'} "
+                         "seed; tune on another one")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error("--seed names a seed twice")
     model = load_model(args.model, device=args.device)
-    settings = PredictionSettings()
-    stats_path = Path(args.work) / f"components_seed{args.seed}_{Path(args.model).resolve().name}.json"
     fingerprint = weights_fingerprint(Path(args.model), model.folds)
-    earlier = json.loads(stats_path.read_text()) if args.reuse and stats_path.exists() else {}
-    same_weights = isinstance(earlier, dict) and earlier.get("weights") == fingerprint
-    done = {c["case"]: c for c in earlier["cases"]} if same_weights else {}
     cases = []
-    for entry in tqdm(entries, desc="validation cases", unit="case"):
-        if entry["case"] not in done:
-            image = sitk.ReadImage(str(data / "images" / f"{entry['case']}_0000.nii.gz"))
-            label = sitk.ReadImage(str(data / "labels" / f"{entry['case']}.nii.gz"))
-            done[entry["case"]] = {"case": entry["case"], "healthy": not entry.get("lesions"),
-                                   **case_components(image, label, model, settings)}
-            # after every case, so that an interrupted run goes on with --reuse
-            write_text_atomically(stats_path, json.dumps({"weights": fingerprint, "cases": list(done.values())}))
-        cases.append(done[entry["case"]])
+    for seed in args.seeds:
+        stats_path = Path(args.work) / f"components_seed{seed}_{Path(args.model).resolve().name}.json"
+        cases += seed_cases(Path(args.work) / f"seed{seed}", stats_path, seed, args, model, fingerprint)
     grid = score_grid(cases)
     best = best_filter(grid, args.objective, args.max_recall_loss)
     unfiltered = unfiltered_row(grid)
     command = ("python training/tune_lesion_filter.py --model " + display(args.model)
-               + f" --seed {args.seed} --cases {args.cases} --healthy {args.healthy}"
+               + f" --seed {' '.join(map(str, args.seeds))} --cases {args.cases} --healthy {args.healthy}"
                + f" --objective {args.objective} --max-recall-loss {args.max_recall_loss:g}")
-    result = {"benchmark": "lesion filter tuning", "model": display(args.model), "seed": args.seed,
-              "lesion_cases": args.cases, "healthy_cases": args.healthy, "command": command,
+    chosen_filter = LesionFilter(float(best["min_volume_ml"]), float(best["min_peak_probability"]))
+    # how the pooled choice does on each seed alone: a threshold that only one seed likes shows here
+    per_seed = {str(seed): {"unfiltered": score_filter(of_seed, LesionFilter()),
+                            "chosen": score_filter(of_seed, chosen_filter)}
+                for seed in args.seeds for of_seed in [[c for c in cases if c["seed"] == seed]]}
+    result = {"benchmark": "lesion filter tuning", "model": display(args.model), "seeds": args.seeds,
+              "lesion_cases": args.cases * len(args.seeds), "healthy_cases": args.healthy * len(args.seeds),
+              "command": command, "per_seed": per_seed,
               "objective": args.objective, "max_recall_loss": args.max_recall_loss,
               "machine": machine_facts(), "best": best.to_dict(), "unfiltered": unfiltered.to_dict(),
               "grid": grid.to_dict(orient="records")}
@@ -252,7 +281,7 @@ def main(argv=None) -> int:
     write_text_atomically(results / "lesion_filter_tuning.json", json.dumps(result, indent=2))
     write_text_atomically(results / "lesion_filter_tuning.md", markdown(result, grid))
     plot_grid(grid, best, results / "lesion_filter_tuning.png",
-              f"{display(args.model)}: validation seed {args.seed}, model resolution (red star: chosen)")
+              f"{display(args.model)}: validation {seeds_text(args.seeds)}, model resolution (red star: chosen)")
     print(markdown(result, grid))
     if args.write:
         chosen = {"min_volume_ml": float(best["min_volume_ml"]),
