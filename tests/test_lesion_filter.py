@@ -230,3 +230,44 @@ def test_tuning_writes_the_best_filter_and_reuses_statistics_of_the_same_weights
     assert tune.main(argv) == 0 and len(predicted) == 2  # same weights: nothing predicted again
     make_toy_model(toy_model_dir, seed=99)
     assert tune.main(argv) == 0 and len(predicted) == 4  # new weights: both cases again
+
+
+def test_tuning_pools_several_validation_seeds_and_scores_the_shipped_filter(tmp_path, toy_model_dir, monkeypatch):
+    import training.tune_lesion_filter as tune
+    monkeypatch.setattr(tune, "write_eval_set",
+                        lambda *args: [{"case": "phantom_0000", "lesions": [{"type": "liver"}]},
+                                       {"case": "healthy_0000", "lesions": []}])
+    monkeypatch.setattr(tune.sitk, "ReadImage", lambda path: path)
+    predicted = []
+
+    def recorded_case(image, label, model, settings):
+        predicted.append(str(image))
+        lesion, healthy = tuning_cases()
+        if "seed9" in str(image):  # seed 9's lesion is fainter: p 0.85, below seed 8's false positive's p 0.9
+            lesion["components"][0]["peak_probability"] = 0.85
+            lesion["components"][1]["peak_probability"] = 0.9
+        return lesion if "phantom" in Path(image).name else healthy
+
+    monkeypatch.setattr(tune, "case_components", recorded_case)
+    (toy_model_dir / FILTER_FILE).write_text(json.dumps({"min_volume_ml": 0.0, "min_peak_probability": 0.99}))
+    results = tmp_path / "results"
+    assert tune.main(["--model", str(toy_model_dir), "--seed", "8", "9", "--work", str(tmp_path / "work"),
+                      "--results", str(results)]) == 0
+    assert len(predicted) == 4 and sum("seed9" in p for p in predicted) == 2
+    written = json.loads((results / "lesion_filter_tuning.json").read_text())
+    assert written["seeds"] == [8, 9] and (written["lesion_cases"], written["healthy_cases"]) == (2, 2)
+    # pooled, only the volume can drop both false positives (2 and 1 ml) and keep both lesions
+    assert (written["best"]["min_volume_ml"], written["best"]["min_peak_probability"]) == (3.0, 0.0)
+    assert written["best"]["lesion_dsc"] == pytest.approx(0.8) and written["best"]["lesion_recall"] == 1.0
+    assert written["per_seed"]["9"]["unfiltered"]["lesion_dsc"] == pytest.approx(16 / 22)
+    assert written["per_seed"]["9"]["chosen"]["lesion_dsc"] == pytest.approx(0.8)
+    # the folder's own filter (p >= 0.99) drops every lesion: scored on the same cases, and left in place
+    shipped = written["shipped"]
+    assert shipped["min_peak_probability"] == 0.99 and shipped["lesion_recall"] == 0.0
+    assert shipped["healthy_fp_rate"] == 0.0 and shipped["generator_mix_dsc"] == pytest.approx(0.2)
+    assert "| the model folder's lesion_filter.json | 0 | 0.99 |" in (results / "lesion_filter_tuning.md").read_text()
+    assert read_lesion_filter(toy_model_dir) == LesionFilter(0.0, 0.99)
+    for seeds in (["8", "8"], ["8", "7"]):
+        with pytest.raises(SystemExit) as exit_info:
+            tune.main(["--model", str(toy_model_dir), "--seed", *seeds, "--work", str(tmp_path / "work")])
+        assert exit_info.value.code == 2

@@ -282,7 +282,7 @@ def main(argv=None) -> int:
                             "chosen": score_filter(of_seed, chosen_filter)}
                 for seed in args.seeds for of_seed in [[c for c in cases if c["seed"] == seed]]}
     result = {"benchmark": "lesion filter tuning", "model": display(args.model), "seeds": args.seeds,
-              "lesion_cases": args.cases * len(args.seeds), "healthy_cases": args.healthy * len(args.seeds),
+              "lesion_cases": sum(not is_healthy(c) for c in cases), "healthy_cases": sum(map(is_healthy, cases)),
               "command": command, "per_seed": per_seed, "shipped": shipped,
               "objective": args.objective, "max_recall_loss": args.max_recall_loss,
               "machine": machine_facts(), "best": best.to_dict(), "unfiltered": unfiltered.to_dict(),
