@@ -201,10 +201,10 @@ def test_tuning_records_each_predicted_lesion_against_the_truth(toy_model_dir):
     assert case["truth_lesions_touched_by"] == [[1]]
 
 
-def test_tuning_writes_the_best_filter_and_reuses_statistics_of_the_same_weights_only(
-        tmp_path, toy_model_dir, monkeypatch):
+def stub_tuning_cases(monkeypatch, cases_for) -> list[str]:
+    """tune_lesion_filter without phantoms or a network: every seed's set is one lesion case and one healthy case,
+    whose statistics `cases_for(image path)` gives as [lesion, healthy]. Returns the list of image paths predicted."""
     import training.tune_lesion_filter as tune
-    from conftest import make_toy_model
     monkeypatch.setattr(tune, "write_eval_set",
                         lambda *args: [{"case": "phantom_0000", "lesions": [{"type": "liver"}]},
                                        {"case": "healthy_0000", "lesions": []}])
@@ -212,14 +212,22 @@ def test_tuning_writes_the_best_filter_and_reuses_statistics_of_the_same_weights
     predicted = []
 
     def recorded_case(image, label, model, settings):
-        predicted.append(Path(image).name)
-        return tuning_cases()[0 if "phantom" in Path(image).name else 1]
+        predicted.append(str(image))
+        return cases_for(str(image))[0 if "phantom" in Path(image).name else 1]
 
     monkeypatch.setattr(tune, "case_components", recorded_case)
+    return predicted
+
+
+def test_tuning_writes_the_best_filter_and_reuses_statistics_of_the_same_weights_only(
+        tmp_path, toy_model_dir, monkeypatch):
+    import training.tune_lesion_filter as tune
+    from conftest import make_toy_model
+    predicted = stub_tuning_cases(monkeypatch, lambda image: tuning_cases())
     argv = ["--model", str(toy_model_dir), "--seed", "8", "--work", str(tmp_path / "work"),
             "--results", str(tmp_path / "results"), "--reuse", "--write"]
     assert tune.main(argv) == 0
-    assert predicted == ["phantom_0000_0000.nii.gz", "healthy_0000_0000.nii.gz"]
+    assert [Path(p).name for p in predicted] == ["phantom_0000_0000.nii.gz", "healthy_0000_0000.nii.gz"]
     written = json.loads((toy_model_dir / FILTER_FILE).read_text())
     # the mildest filter that drops the lesion case's false positive (p 0.7) and keeps the lesion (p 0.95)
     assert (written["min_volume_ml"], written["min_peak_probability"]) == (0.0, 0.8)
@@ -234,21 +242,15 @@ def test_tuning_writes_the_best_filter_and_reuses_statistics_of_the_same_weights
 
 def test_tuning_pools_several_validation_seeds_and_scores_the_shipped_filter(tmp_path, toy_model_dir, monkeypatch):
     import training.tune_lesion_filter as tune
-    monkeypatch.setattr(tune, "write_eval_set",
-                        lambda *args: [{"case": "phantom_0000", "lesions": [{"type": "liver"}]},
-                                       {"case": "healthy_0000", "lesions": []}])
-    monkeypatch.setattr(tune.sitk, "ReadImage", lambda path: path)
-    predicted = []
 
-    def recorded_case(image, label, model, settings):
-        predicted.append(str(image))
+    def cases_of_seed(image: str) -> list[dict]:
         lesion, healthy = tuning_cases()
-        if "seed9" in str(image):  # seed 9's lesion is fainter: p 0.85, below seed 8's false positive's p 0.9
+        if "seed9" in image:  # seed 9's lesion is fainter: p 0.85, below seed 8's false positive's p 0.9
             lesion["components"][0]["peak_probability"] = 0.85
             lesion["components"][1]["peak_probability"] = 0.9
-        return lesion if "phantom" in Path(image).name else healthy
+        return [lesion, healthy]
 
-    monkeypatch.setattr(tune, "case_components", recorded_case)
+    predicted = stub_tuning_cases(monkeypatch, cases_of_seed)
     (toy_model_dir / FILTER_FILE).write_text(json.dumps({"min_volume_ml": 0.0, "min_peak_probability": 0.99}))
     results = tmp_path / "results"
     assert tune.main(["--model", str(toy_model_dir), "--seed", "8", "9", "--work", str(tmp_path / "work"),
